@@ -1,0 +1,46 @@
+"""Make sure a Prefect API is reachable for the whole run, workers included.
+
+With no ``PREFECT_API_URL`` configured, Prefect's ephemeral mode starts a temporary server
+in *every* process that talks to the API, so each spawned worker of the process pool
+started its own (measured ~4x slower than a shared server). ``prefect_api()`` starts one
+temporary local server (SQLite in ``PREFECT_HOME``, 127.0.0.1, free port) for the run and
+exports its URL, so the spawned workers inherit it. If an API URL is configured (a
+``kface server``/``prefect server start`` or Prefect Cloud), it is used unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the API URL in use, starting a temporary local server if none is configured."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    configured = get_current_settings().api.url
+    if configured:
+        yield str(configured)
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # ship the last log lines before the server stops
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        server.stop()

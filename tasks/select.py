@@ -1,0 +1,318 @@
+"""Select stage: scan the dataset and choose the photos to use -> ``manifest.parquet``.
+
+Two dataset layouts are supported:
+
+* ``kface``: ``<root>/<Res>_Resolution/<ID>/<Sxxx>/<Lnn>/<Exx>/<Cnn>.jpg``. Every
+  attribute and the 8-digit subject ID come from exactly one path component, matched by a
+  full regular expression (never by substring or character offset).
+* ``labelled``: a folder of images plus a CSV with ``file``, ``age`` or ``age_band``,
+  ``gender`` and optionally ``subject_id`` (as in ``shared/data/faces/*/labels.csv``).
+
+Manifest schema (one row per selected image; see docs/data-contracts.md):
+``path`` (str, relative to the data root, POSIX separators), ``subject_id`` (str),
+``resolution``, ``accessory``, ``light``, ``expression``, ``camera`` (str, null for the
+labelled layout), ``age_band``, ``gender`` (str, null for K-Face: they come from the
+metadata CSV later), ``file_size`` (int64 bytes), ``mtime_ns`` (int64).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+AGE_BANDS = ("20s", "30s", "40s", "50s")
+GENDERS = ("M", "F")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+# One regular expression per K-Face path component, anchored at both ends.
+_KFACE_PARTS = {
+    "subject_id": re.compile(r"\d{8}"),
+    "accessory": re.compile(r"S\d{3}"),
+    "light": re.compile(r"L\d{1,2}"),
+    "expression": re.compile(r"E\d{2}"),
+}
+_CAMERA_FILE = re.compile(r"(C\d{1,2})\.jpg", re.IGNORECASE)
+_ANNOTATION_FILE = re.compile(r"C\d{1,2}\.txt", re.IGNORECASE)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("subject_id", pa.string()),
+        ("resolution", pa.string()),
+        ("accessory", pa.string()),
+        ("light", pa.string()),
+        ("expression", pa.string()),
+        ("camera", pa.string()),
+        ("age_band", pa.string()),
+        ("gender", pa.string()),
+        ("file_size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+    ]
+)
+
+
+class DataConfig(BaseModel):
+    """Where the dataset is and how it is laid out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path = Field(Path("data"), description="Dataset root folder (read-only).")
+    layout: Literal["kface", "labelled"] = Field(
+        "kface", description="'kface': <root>/<Res>_Resolution/<ID>/S/L/E/C.jpg; "
+        "'labelled': images + a labels CSV."
+    )
+    resolution: Literal["High", "Middle", "Low"] = Field(
+        "High", description="K-Face resolution folder to read."
+    )
+    metadata: Path | None = Field(
+        None, description="K-Face metadata CSV (ID, 연령대, 성별); used by the merge stage."
+    )
+    labels: Path | None = Field(
+        None, description="Labels CSV for the 'labelled' layout (default <root>/labels.csv)."
+    )
+
+
+class SelectionConfig(BaseModel):
+    """Which K-Face photos to keep. Defaults are the original notebook's lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accessories: list[str] = Field(["S001", "S002", "S003"])
+    lights: list[str] = Field(["L1", "L2", "L3", "L4", "L8", "L9", "L12", "L13", "L22"])
+    cameras: list[str] = Field(["C4", "C5", "C6", "C7", "C8", "C9", "C10", "C19", "C20"])
+    expressions: list[str] = Field(["E01", "E02"])
+    legacy_substring_match: bool = Field(
+        False,
+        description="Reproduce the original notebook: match each list entry as a substring "
+        "of the path, so 'L1' also takes L10-L19 (583,200 photos instead of 194,400).",
+    )
+
+    @field_validator("accessories", "lights", "cameras", "expressions")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one value")
+        return value
+
+
+@dataclass
+class ScanReport:
+    """What a scan saw besides the images it kept."""
+
+    images: int = 0
+    selected: int = 0
+    annotations: int = 0
+    unrecognised: int = 0
+    unrecognised_examples: list[str] = field(default_factory=list)
+    excluded_labels: int = 0
+    excluded_label_examples: list[str] = field(default_factory=list)
+
+    def note_unrecognised(self, rel: str) -> None:
+        self.unrecognised += 1
+        if len(self.unrecognised_examples) < 10:
+            self.unrecognised_examples.append(rel)
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+class DatasetError(ValueError):
+    """The dataset root, layout or labels file cannot be used; the message says why."""
+
+
+def parse_kface_path(parts: tuple[str, ...]) -> dict[str, str] | None:
+    """Parse ``(ID, Sxxx, Lnn, Exx, Cnn.jpg)`` into attributes, or None if it does not fit."""
+    if len(parts) != 5:
+        return None
+    out: dict[str, str] = {}
+    for (name, pattern), value in zip(_KFACE_PARTS.items(), parts[:4], strict=True):
+        if not pattern.fullmatch(value):
+            return None
+        out[name] = value
+    cam = _CAMERA_FILE.fullmatch(parts[4])
+    if not cam:
+        return None
+    out["camera"] = cam.group(1).upper()
+    return out
+
+
+def _walk(top: str, rel: tuple[str, ...]):
+    """Yield ``(rel_parts, DirEntry)`` for every file below ``top`` (symlinks not followed
+    into directories; broken symlinks still yielded so they surface as errors later)."""
+    try:
+        entries = list(os.scandir(top))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path, (*rel, entry.name))
+        else:
+            yield (*rel, entry.name), entry
+
+
+def _stat(entry: os.DirEntry) -> tuple[int, int]:
+    try:
+        st = entry.stat()
+    except OSError:  # broken symlink, vanished file: keep it, detection reports the error
+        st = entry.stat(follow_symlinks=False)
+    return st.st_size, st.st_mtime_ns
+
+
+def is_selected(attrs: dict[str, str], rel_path: str, sel: SelectionConfig) -> bool:
+    """Whether one K-Face photo passes the selection.
+
+    Exact match of each attribute against its list; with ``legacy_substring_match`` the
+    original's rule instead: some list entry occurs anywhere in the path string.
+    """
+    lists = (sel.accessories, sel.lights, sel.cameras, sel.expressions)
+    if sel.legacy_substring_match:
+        return all(any(u in rel_path for u in values) for values in lists)
+    keys = ("accessory", "light", "camera", "expression")
+    return all(attrs[k] in values for k, values in zip(keys, lists, strict=True))
+
+
+def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, ScanReport]:
+    """Scan a K-Face tree and return the selected rows (manifest columns) and a report."""
+    res_dir = Path(data.root) / f"{data.resolution}_Resolution"
+    _check_root(Path(data.root))
+    if not res_dir.is_dir():
+        raise DatasetError(
+            f"{res_dir} does not exist: a K-Face root must contain "
+            f"'{data.resolution}_Resolution/<ID>/<Sxxx>/<Lnn>/<Exx>/<Cnn>.jpg' "
+            "(set data.resolution or data.layout)"
+        )
+    report = ScanReport()
+    rows: list[tuple] = []
+    prefix = f"{data.resolution}_Resolution/"
+    for parts, entry in _walk(str(res_dir), ()):
+        rel = prefix + "/".join(parts)
+        attrs = parse_kface_path(parts)
+        if attrs is None:
+            if len(parts) == 5 and _ANNOTATION_FILE.fullmatch(parts[4]):
+                report.annotations += 1
+            else:
+                report.note_unrecognised(rel)
+            continue
+        report.images += 1
+        if not is_selected(attrs, rel, sel):
+            continue
+        size, mtime = _stat(entry)
+        rows.append(
+            (rel, attrs["subject_id"], data.resolution, attrs["accessory"], attrs["light"],
+             attrs["expression"], attrs["camera"], None, None, size, mtime)
+        )
+    report.selected = len(rows)
+    return _frame(rows), report
+
+
+def age_to_band(age: float) -> str | None:
+    """Map an age in years to '20s'..'50s'; None outside 20-59."""
+    if age != age or age < 20 or age >= 60:  # NaN or out of range
+        return None
+    return AGE_BANDS[int(age) // 10 - 2]
+
+
+def normalise_age_band(value: str) -> str | None:
+    """Accept '30s', '30대', '30' and return '30s'; None if not one of the four bands."""
+    text = str(value).strip().replace("대", "s")
+    if text.isdigit():
+        text += "s"
+    return text if text in AGE_BANDS else None
+
+
+def normalise_gender(value: str) -> str | None:
+    """Accept M/F, male/female, 남/여 (any case) and return 'M' or 'F'; None otherwise."""
+    text = str(value).strip().lower()
+    if text in ("m", "male", "남", "남자", "man"):
+        return "M"
+    if text in ("f", "female", "여", "여자", "woman"):
+        return "F"
+    return None
+
+
+def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
+    """Read a labelled image folder (images + labels CSV) into manifest rows and a report."""
+    root = Path(data.root)
+    _check_root(root)
+    labels_path = Path(data.labels) if data.labels else root / "labels.csv"
+    if not labels_path.is_file():
+        raise DatasetError(f"labels CSV {labels_path} not found (set data.labels)")
+    try:
+        labels = pd.read_csv(labels_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{labels_path}: cannot parse as CSV: {exc}") from exc
+    missing = {"file", "gender"} - set(labels.columns)
+    if missing or not ({"age", "age_band"} & set(labels.columns)):
+        raise DatasetError(
+            f"{labels_path}: needs columns 'file', 'gender' and 'age' or 'age_band'; "
+            f"found {list(labels.columns)}"
+        )
+    report = ScanReport()
+    rows: list[tuple] = []
+    for line_no, rec in enumerate(labels.to_dict("records"), start=2):
+        rel = rec["file"].replace("\\", "/")
+        if "age_band" in rec and rec["age_band"]:
+            band = normalise_age_band(rec["age_band"])
+        else:
+            try:
+                band = age_to_band(float(rec["age"]))
+            except ValueError:
+                band = None
+        gender = normalise_gender(rec["gender"])
+        report.images += 1
+        if band is None or gender is None:
+            report.excluded_labels += 1
+            if len(report.excluded_label_examples) < 10:
+                what = "age" if band is None else "gender"
+                value = rec.get("age_band") or rec.get("age") if band is None else rec["gender"]
+                report.excluded_label_examples.append(
+                    f"{labels_path.name} line {line_no}: {rel}: {what} {value!r} "
+                    "outside the bands 20s-50s / M,F"
+                )
+            continue
+        path = root / rel
+        try:
+            st = path.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            report.note_unrecognised(rel)  # listed in the CSV but not on disk
+            continue
+        subject = rec.get("subject_id") or Path(rel).stem
+        rows.append((rel, subject, None, None, None, None, None, band, gender, size, mtime))
+    report.selected = len(rows)
+    return _frame(rows), report
+
+
+def _check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder (--data-root)")
+    if not any(root.iterdir()):
+        raise DatasetError(f"dataset root {root} is empty")
+
+
+def _frame(rows: list[tuple]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+    return frame.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def select_images(data: DataConfig, sel: SelectionConfig) -> tuple[pa.Table, ScanReport]:
+    """Scan the dataset per its layout; return the manifest table and the scan report."""
+    if data.layout == "kface":
+        frame, report = scan_kface(data, sel)
+    else:
+        frame, report = scan_labelled(data)
+    if frame.empty:
+        raise DatasetError(
+            f"no images selected under {data.root} (layout {data.layout!r}): "
+            f"{report.images} images seen, {report.unrecognised} files not in the layout, "
+            f"e.g. {report.unrecognised_examples[:3]}"
+        )
+    table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
+    return table, report

@@ -1,0 +1,105 @@
+"""Atomic writes and content fingerprints: the two things every stage output relies on.
+
+Every file a stage produces is written to a temporary name in the same folder and then
+renamed over the final name (``os.replace`` is atomic on POSIX and Windows), so a crash
+never leaves a half-written file at a final path. Fingerprints are sha256 hex digests of
+canonical JSON, so they are stable across processes and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CACHE_KEY_META = b"kface.cache_key"
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it to ``final``.
+
+    On an exception the temporary file is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(final: Path, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``final`` atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"
+    write_bytes_atomic(final, text.encode("utf-8"))
+
+
+def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = None) -> None:
+    """Write ``table`` to ``final`` atomically; ``cache_key`` goes into the schema metadata."""
+    if cache_key is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[CACHE_KEY_META] = cache_key.encode()
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_cache_key(path: Path) -> str | None:
+    """Return the cache key stored in a Parquet file's metadata, or None if absent/unreadable."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    key = meta.get(CACHE_KEY_META)
+    return key.decode() if key else None
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (dicts sorted by key)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reuse_or_build(
+    final: Path, cache_key: str, build: Callable[[], pa.Table]
+) -> tuple[pa.Table | None, bool]:
+    """Reuse ``final`` if it holds ``cache_key``; else build, write atomically, return it.
+
+    Returns ``(table, reused)``. When reused, the table is not read (None): callers that
+    need it read the file. The file on disk is the record of finished work, so this works
+    with or without Prefect's result store.
+    """
+    if final.exists() and read_cache_key(final) == cache_key:
+        return None, True
+    table = build()
+    write_parquet_atomic(final, table, cache_key)
+    return table, False
