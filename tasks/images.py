@@ -25,6 +25,8 @@ class ImageError(ValueError):
 def image_header(path: Path) -> tuple[int, int, str]:
     """Return ``(width, height, format)`` from the file header without decoding pixels."""
     try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
         with Image.open(path) as im:
             return im.size[0], im.size[1], (im.format or "").upper()
     except FileNotFoundError as exc:
@@ -66,8 +68,6 @@ def load_image(path: Path, min_decode_side: int = 0,
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc}") from exc
-    if buf.size == 0:
-        raise ImageError("empty file (0 bytes)")
     if fmt == "JPEG" and b"\xff\xd9" not in buf[-1024:].tobytes():
         # libjpeg pads a truncated file with grey and only warns; treat it as an error
         raise ImageError("truncated JPEG (no end-of-image marker)")

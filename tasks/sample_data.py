@@ -1,0 +1,123 @@
+"""Build K-Face-layout sample trees from a labelled face folder (tests, benchmarks, demo).
+
+``build_kface_tree`` places each face photo on an 864x576 background (K-Face High size)
+and writes one JPEG per attribute combination under
+``High_Resolution/<8-digit ID>/<Sxxx>/<Lnn>/<Exx>/<Cnn>.jpg``. Variants are plain image
+transforms: lighting scales brightness, camera shifts and scales the face, accessory
+S002/S003 darken a band over the eyes/hair, expression E02/E03 mirror/blur. The labels go
+into a CP949 metadata CSV with the Korean headers ``ID``, ``연령대``, ``성별`` (the real
+K-Face file's format). The labels are the source photos' labels; the images are synthetic.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from tasks.select import age_to_band, normalise_age_band, normalise_gender
+from tasks.storage import atomic_path
+
+HIGH_SIZE = (864, 576)  # width, height of K-Face High_Resolution photos
+KOREAN_GENDER = {"M": "남", "F": "여"}
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """Which attribute folders each subject gets."""
+
+    accessories: Sequence[str] = ("S001",)
+    lights: Sequence[str] = ("L1",)
+    expressions: Sequence[str] = ("E01",)
+    cameras: Sequence[str] = ("C7",)
+    size: tuple[int, int] = HIGH_SIZE
+
+
+def read_face_labels(faces_dir: Path) -> pd.DataFrame:
+    """Read ``faces_dir/labels.csv`` into columns ``file``, ``age_band``, ``gender``."""
+    labels = pd.read_csv(Path(faces_dir) / "labels.csv", dtype=str)
+    if "age_band" in labels:
+        labels["age_band"] = labels["age_band"].map(normalise_age_band)
+    else:
+        labels["age_band"] = labels["age"].astype(float).map(age_to_band)
+    labels["gender"] = labels["gender"].map(normalise_gender)
+    return labels.dropna(subset=["age_band", "gender"]).reset_index(drop=True)
+
+
+def compose_photo(face: np.ndarray, seed: int, light: str, camera: str, accessory: str,
+                  expression: str, size: tuple[int, int] = HIGH_SIZE) -> np.ndarray:
+    """Place ``face`` on a textured background of ``size`` and apply the attribute variants."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, size=3)
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = base
+    noise = rng.normal(0, 12, (height // 8, width // 8, 3))
+    canvas = np.clip(canvas + cv2.resize(noise, (width, height)), 0, 255).astype(np.uint8)
+    cam = int(camera[1:])
+    scale = min(height * (0.55 + 0.02 * (cam % 5)) / face.shape[0], width * 0.6 / face.shape[1])
+    fw, fh = max(1, int(face.shape[1] * scale)), max(1, int(face.shape[0] * scale))
+    face = cv2.resize(face, (fw, fh), interpolation=cv2.INTER_AREA)
+    if expression == "E02":
+        face = face[:, ::-1]
+    elif expression == "E03":
+        face = cv2.GaussianBlur(face, (5, 5), 0)
+    if accessory in ("S002", "S003"):  # a dark band (glasses / hat brim)
+        top = fh // 4 if accessory == "S002" else 0
+        face = face.copy()
+        face[top:top + fh // 8] = (face[top:top + fh // 8] * 0.35).astype(np.uint8)
+    x = int((width - fw) * (0.3 + 0.4 * ((cam * 37) % 10) / 10))
+    y = int((height - fh) * 0.5)
+    canvas[y:y + fh, x:x + fw] = face
+    gain = 0.6 + 0.8 * ((int(light[1:]) * 7) % 10) / 10
+    return np.clip(canvas.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+def write_metadata_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """Write ``(ID, age_band, gender)`` rows as the K-Face CP949 CSV (``30대``, ``남``/``여``)."""
+    frame = pd.DataFrame(
+        [(sid, band.replace("s", "대"), KOREAN_GENDER[g]) for sid, band, g in rows],
+        columns=["ID", "연령대", "성별"],
+    )
+    with atomic_path(Path(path)) as tmp:
+        frame.to_csv(tmp, index=False, encoding="cp949")
+
+
+def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec = TreeSpec(),
+                     start: int = 0, first_id: int = 19062400, quality: int = 90) -> pd.DataFrame:
+    """Write a K-Face tree under ``out`` and ``out/KFace_metadata.csv``.
+
+    Uses labelled photos ``start .. start + n_subjects`` of ``faces_dir`` (sorted by file
+    name). Returns the subjects' table: ``subject_id``, ``source``, ``age_band``,
+    ``gender``.
+    """
+    labels = read_face_labels(faces_dir).sort_values("file").iloc[start:start + n_subjects]
+    if len(labels) < n_subjects:
+        raise ValueError(f"{faces_dir} has only {len(labels)} usable labelled photos")
+    out = Path(out)
+    subjects = []
+    for offset, rec in enumerate(labels.itertuples(index=False)):
+        sid = f"{first_id + offset:08d}"
+        face = cv2.imread(str(Path(faces_dir) / rec.file))
+        if face is None:
+            raise ValueError(f"{Path(faces_dir) / rec.file}: cannot be decoded")
+        for s in spec.accessories:
+            for light in spec.lights:
+                for e in spec.expressions:
+                    folder = out / "High_Resolution" / sid / s / light / e
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for c in spec.cameras:
+                        seed = zlib.crc32(f"{sid}/{s}/{light}/{e}/{c}".encode())
+                        img = compose_photo(face, seed, light, c, s, e, spec.size)
+                        cv2.imwrite(str(folder / f"{c}.jpg"), img,
+                                    [cv2.IMWRITE_JPEG_QUALITY, quality])
+        subjects.append((sid, rec.file, rec.age_band, rec.gender))
+    table = pd.DataFrame(subjects, columns=["subject_id", "source", "age_band", "gender"])
+    write_metadata_csv(out / "KFace_metadata.csv",
+                       list(zip(table.subject_id, table.age_band, table.gender, strict=True)))
+    return table

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, PipelineConfig, dump_config, load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  root: /data/kface\ndetector:\n  confidence: 0.8\n")
+    cfg = load_config(cfg_file, {"detector.confidence": 0.7, "sharding.shard_size": 50})
+    assert cfg.data.root == Path("/data/kface")
+    assert cfg.detector.confidence == 0.7
+    assert cfg.sharding.shard_size == 50
+    # round trip through YAML gives the same config
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+def test_unknown_key_is_named(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("detector:\n  confidance: 0.8\n")
+    with pytest.raises(ConfigError, match=r"detector\.confidance: unknown key"):
+        load_config(cfg_file)
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"detector\.confidence: .*less than 1"):
+        load_config(None, {"detector.confidence": 1.5})
+    with pytest.raises(ConfigError, match=r"data\.layout"):
+        load_config(None, {"data.layout": "folders"})
+
+
+def test_defaults_are_the_originals_lists():
+    sel = PipelineConfig().selection
+    assert sel.lights == ["L1", "L2", "L3", "L4", "L8", "L9", "L12", "L13", "L22"]
+    assert sel.cameras == ["C4", "C5", "C6", "C7", "C8", "C9", "C10", "C19", "C20"]
+    assert sel.accessories == ["S001", "S002", "S003"] and sel.expressions == ["E01", "E02"]
+
+
+def test_flow_parameter_schema_is_the_config():
+    from flows.pipeline import kface_pipeline
+
+    schema = kface_pipeline.parameters.model_dump()
+    props = schema["properties"]["config"]
+    ref = props.get("$ref") or props["allOf"][0]["$ref"]
+    definition = schema["definitions"][ref.split("/")[-1]]
+    assert {"data", "selection", "detector", "sharding", "out"} <= set(definition["properties"])

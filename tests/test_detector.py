@@ -1,0 +1,102 @@
+import cv2
+import numpy as np
+import pytest
+
+from models.detector import (
+    DetectorConfig,
+    DetectorError,
+    FaceDetector,
+    add_margin,
+    box_iou,
+    clip_unit_boxes,
+    weights_sha256,
+)
+from tasks.images import load_image
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return FaceDetector(DetectorConfig())
+
+
+def test_symmetric_margin():
+    assert add_margin((100, 100, 200, 300), 864, 576, 0.2) == (80, 60, 220, 340)
+
+
+def test_legacy_margin_reproduces_the_original_arithmetic():
+    # right grows from the already-moved left (24 px, not 20), bottom gets half the margin
+    assert add_margin((100, 100, 200, 300), 864, 576, 0.2, "legacy") == (80, 60, 224, 324)
+
+
+def test_margin_is_clipped_to_the_image():
+    assert add_margin((10, 5, 100, 560), 120, 576, 0.2) == (0, 0, 118, 576)
+
+
+def test_out_of_range_rows_are_clipped_or_dropped():
+    rows = np.array([[-0.1, 0.2, 0.5, 1.3], [0.5, 0.5, 0.4, 0.9], [1.2, 0.1, 1.5, 0.2]])
+    boxes, keep = clip_unit_boxes(rows)
+    assert keep.tolist() == [True, False, False]
+    assert boxes.tolist() == [[0.0, pytest.approx(0.2), 0.5, 1.0]]
+
+
+def test_group_photo_faces(scenes_dir):
+    image = cv2.imread(str(scenes_dir / "insightface_t1.jpg"))
+    assert len(FaceDetector(DetectorConfig(confidence=0.5)).detect(image)) == 6
+    faces = FaceDetector(DetectorConfig()).detect(image)
+    assert len(faces) == 5
+    assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
+    for f in faces:
+        left, top, right, bottom = f.box_margin
+        assert left <= f.box[0] and top <= f.box[1] and right >= f.box[2] and bottom >= f.box[3]
+
+
+def test_overlapping_boxes_of_one_face_are_suppressed(detector, scenes_dir):
+    image = cv2.imread(str(scenes_dir / "insightface_Tom_Hanks_54745.png"))
+    raw = detector.raw_detections(image)
+    assert (raw[:, 0] > 0.9).sum() == 7  # the network's own output: 7 boxes for one face
+    assert ((raw[raw[:, 0] > 0.9, 1:] < 0) | (raw[raw[:, 0] > 0.9, 1:] > 1)).any()
+    faces = detector.detect(image)
+    assert len(faces) == 1
+    x1, y1, x2, y2 = faces[0].box
+    assert 0 <= x1 < x2 <= 112 and 0 <= y1 < y2 <= 112
+
+
+def test_tensorflow_weights_agree_with_caffe(detector, shared_data, scenes_dir):
+    tf = FaceDetector(DetectorConfig(
+        model_path=shared_data / "detector" / "opencv_face_detector_uint8.pb",
+        config_path=shared_data / "detector" / "opencv_face_detector.pbtxt"))
+    image = cv2.imread(str(scenes_dir / "insightface_t1.jpg"))
+    a, b = detector.detect(image), tf.detect(image)
+    assert len(a) == len(b)
+    for fa in a:
+        assert max(box_iou(fa.box, fb.box) for fb in b) > 0.9
+
+
+def test_corrupt_weights_are_refused(tmp_path, detector):
+    from models.detector import resolve_weights
+
+    model, config = resolve_weights(DetectorConfig())
+    bad = tmp_path / model.name
+    bad.write_bytes(model.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(DetectorError, match="sha256"):
+        weights_sha256(DetectorConfig(model_path=bad, config_path=config))
+    with pytest.raises(DetectorError, match="not found"):
+        FaceDetector(DetectorConfig(model_path=tmp_path / "x.pb", config_path=config))
+
+
+def test_reduced_decode_agrees_with_full_decode(tmp_path, aaf_dir, detector):
+    from tasks.sample_data import compose_photo
+
+    ious = []
+    for i, name in enumerate(sorted(p.name for p in aaf_dir.glob("*.jpg"))[:5]):
+        face = cv2.imread(str(aaf_dir / name))
+        photo = compose_photo(face, i, "L1", "C7", "S001", "E01", size=(4000, 3000))
+        path = tmp_path / f"{i}.jpg"
+        cv2.imwrite(str(path), photo)
+        full, w, h, f1 = load_image(path, min_decode_side=0)
+        small, w2, h2, f4 = load_image(path, min_decode_side=600)
+        assert (f1, f4, w2, h2) == (1, 4, 4000, 3000) and small.shape[:2] == (750, 1000)
+        a = detector.detect(full)[0]
+        b = detector.detect(small, w2, h2)[0]
+        ious.append(box_iou(a.box, b.box))
+    assert min(ious) > 0.95

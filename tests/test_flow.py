@@ -1,0 +1,105 @@
+"""End-to-end: the real CLI, a real Prefect run (temporary local server), 2 spawn workers,
+real detector on real faces, and a SIGKILLed run that resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.dataset as ds
+import pytest
+from conftest import REPO, run_kface
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    env = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+           "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return env
+
+
+def _detections(out):
+    return ds.dataset(out / "detections", format="parquet").to_table().sort_by("path")
+
+
+@pytest.fixture(scope="module")
+def full_run(kface_tree, tmp_path_factory, prefect_env):
+    out = tmp_path_factory.mktemp("run")
+    res = run_kface("run", "--data-root", str(kface_tree), "--out", str(out),
+                    "--stages", "select,detect", "--workers", "2", "--shard-size", "4",
+                    env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_select_and_detect_with_two_workers(full_run):
+    out, res = full_run
+    assert (out / "manifest.parquet").exists()
+    shards = sorted(p.name for p in (out / "detections").glob("shard-*.parquet"))
+    assert shards == [f"shard-{i:05d}.parquet" for i in range(11)]  # 42 images / 4
+    table = _detections(out)
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert len(rows) == 42
+    bad = "High_Resolution/19062400/S001/L1/E01/"
+    assert rows[bad + "C8.jpg"]["status"] == "error"
+    assert rows[bad + "C9.jpg"]["status"] == "error"
+    assert sum(r["status"] == "ok" for r in rows.values()) >= 38
+    assert not any("/L10/" in p for p in rows)
+    detect = json.loads((out / "stages" / "detect.json").read_text())
+    assert detect["shards_computed"] == 11 and detect["workers"] == 2
+    select = json.loads((out / "stages" / "select.json").read_text())
+    assert select["unrecognised"] == 1 and select["rows_out"] == 42
+    assert "Finished in state Completed" in res.stdout + res.stderr
+
+
+def test_rerun_reuses_every_shard(full_run, kface_tree, prefect_env):
+    out, _ = full_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
+    res = run_kface("run", "--data-root", str(kface_tree), "--out", str(out),
+                    "--stages", "select,detect", "--workers", "2", "--shard-size", "4",
+                    env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    detect = json.loads((out / "stages" / "detect.json").read_text())
+    assert detect["shards_reused"] == 11 and detect["shards_computed"] == 0
+    assert "Cached" in res.stdout + res.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
+    assert after == before
+
+
+def test_missing_input_is_named(tmp_path, kface_tree, prefect_env):
+    res = run_kface("run", "--data-root", str(kface_tree), "--out", str(tmp_path),
+                    "--stages", "detect", env=prefect_env)
+    assert res.returncode != 0
+    assert "manifest.parquet" in res.stderr and "--stages select,detect" in res.stderr
+
+
+def test_sigkill_then_resume(full_run, kface_tree, tmp_path, prefect_env):
+    out = tmp_path / "crash"
+    args = [sys.executable, "-m", "flows.cli", "run", "--data-root", str(kface_tree),
+            "--out", str(out), "--stages", "select,detect", "--workers", "1",
+            "--shard-size", "1"]
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **prefect_env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "detections").glob("shard-*"))) < 3:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: CLI, server, workers
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
+    assert 3 <= len(done) < 42
+    res = run_kface(*args[3:], env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    detect = json.loads((out / "stages" / "detect.json").read_text())
+    assert detect["shards_reused"] >= len(done)
+    assert detect["shards_computed"] == 42 - detect["shards_reused"]
+    for name, mtime in done.items():  # finished shards were not recomputed
+        assert (out / "detections" / name).stat().st_mtime_ns == mtime
+    assert not list((out / "detections").glob(".*.tmp"))
+    reference = _detections(full_run[0])
+    assert _detections(out).equals(reference)
