@@ -16,9 +16,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.classifier import ModelConfig
 from models.detector import DetectorConfig
+from tasks.crops import CropConfig
 from tasks.detect import ShardingConfig
 from tasks.select import DataConfig, SelectionConfig
+from tasks.split import SplitConfig
+from tasks.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -35,6 +39,10 @@ class PipelineConfig(BaseModel):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    crops: CropConfig = Field(default_factory=CropConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _describe(exc: ValidationError, source: str) -> str:

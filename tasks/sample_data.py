@@ -89,16 +89,17 @@ def write_metadata_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None
 
 
 def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec = TreeSpec(),
-                     start: int = 0, first_id: int = 19062400, quality: int = 90) -> pd.DataFrame:
+                     seed: int = 0, first_id: int = 19062400, quality: int = 90) -> pd.DataFrame:
     """Write a K-Face tree under ``out`` and ``out/KFace_metadata.csv``.
 
-    Uses labelled photos ``start .. start + n_subjects`` of ``faces_dir`` (sorted by file
-    name). Returns the subjects' table: ``subject_id``, ``source``, ``age_band``,
-    ``gender``.
+    Uses ``n_subjects`` labelled photos of ``faces_dir`` drawn at random (``seed``), so
+    every age band and gender appears. Returns the subjects' table: ``subject_id``,
+    ``source``, ``age_band``, ``gender``.
     """
-    labels = read_face_labels(faces_dir).sort_values("file").iloc[start:start + n_subjects]
+    labels = read_face_labels(faces_dir)
     if len(labels) < n_subjects:
         raise ValueError(f"{faces_dir} has only {len(labels)} usable labelled photos")
+    labels = labels.sample(n_subjects, random_state=seed)
     out = Path(out)
     subjects = []
     for offset, rec in enumerate(labels.itertuples(index=False)):

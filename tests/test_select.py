@@ -112,6 +112,7 @@ def test_labelled_folder_adapter(tmp_path, aaf_dir):
                                   SelectionConfig())
     assert table.num_rows == 3
     assert report.excluded_labels == 2
-    assert "75" in report.excluded_label_examples[0] and "line 2" in report.excluded_label_examples[0]
+    example = report.excluded_label_examples[0]
+    assert "75" in example and "line 2" in example
     assert set(table.column("age_band").to_pylist()) <= {"20s", "30s", "40s", "50s"}
     assert table.column("subject_id").to_pylist()[0] == Path(labels.file[2]).stem

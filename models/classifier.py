@@ -1,0 +1,127 @@
+"""The age-band + gender classifier: the original architecture, with a choice of backbone.
+
+``build_classifier`` reproduces the notebook layer for layer on top of the backbone:
+GAP -> Dropout(0.2) -> BN -> Dense(128, relu) -> Dropout(0.2) -> BN -> softmax heads
+``gender`` (2) and ``age_band`` (4). The model takes RGB uint8-range pixels
+(0..255, ``size x size x 3``); the backbone's own preprocessing is a layer inside the
+model (``models.preprocess.BackbonePreprocess``), so training, evaluation and inference
+cannot disagree on it, and the saved ``.keras`` file loads in Keras safe mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+
+GENDER_CLASSES = ("M", "F")
+AGE_CLASSES = ("20s", "30s", "40s", "50s")
+# backbone -> keras preprocessing mode applied by BackbonePreprocess
+PREPROCESS_MODE = {"resnet50": "caffe", "mobilenet_v3_small": "none", "mobilenet": "tf",
+                   "small_cnn": "unit"}
+
+
+class ModelConfig(BaseModel):
+    """Classifier architecture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: Literal["resnet50", "mobilenet_v3_small", "mobilenet", "small_cnn"] = Field(
+        "resnet50", description="resnet50 (the original; GPU), mobilenet_v3_small / "
+        "mobilenet (v1) / small_cnn for CPU runs."
+    )
+    weights: str = Field(
+        "none", description="'none' (random init, as the original), 'imagenet' (downloads: "
+        "needs the internet) or a path to a local Keras no-top weights file."
+    )
+    alpha: float = Field(0.25, gt=0, le=1.0, description="Width multiplier for mobilenet.")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    dense_units: int = Field(128, ge=8)
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights cannot be obtained (offline, or a bad local file)."""
+
+
+def _backbone(cfg: ModelConfig, size: int):
+    import keras
+    from keras import layers
+
+    shape = (size, size, 3)
+    weights: str | None = None if cfg.weights == "none" else cfg.weights
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise WeightsError(f"model.weights: file {weights} not found")
+    if cfg.backbone == "small_cnn":
+        if weights is not None:
+            raise WeightsError("small_cnn has no pretrained weights: use model.weights=none")
+        inp = keras.Input(shape)
+        x = inp
+        for filters in (32, 64, 128, 256):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.ReLU()(x)
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.ReLU()(x)
+            x = layers.MaxPooling2D()(x)
+        return keras.Model(inp, x, name="small_cnn")
+    builders = {
+        "resnet50": lambda: keras.applications.ResNet50(
+            weights=weights, include_top=False, input_shape=shape),
+        "mobilenet_v3_small": lambda: keras.applications.MobileNetV3Small(
+            weights=weights, include_top=False, input_shape=shape,
+            include_preprocessing=True),
+        "mobilenet": lambda: keras.applications.MobileNet(
+            weights=weights, include_top=False, input_shape=shape, alpha=cfg.alpha),
+    }
+    try:
+        return builders[cfg.backbone]()
+    except Exception as exc:  # keras raises several types for downloads and bad files
+        if weights == "imagenet":
+            raise WeightsError(
+                "model.weights=imagenet downloads the weights from the internet, which "
+                f"failed ({type(exc).__name__}: {exc}). Download the Keras no-top file "
+                "elsewhere and set model.weights to its path, or use model.weights=none"
+            ) from exc
+        if weights is not None:
+            raise WeightsError(f"model.weights: {weights} does not fit backbone "
+                               f"{cfg.backbone} at {size}px: {exc}") from exc
+        raise
+
+
+def build_classifier(cfg: ModelConfig, size: int):
+    """Build the two-headed classifier (a ``keras.Model``) for ``size x size`` RGB input
+    (0..255). Keras is imported here, not at module import, so that the config and the
+    worker processes of other stages do not pay TensorFlow's start-up."""
+    import keras
+    from keras import layers
+
+    from models.preprocess import BackbonePreprocess
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = BackbonePreprocess(PREPROCESS_MODE[cfg.backbone], name="preprocess")(inputs)
+    x = _backbone(cfg, size)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(cfg.dropout)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Dense(cfg.dense_units, activation="relu")(x)
+    x = layers.Dropout(cfg.dropout)(x)
+    x = layers.BatchNormalization()(x)
+    gender = layers.Dense(len(GENDER_CLASSES), activation="softmax", name="gender",
+                          dtype="float32")(x)
+    age = layers.Dense(len(AGE_CLASSES), activation="softmax", name="age_band",
+                       dtype="float32")(x)
+    return keras.Model(inputs, {"gender": gender, "age_band": age}, name="kface_classifier")
+
+
+def load_classifier(path: Path):
+    """Load a saved classifier in Keras safe mode (our one custom layer is registered)."""
+    import keras
+
+    import models.preprocess  # noqa: F401  registers BackbonePreprocess
+
+    return keras.saving.load_model(Path(path), safe_mode=True)
