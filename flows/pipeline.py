@@ -26,7 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.states import Completed
+from prefect.states import Completed, State
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -371,15 +371,20 @@ def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> d
     if "crops" in stages:
         summaries["crops"] = crops_flow.with_options(task_runner=runner.duplicate())(config)
     if "train" in stages:
-        summaries["train"] = train_task(config)
+        summaries["train"] = _unwrap(train_task(config))
     if "evaluate" in stages:
-        summaries["evaluate"] = evaluate_task(config)
+        summaries["evaluate"] = _unwrap(evaluate_task(config))
     create_markdown_artifact(
         key="kface-pipeline-summary",
         markdown=_summary_markdown(summaries),
         description="Stage summaries of this run",
     )
     return summaries
+
+
+def _unwrap(value):
+    """A task called inline returns the State it chose (e.g. Cached) as is: take its data."""
+    return value.result() if isinstance(value, State) else value
 
 
 def _summary_markdown(summaries: dict[str, dict]) -> str:

@@ -60,10 +60,7 @@ def _backbone(cfg: ModelConfig, size: int):
             raise WeightsError("small_cnn has no pretrained weights: use model.weights=none")
         inp = keras.Input(shape)
         x = inp
-        for filters in (32, 64, 128, 256):
-            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-            x = layers.BatchNormalization()(x)
-            x = layers.ReLU()(x)
+        for filters in (32, 64, 128, 256):  # one conv per block: ~0.13 GMAC at 96 px
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
             x = layers.BatchNormalization()(x)
             x = layers.ReLU()(x)
