@@ -76,6 +76,33 @@ def run(
     console.print(f"outputs in {cfg.out}")
 
 
+@app.command("sample-data")
+def sample_data(
+    faces: Path = typer.Option(..., help="Labelled face folder with labels.csv "
+                               "(e.g. ../shared/data/faces/aaf)."),
+    out: Path = typer.Option(..., help="Where to write the K-Face-layout tree."),
+    subjects: int = typer.Option(120, help="Number of subjects (one source photo each)."),
+    seed: int = typer.Option(0, help="Which photos to draw."),
+) -> None:
+    """Build a K-Face-layout sample tree (864x576 JPEGs, S001-S002 x L1,L2,L10 x E01 x
+    C4,C7,C1) plus a CP949 metadata CSV with Korean headers. Images are synthetic
+    compositions of the real photos; the labels are the source photos' labels."""
+    from tasks.sample_data import TreeSpec, build_kface_tree
+
+    if (out / "KFace_metadata.csv").exists():  # written last: the tree is complete
+        console.print(f"{out} already holds a sample tree; reusing it")
+        return
+    if not (faces / "labels.csv").is_file():
+        _fail(f"{faces}/labels.csv not found: --faces must be a labelled face folder")
+    spec = TreeSpec(accessories=("S001", "S002"), lights=("L1", "L2", "L10"),
+                    expressions=("E01",), cameras=("C4", "C7", "C1"))
+    table = build_kface_tree(faces, out, subjects, spec, seed=seed)
+    n = len(table) * 2 * 3 * 3
+    console.print(f"wrote {n} photos of {len(table)} subjects under {out}/High_Resolution "
+                  f"and {out}/KFace_metadata.csv (default selection keeps "
+                  f"{len(table) * 2 * 2 * 2})")
+
+
 @app.command("config")
 def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Print the resolved configuration as YAML (defaults + file + overrides)."""

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.classifier import AGE_CLASSES, GENDER_CLASSES, ModelConfig, build_classifier
 from tasks.storage import write_json_atomic
 
-CODE_VERSION = "train-2"
+CODE_VERSION = "train-3"
 
 
 class AugmentConfig(BaseModel):
