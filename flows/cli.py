@@ -103,6 +103,111 @@ def sample_data(
                   f"{len(table) * 2 * 2 * 2})")
 
 
+ModelOpt = typer.Option(..., "--model", "-m",
+                        help="Trained model folder (model.keras + labels.json).")
+ConfOpt = typer.Option(0.5, "--threshold", help="Face detection threshold for inference.")
+
+
+def _analyzer(model: Path, threshold: float):
+    from models.analyzer import FaceAnalyzer, ModelFolderError
+
+    try:
+        return FaceAnalyzer(model, confidence=threshold)
+    except ModelFolderError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def predict(
+    paths: list[Path] = typer.Argument(..., help="Images and/or folders (searched recursively)."),
+    model: Path = ModelOpt,
+    out: Path = typer.Option(Path("artifacts/predictions"), help="Output folder."),
+    csv: bool = typer.Option(False, "--csv", help="Also write predictions.csv."),
+    annotated: bool = typer.Option(False, "--annotated", help="Also write annotated images."),
+    threshold: float = ConfOpt,
+) -> None:
+    """Detect every face in images/folders and predict gender and age band."""
+    from tasks.predict import predict_images
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        _fail(f"not found: {', '.join(missing)}")
+    entries = predict_images(_analyzer(model, threshold), paths, out, csv, annotated)
+    errors = [e for e in entries if e["error"]]
+    faces = sum(len(e["faces"]) for e in entries)
+    console.print(f"{len(entries)} images, {faces} faces -> {out / 'predictions.json'}")
+    for e in errors:
+        console.print(f"[yellow]skipped[/] {e['path']}: {e['error']}")
+
+
+@app.command()
+def video(
+    source: str = typer.Argument(..., help="Video file, or a camera index such as 0."),
+    model: Path = ModelOpt,
+    out: Path = typer.Option(Path("artifacts/video"), help="Output folder."),
+    stats: bool = typer.Option(False, "--stats", help="People per age band x gender, "
+                               "per-minute timeline CSV and bar chart."),
+    max_frames: int | None = typer.Option(None, help="Stop after this many frames."),
+    threshold: float = ConfOpt,
+) -> None:
+    """Annotate a video (or camera) with tracked, smoothed predictions."""
+    from tasks.video import VideoError, analyze_video
+
+    if not source.isdigit() and not Path(source).exists():
+        _fail(f"video {source} not found")
+    try:
+        summary = analyze_video(_analyzer(model, threshold), source, out, stats, max_frames)
+    except VideoError as exc:
+        _fail(str(exc))
+    console.print(f"{summary['frames']} frames, {summary['tracks']} tracks -> {out}")
+    if stats:
+        console.print(f"people: {summary['people']}")
+
+
+@app.command()
+def webcam(model: Path = ModelOpt, camera: int = typer.Option(0, help="Camera index."),
+           threshold: float = ConfOpt) -> None:
+    """Live window with labelled faces (needs a display and OpenCV's GUI build, see the
+    README: pip uninstall opencv-python-headless; pip install 'opencv-python<5'). Press q
+    to quit."""
+    import os
+
+    import cv2
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        _fail("no display (DISPLAY is not set): use 'kface video SOURCE' to write an "
+              "annotated video instead")
+    if not _has_highgui(cv2):
+        _fail("this OpenCV build has no GUI (opencv-python-headless): pip uninstall -y "
+              "opencv-python-headless && pip install 'opencv-python<5' (see README)")
+    from tasks.predict import annotate
+    from tasks.video import VideoError, open_capture
+
+    analyzer = _analyzer(model, threshold)
+    try:
+        cap = open_capture(str(camera))
+    except VideoError as exc:
+        _fail(str(exc))
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        cv2.imshow("kface", annotate(frame, analyzer.analyze(frame)))
+        if cv2.waitKey(1) & 0xFF == ord("q"):
+            break
+    cap.release()
+    cv2.destroyAllWindows()
+
+
+def _has_highgui(cv2) -> bool:
+    try:
+        cv2.namedWindow("kface-probe")
+        cv2.destroyWindow("kface-probe")
+        return True
+    except cv2.error:
+        return False
+
+
 @app.command("config")
 def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Print the resolved configuration as YAML (defaults + file + overrides)."""

@@ -290,8 +290,9 @@ def train_task(config: PipelineConfig):
     marker.write_text(key)
     start = time.perf_counter()
     examples = load_examples(paths["crops"], paths["faces"], paths["split"])
+    crop_spec = {"margin": config.detector.margin, "margin_mode": config.detector.margin_mode}
     result = train_model(examples, config.crops.size, config.model, config.train, model_dir,
-                         paths["logs"])
+                         paths["logs"], crop_spec)
     summary = {"stage": "train",
                "rows_in": result["train_examples"] + result["val_examples"],
                "rows_out": result["train_examples"],

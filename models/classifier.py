@@ -39,8 +39,16 @@ class ModelConfig(BaseModel):
         "needs the internet) or a path to a local Keras no-top weights file."
     )
     alpha: float = Field(0.25, gt=0, le=1.0, description="Width multiplier for mobilenet.")
+    cnn_filters: list[int] = Field(
+        [16, 32, 64, 128], min_length=1, description="small_cnn: filters of each "
+        "two-conv block (each block halves the resolution).")
     dropout: float = Field(0.2, ge=0, lt=1)
     dense_units: int = Field(128, ge=8)
+    backbone_bn: Literal["auto", "train", "frozen"] = Field(
+        "auto", description="Run the backbone's BatchNormalization in inference mode "
+        "('frozen': its ImageNet statistics are kept, as Keras' fine-tuning guide advises) "
+        "or train it. 'auto': frozen with pretrained weights, trained from scratch."
+    )
     bn_momentum: float = Field(
         0.99, gt=0, lt=1, description="BatchNormalization momentum of the head (and of "
         "small_cnn). Keras' 0.99 (the original) adapts slowly on small data sets: 0.9 there."
@@ -64,7 +72,7 @@ def _backbone(cfg: ModelConfig, size: int):
             raise WeightsError("small_cnn has no pretrained weights: use model.weights=none")
         inp = keras.Input(shape)
         x = inp
-        for filters in (16, 32, 64, 128):  # VGG-style blocks: ~0.12 GMAC at 96 px
+        for filters in cfg.cnn_filters:  # VGG-style blocks: ~0.12 GMAC at 96 px by default
             for _ in range(2):
                 x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
                 x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
@@ -106,7 +114,9 @@ def build_classifier(cfg: ModelConfig, size: int):
 
     inputs = keras.Input((size, size, 3), name="image")
     x = BackbonePreprocess(PREPROCESS_MODE[cfg.backbone], name="preprocess")(inputs)
-    x = _backbone(cfg, size)(x)
+    frozen_bn = cfg.backbone_bn == "frozen" or (cfg.backbone_bn == "auto"
+                                                 and cfg.weights != "none")
+    x = _backbone(cfg, size)(x, training=False) if frozen_bn else _backbone(cfg, size)(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(cfg.dropout)(x)
     x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)

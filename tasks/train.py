@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.classifier import AGE_CLASSES, GENDER_CLASSES, ModelConfig, build_classifier
 from tasks.storage import write_json_atomic
 
-CODE_VERSION = "train-3"
+CODE_VERSION = "train-4"
 
 
 class AugmentConfig(BaseModel):
@@ -136,8 +136,12 @@ def legacy_exp_decay(epoch: int, lr: float = 0.0) -> float:
 
 
 def train_model(examples: dict[str, pd.DataFrame], size: int, model_cfg: ModelConfig,
-                cfg: TrainConfig, model_dir: Path, log_dir: Path) -> dict:
+                cfg: TrainConfig, model_dir: Path, log_dir: Path,
+                crop_spec: dict | None = None) -> dict:
     """Train and write ``model_dir/{model.keras,labels.json,history.json,history.csv}``.
+
+    ``crop_spec`` (the detector margin settings that made the training crops) is stored
+    in labels.json so that inference cuts faces exactly as training did.
 
     Resumes from ``model_dir/backup`` if a previous run of the same training crashed.
     Returns a summary with the best epoch's validation metrics.
@@ -197,6 +201,7 @@ def train_model(examples: dict[str, pd.DataFrame], size: int, model_cfg: ModelCo
         "gender": list(GENDER_CLASSES), "age_band": list(AGE_CLASSES), "input_size": size,
         "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
         "backbone": model_cfg.backbone, "outputs": ["gender", "age_band"],
+        "crop": {"size": size, **(crop_spec or {})},
     })
     return {"epochs_run": int(len(history)), "best_epoch": int(best_row.epoch) + 1,
             "val_gender_accuracy": float(best_row.val_gender_accuracy),

@@ -59,3 +59,48 @@ def run_kface(*args: str, env: dict | None = None, timeout: int = 600
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, aaf_dir):
+    """300 real AAF faces through select, detect, merge, split, crops (64 px) and a
+    2-epoch small_cnn training, with the stage functions (no Prefect). Returns a dict of
+    the folders and tables."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from models.classifier import ModelConfig
+    from models.detector import DetectorConfig
+    from tasks.crops import CropConfig, crop_shard
+    from tasks.detect import detect_images, plan_shards
+    from tasks.labels import merge_faces
+    from tasks.select import DataConfig, SelectionConfig, select_images
+    from tasks.split import SplitConfig, split_faces
+    from tasks.train import TrainConfig, load_examples, train_model
+
+    work = tmp_path_factory.mktemp("tiny-run")
+    root = work / "faces"
+    root.mkdir()
+    labels = pd.read_csv(aaf_dir / "labels.csv").sample(300, random_state=3)
+    for f in labels.file:
+        (root / f).symlink_to(aaf_dir / f)
+    labels.to_csv(root / "labels.csv", index=False)
+    manifest, _ = select_images(DataConfig(root=root, layout="labelled"), SelectionConfig())
+    detections = detect_images(root, manifest.column("path").to_pylist(), DetectorConfig())
+    faces, merge_report = merge_faces(manifest.to_pandas(), detections.to_pandas(), None)
+    frame = faces.to_pandas()
+    split, split_report = split_faces(frame, SplitConfig())
+    pq.write_table(faces, work / "faces.parquet")
+    pq.write_table(pa.Table.from_pandas(split, preserve_index=False), work / "split.parquet")
+    boxes = frame.set_index("path")[["left", "top", "right", "bottom"]]
+    for shard in plan_shards(faces, 100):
+        crop_shard(root, shard, boxes.loc[list(shard.paths)].to_numpy().tolist(),
+                   CropConfig(size=64), work / "crops")
+    examples = load_examples(work / "crops", work / "faces.parquet", work / "split.parquet")
+    result = train_model(examples, 64, ModelConfig(backbone="small_cnn"),
+                         TrainConfig(epochs=2, batch_size=32), work / "model", work / "logs",
+                         {"margin": 0.2, "margin_mode": "symmetric"})
+    return {"root": root, "work": work, "frame": frame, "examples": examples,
+            "result": result, "merge_report": merge_report, "split_report": split_report,
+            "model_dir": work / "model"}

@@ -4,34 +4,15 @@ import json
 
 import cv2
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
-from models.classifier import ModelConfig, load_classifier
+from models.classifier import load_classifier
 from models.detector import DetectorConfig
-from tasks.crops import CropConfig, crop_images, crop_shard
-from tasks.detect import detect_images, plan_shards
+from tasks.crops import CropConfig, crop_images
+from tasks.detect import detect_images
 from tasks.evaluate import compute_metrics, predict_frame, write_report
-from tasks.labels import merge_faces
 from tasks.select import DataConfig, SelectionConfig, select_images
-from tasks.split import SplitConfig, split_faces
-from tasks.train import TrainConfig, load_examples, load_history, train_model
-
-
-@pytest.fixture(scope="module")
-def labelled_faces(tmp_path_factory, aaf_dir):
-    """300 real AAF faces as a labelled folder, selected, detected and merged."""
-    root = tmp_path_factory.mktemp("aaf300")
-    labels = pd.read_csv(aaf_dir / "labels.csv").sample(300, random_state=3)
-    for f in labels.file:
-        (root / f).symlink_to(aaf_dir / f)
-    labels.to_csv(root / "labels.csv", index=False)
-    manifest, _ = select_images(DataConfig(root=root, layout="labelled"), SelectionConfig())
-    detections = detect_images(root, manifest.column("path").to_pylist(), DetectorConfig())
-    faces, report = merge_faces(manifest.to_pandas(), detections.to_pandas(), None)
-    assert report["faces"] >= 280
-    return root, faces
+from tasks.train import load_history
 
 
 def test_cached_crop_equals_a_direct_crop(kface_tree):
@@ -48,29 +29,16 @@ def test_cached_crop_equals_a_direct_crop(kface_tree):
     assert np.abs(decoded.astype(int) - direct.astype(int)).mean() < 2.0  # JPEG q95 only
 
 
-def test_tiny_training_writes_every_artifact_and_reloads(labelled_faces, tmp_path):
-    root, faces = labelled_faces
-    frame = faces.to_pandas()
-    split, split_report = split_faces(frame, SplitConfig())
-    pq.write_table(faces, tmp_path / "faces.parquet")
-    pq.write_table(pd.DataFrame(split).pipe(lambda d: __import__("pyarrow").Table.from_pandas(
-        d, preserve_index=False)), tmp_path / "split.parquet")
-    crops_dir = tmp_path / "crops"
-    for shard in plan_shards(faces, 100):
-        boxes = [frame.set_index("path").loc[p, ["left", "top", "right", "bottom"]].tolist()
-                 for p in shard.paths]
-        crop_shard(root, shard, boxes, CropConfig(size=64), crops_dir)
-    examples = load_examples(crops_dir, tmp_path / "faces.parquet", tmp_path / "split.parquet")
-    assert len(examples["train"]) + len(examples["val"]) == len(frame)
-    model_dir = tmp_path / "model"
-    result = train_model(examples, 64, ModelConfig(backbone="small_cnn"),
-                         TrainConfig(epochs=2, batch_size=32), model_dir, tmp_path / "logs")
-    assert result["epochs_run"] == 2
+def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
+    examples, model_dir = tiny_run["examples"], tiny_run["model_dir"]
+    assert tiny_run["merge_report"]["faces"] >= 280
+    assert len(examples["train"]) + len(examples["val"]) == len(tiny_run["frame"])
+    assert tiny_run["result"]["epochs_run"] == 2
     for name in ("model.keras", "labels.json", "history.json", "history.csv"):
         assert (model_dir / name).exists(), name
-    assert json.loads((model_dir / "labels.json").read_text())["age_band"] == [
-        "20s", "30s", "40s", "50s"]
-    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    labels = json.loads((model_dir / "labels.json").read_text())
+    assert labels["age_band"] == ["20s", "30s", "40s", "50s"] and labels["crop"]["size"] == 64
+    assert list((tiny_run["work"] / "logs").rglob("events.out.tfevents.*"))
     model = load_classifier(model_dir / "model.keras")
     probs = predict_frame(model, examples["val"], 64)
     again = predict_frame(load_classifier(model_dir / "model.keras"), examples["val"], 64)
@@ -80,7 +48,7 @@ def test_tiny_training_writes_every_artifact_and_reloads(labelled_faces, tmp_pat
     assert metrics["examples"] == len(examples["val"])
     assert 0 <= metrics["age_band"]["accuracy"] <= metrics["age_band"][
         "accuracy_within_one_band"] <= 1
-    report = write_report(metrics, load_history(model_dir), split_report,
+    report = write_report(metrics, load_history(model_dir), tiny_run["split_report"],
                           {"joint_class_counts": {}}, tmp_path / "reports")
     for name in ("metrics.json", "confusion_gender.png", "confusion_age_band.png",
                  "confusion_age_band.json", "curve_gender.png", "curve_age_band.png",

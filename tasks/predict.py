@@ -1,0 +1,99 @@
+"""Batch inference on images and folders -> ``predictions.json`` (+ CSV, annotated images).
+
+``predictions.json``: a list with one entry per image: ``path``, ``width``, ``height``,
+``faces: [{box: [left, top, right, bottom], score, gender, gender_probs: {M, F},
+age_band, age_band_probs: {20s, 30s, 40s, 50s}}]``, and ``error`` (null, or why the image
+could not be read; such an image is skipped, never fatal).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from models.analyzer import FaceAnalyzer, FacePrediction
+from tasks.images import ImageError, load_image
+from tasks.select import IMAGE_SUFFIXES
+from tasks.storage import write_bytes_atomic, write_json_atomic
+
+GENDER_NAMES = {"M": "Man", "F": "Woman"}
+
+
+def iter_images(inputs: Iterable[Path]) -> Iterator[Path]:
+    """Files given directly, and image files found recursively in given folders (sorted)."""
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            yield from sorted(p for p in item.rglob("*")
+                              if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        else:
+            yield item
+
+
+def label_text(face: FacePrediction) -> str:
+    return (f"{GENDER_NAMES.get(face.gender, face.gender)} "
+            f"{face.gender_probs[face.gender]:.0%}, {face.age_band} "
+            f"{face.age_band_probs[face.age_band]:.0%}")
+
+
+def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
+             labels: Iterable[str] | None = None) -> np.ndarray:
+    """Draw each face's box and label (gender + age band with probabilities)."""
+    out = image.copy()
+    faces = list(faces)
+    texts = list(labels) if labels is not None else [label_text(f) for f in faces]
+    for face, text in zip(faces, texts, strict=True):
+        left, top, right, bottom = face.box
+        cv2.rectangle(out, (left, top), (right, bottom), (0, 255, 0), 2)
+        cv2.putText(out, text, (left, max(12, top - 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 255, 0), 2)
+    return out
+
+
+def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
+                   write_csv: bool = False, annotated: bool = False) -> list[dict]:
+    """Analyse every image; write ``out/predictions.json`` (and CSV / annotated copies)."""
+    out = Path(out)
+    entries = []
+    for path in iter_images(inputs):
+        entry: dict = {"path": str(path), "width": None, "height": None, "faces": [],
+                       "error": None}
+        try:
+            image, width, height, _ = load_image(path)
+        except ImageError as exc:
+            entry["error"] = str(exc)
+            entries.append(entry)
+            continue
+        faces = analyzer.analyze(image)
+        entry.update(width=width, height=height, faces=[f.as_dict() for f in faces])
+        entries.append(entry)
+        if annotated:
+            ok, buf = cv2.imencode(".jpg", annotate(image, faces))
+            if ok:
+                write_bytes_atomic(out / "annotated" / f"{len(entries):05d}_{path.stem}.jpg",
+                                   buf.tobytes())
+    write_json_atomic(out / "predictions.json", entries)
+    if write_csv:
+        write_bytes_atomic(out / "predictions.csv", predictions_csv(entries).encode())
+    return entries
+
+
+def predictions_csv(entries: list[dict]) -> str:
+    """One CSV row per face (images without faces or with errors get one empty row)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "left", "top", "right", "bottom", "score", "gender", "p_M",
+                     "p_F", "age_band", "p_20s", "p_30s", "p_40s", "p_50s", "error"])
+    for e in entries:
+        if not e["faces"]:
+            writer.writerow([e["path"], *[""] * 13, e["error"] or ""])
+        for f in e["faces"]:
+            writer.writerow([e["path"], *f["box"], f["score"], f["gender"],
+                             *f["gender_probs"].values(), f["age_band"],
+                             *f["age_band_probs"].values(), ""])
+    return buf.getvalue()

@@ -1,0 +1,123 @@
+"""Inference: the analyser, `kface predict` and `kface video` with a tiny trained model."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_kface
+from models.analyzer import FaceAnalyzer, ModelFolderError
+from tasks.crops import crop_face
+from tasks.predict import predict_images
+
+
+@pytest.fixture(scope="module")
+def analyzer(tiny_run):
+    return FaceAnalyzer(tiny_run["model_dir"])
+
+
+def test_analyzer_input_is_the_training_crop(analyzer, tiny_run):
+    row = tiny_run["frame"].iloc[0]
+    image = cv2.imread(str(tiny_run["root"] / row.path))
+    faces, batch = analyzer.crops(image)
+    box = (row.left, row.top, row.right, row.bottom)
+    assert faces[0].box_margin == box  # same detector box and margin as training
+    np.testing.assert_array_equal(batch[0], crop_face(image, box, 64).astype(np.float32))
+    # and the crop cache's JPEG of that face differs only by JPEG loss
+    cached = tiny_run["examples"]["train"].set_index("path").image.get(row.path)
+    if cached is None:
+        cached = tiny_run["examples"]["val"].set_index("path").image[row.path]
+    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(cached, np.uint8), cv2.IMREAD_COLOR),
+                           cv2.COLOR_BGR2RGB)
+    assert np.abs(decoded.astype(float) - batch[0]).mean() < 2.0
+
+
+def test_group_photo_six_faces_with_probabilities(analyzer, scenes_dir, tmp_path):
+    entries = predict_images(analyzer, [scenes_dir / "insightface_t1.jpg"], tmp_path,
+                             write_csv=True, annotated=True)
+    faces = entries[0]["faces"]
+    assert len(faces) == 6
+    for f in faces:
+        assert set(f) == {"box", "score", "gender", "gender_probs", "age_band",
+                          "age_band_probs"}
+        assert sum(f["gender_probs"].values()) == pytest.approx(1, abs=1e-3)
+        assert sum(f["age_band_probs"].values()) == pytest.approx(1, abs=1e-3)
+        assert list(f["age_band_probs"]) == ["20s", "30s", "40s", "50s"]
+        assert f["gender"] == max(f["gender_probs"], key=f["gender_probs"].get)
+        left, top, right, bottom = f["box"]
+        assert 0 <= left < right <= 1280 and 0 <= top < bottom <= 886 and f["score"] > 0.5
+    saved = json.loads((tmp_path / "predictions.json").read_text())
+    assert saved == entries and (entries[0]["width"], entries[0]["height"]) == (1280, 886)
+    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 7
+    assert len(list((tmp_path / "annotated").glob("*.jpg"))) == 1
+
+
+def test_predict_cli_folder_with_a_bad_file(tiny_run, scenes_dir, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "astronaut.png").write_bytes(
+        (scenes_dir / "skimage_astronaut.png").read_bytes())
+    (folder / "broken.jpg").write_text("not an image")
+    res = run_kface("predict", str(folder), "--model", str(tiny_run["model_dir"]), "--out",
+                    str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    entries = {e["path"].split("/")[-1]: e for e in
+               json.loads((tmp_path / "out" / "predictions.json").read_text())}
+    assert len(entries["astronaut.png"]["faces"]) == 1
+    assert entries["broken.jpg"]["error"] and entries["broken.jpg"]["faces"] == []
+    assert "skipped" in res.stderr
+
+
+def test_model_folder_missing_a_file(tmp_path, tiny_run):
+    (tmp_path / "model.keras").write_bytes(b"")
+    with pytest.raises(ModelFolderError, match="labels.json"):
+        FaceAnalyzer(tmp_path)
+    res = run_kface("predict", str(tiny_run["root"]), "--model", str(tmp_path))
+    assert res.returncode == 2 and "lacks labels.json" in res.stderr
+
+
+def make_video(path, aaf_dir, frames=30):
+    """Two real faces: A for the whole clip drifting right, B appearing at frame 10."""
+    files = sorted(aaf_dir.glob("*.jpg"))
+    a = cv2.resize(cv2.imread(str(files[10])), (150, 170))
+    b = cv2.resize(cv2.imread(str(files[2000])), (150, 170))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (640, 480))
+    for i in range(frames):
+        frame = np.full((480, 640, 3), 110, np.uint8)
+        frame[150:320, 40 + 2 * i:190 + 2 * i] = a
+        if i >= 10:
+            frame[150:320, 420:570] = b
+        writer.write(frame)
+    writer.release()
+
+
+def test_video_tracks_and_stats(tiny_run, aaf_dir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, aaf_dir)
+    out = tmp_path / "video"
+    res = run_kface("video", str(clip), "--model", str(tiny_run["model_dir"]), "--out",
+                    str(out), "--stats")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines()]
+    assert len(lines) == 30
+    ids = {f["track_id"] for line in lines for f in line["faces"]}
+    assert len(ids) == 2
+    # smoothed labels are constant within a track once it has a few frames
+    for tid in ids:
+        labels = [(f["smoothed_gender"], f["smoothed_age_band"]) for line in lines[20:]
+                  for f in line["faces"] if f["track_id"] == tid]
+        assert len(set(labels)) == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(stats["people"].values()) == 2
+    assert (out / "timeline.csv").read_text().startswith("minute,20s_M")
+    assert (out / "people.png").stat().st_size > 0
+    cap = cv2.VideoCapture(str(out / "annotated.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_unreadable_video_is_a_clear_error(tiny_run, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    res = run_kface("video", str(bad), "--model", str(tiny_run["model_dir"]))
+    assert res.returncode == 2 and "cannot open video" in res.stderr
