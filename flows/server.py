@@ -11,6 +11,9 @@ exports its URL, so the spawned workers inherit it. If an API URL is configured 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +31,9 @@ def prefect_api() -> Iterator[str]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    if threading.current_thread() is threading.main_thread():
+        # a plain `kill` (SIGTERM) unwinds this context, so the server is stopped too
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     server = SubprocessASGIServer()
     server.start()
     previous = os.environ.get("PREFECT_API_URL")

@@ -93,8 +93,14 @@ def test_shard_is_reused_and_key_tracks_content(kface_tree, tmp_path):
     # the key changes with the threshold, and with one image's mtime, and only for its shard
     assert shard_cache_key(shards[1], cfg) != shard_cache_key(
         shards[1], DetectorConfig(confidence=0.8))
-    os.utime(kface_tree / shards[1].paths[0], ns=(1, 1))
-    touched = plan_shards(select_images(DataConfig(root=kface_tree), SelectionConfig())[0], 8)
+    photo = kface_tree / shards[1].paths[0]
+    before = photo.stat()
+    os.utime(photo, ns=(1, 1))
+    try:
+        touched = plan_shards(select_images(DataConfig(root=kface_tree), SelectionConfig())[0],
+                              8)
+    finally:  # the tree is shared by other tests
+        os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
     changed = [a.index for a, b in zip(shards, touched, strict=True)
                if shard_cache_key(a, cfg) != shard_cache_key(b, cfg)]
     assert changed == [1]

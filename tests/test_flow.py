@@ -133,3 +133,26 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
         assert f"Task run '{stage}-" in log and "Cached(" in log
     assert json.loads((out / "stages" / "crops.json").read_text())["shards_computed"] == 0
     assert (out / "model" / "model.keras").stat().st_mtime_ns == model_mtime
+
+
+def test_sigterm_stops_the_temporary_server(kface_tree, tmp_path, prefect_env):
+    import psutil
+
+    out = tmp_path / "term"
+    proc = psutil.Popen([sys.executable, "-m", "flows.cli", "run", "--data-root",
+                         str(kface_tree), "--out", str(out), "--stages", "select,detect",
+                         "--workers", "1", "--shard-size", "1"], cwd=REPO,
+                        env={**os.environ, **prefect_env}, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "detections").glob("shard-*")):
+        time.sleep(0.1)
+    servers = [p for p in proc.children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    assert servers, "no temporary Prefect server found"
+    proc.terminate()
+    proc.wait(60)
+    gone, alive = psutil.wait_procs(servers, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, "the temporary Prefect server outlived a terminated run"
+    os.killpg(proc.pid, signal.SIGKILL) if psutil.pid_exists(proc.pid) else None

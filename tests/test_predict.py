@@ -5,8 +5,8 @@ import json
 import cv2
 import numpy as np
 import pytest
-
 from conftest import run_kface
+
 from models.analyzer import FaceAnalyzer, ModelFolderError
 from tasks.crops import crop_face
 from tasks.predict import predict_images
