@@ -30,7 +30,7 @@ def test_analyzer_input_is_the_training_crop(analyzer, tiny_run):
         cached = tiny_run["examples"]["val"].set_index("path").image[row.path]
     decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(cached, np.uint8), cv2.IMREAD_COLOR),
                            cv2.COLOR_BGR2RGB)
-    assert np.abs(decoded.astype(float) - batch[0]).mean() < 2.0
+    assert np.abs(decoded.astype(float) - batch[0]).mean() < 3.0  # q95, 4:2:0, 64 px
 
 
 def test_group_photo_six_faces_with_probabilities(analyzer, scenes_dir, tmp_path):
