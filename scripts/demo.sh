@@ -12,4 +12,7 @@ OUT="${OUT:-artifacts/demo}"
 .venv/bin/kface sample-data --faces "$FACES" --out "$SAMPLE" --subjects "${SUBJECTS:-120}"
 .venv/bin/kface run -c configs/cpu-small.yaml --data-root "$SAMPLE" \
   --metadata "$SAMPLE/KFace_metadata.csv" --out "$OUT"
+# analyse one photo with the model just trained (labels in the sample are real, photos synthetic)
+PHOTO="${KFACE_SHARED_DATA:-../shared/data}/scenes/insightface_t1.jpg"
+.venv/bin/kface predict "$PHOTO" --model "$OUT/model" --out "$OUT/predictions" --annotated
 echo "Report: $OUT/reports/report.md"

@@ -56,8 +56,8 @@ class ShardingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shard_size: int = Field(
-        250, ge=1, description="Images per shard (one task run, one file). Fixed, so that "
-        "adding images elsewhere does not move existing shard boundaries.")
+        250, ge=1, description="Images per shard (one task run, one file); the same "
+        "manifest always gives the same shards.")
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1,
         description="Worker processes (ProcessPoolTaskRunner, spawn).",
