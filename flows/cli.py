@@ -13,7 +13,7 @@ from flows.config import ConfigError, dump_config, load_config, parse_assignment
 
 app = typer.Typer(help="K-Face age-band + gender pipeline (Prefect).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override any config key: --set detector.confidence=0.8")
@@ -206,6 +206,24 @@ def _has_highgui(cv2) -> bool:
         return True
     except cv2.error:
         return False
+
+
+@app.command()
+def export(
+    model: Path = ModelOpt,
+    format: str = typer.Option("savedmodel", "--format", help="savedmodel, tflite or onnx."),
+    out: Path = typer.Option(Path("artifacts/export"), help="Output folder."),
+) -> None:
+    """Export a trained model (SavedModel or TFLite; ONNX when tf2onnx is installed)."""
+    from models.export import ExportError, export_model
+
+    if not (model / "model.keras").is_file():
+        _fail(f"{model}/model.keras not found: --model must be a trained model folder")
+    try:
+        path = export_model(model, out, format)  # type: ignore[arg-type]
+    except ExportError as exc:
+        _fail(str(exc))
+    console.print(f"exported {format} -> {path}")
 
 
 @app.command("config")

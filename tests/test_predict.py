@@ -121,3 +121,39 @@ def test_unreadable_video_is_a_clear_error(tiny_run, tmp_path):
     bad.write_text("not a video")
     res = run_kface("video", str(bad), "--model", str(tiny_run["model_dir"]))
     assert res.returncode == 2 and "cannot open video" in res.stderr
+
+
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
+def test_export_gives_the_same_outputs(tiny_run, tmp_path, fmt):
+    from models.classifier import load_classifier
+    from models.export import export_model, run_exported
+
+    path = export_model(tiny_run["model_dir"], tmp_path, fmt)
+    frame = tiny_run["examples"]["val"].head(4)
+    images = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8),
+                                                 cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                       for b in frame.image]).astype(np.float32)
+    expected = load_classifier(tiny_run["model_dir"] / "model.keras").predict(images,
+                                                                              verbose=0)
+    got = run_exported(path, images)
+    for head in ("gender", "age_band"):
+        np.testing.assert_allclose(got[head], expected[head], atol=1e-4)
+    assert (tmp_path / "labels.json").exists()
+
+
+def test_onnx_export_says_what_is_missing(tiny_run, tmp_path, monkeypatch):
+    import importlib.util
+
+    from models.export import ExportError, export_model
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tf2onnx", "onnx")
+                        else find_spec(name, *a))
+    with pytest.raises(ExportError, match="tf2onnx"):
+        export_model(tiny_run["model_dir"], tmp_path, "onnx")
+
+
+def test_export_cli_rejects_a_missing_model(tmp_path):
+    res = run_kface("export", "--model", str(tmp_path), "--format", "tflite")
+    assert res.returncode == 2 and "model.keras not found" in res.stderr
