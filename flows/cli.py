@@ -125,14 +125,31 @@ def predict(
     csv: bool = typer.Option(False, "--csv", help="Also write predictions.csv."),
     annotated: bool = typer.Option(False, "--annotated", help="Also write annotated images."),
     threshold: float = ConfOpt,
+    workers: int = typer.Option(1, help="Worker processes; > 1 runs the kface-predict "
+                                "Prefect flow, sharded like detection."),
+    shard_size: int = typer.Option(200, help="Images per shard with --workers > 1."),
 ) -> None:
     """Detect every face in images/folders and predict gender and age band."""
+    import json
+
     from tasks.predict import predict_images
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         _fail(f"not found: {', '.join(missing)}")
-    entries = predict_images(_analyzer(model, threshold), paths, out, csv, annotated)
+    analyzer = _analyzer(model, threshold)  # also checks the model folder up front
+    if workers > 1:
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        from flows.predict import kface_predict
+        from flows.server import prefect_api
+
+        with prefect_api():
+            kface_predict.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+                model, paths, out, shard_size, threshold, csv, annotated)
+        entries = json.loads((out / "predictions.json").read_text())
+    else:
+        entries = predict_images(analyzer, paths, out, csv, annotated)
     errors = [e for e in entries if e["error"]]
     faces = sum(len(e["faces"]) for e in entries)
     console.print(f"{len(entries)} images, {faces} faces -> {out / 'predictions.json'}")

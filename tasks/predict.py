@@ -55,31 +55,45 @@ def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
     return out
 
 
-def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
-                   write_csv: bool = False, annotated: bool = False) -> list[dict]:
-    """Analyse every image; write ``out/predictions.json`` (and CSV / annotated copies)."""
-    out = Path(out)
+def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
+                    annotated_dir: Path | None = None, start: int = 0) -> list[dict]:
+    """One predictions.json entry per image path; annotated copies into ``annotated_dir``
+    (numbered from ``start``) when given. Unreadable images get ``error``, never raise."""
     entries = []
-    for path in iter_images(inputs):
+    for path in paths:
+        path = Path(path)
         entry: dict = {"path": str(path), "width": None, "height": None, "faces": [],
                        "error": None}
+        entries.append(entry)
         try:
             image, width, height, _ = load_image(path)
         except ImageError as exc:
             entry["error"] = str(exc)
-            entries.append(entry)
             continue
         faces = analyzer.analyze(image)
         entry.update(width=width, height=height, faces=[f.as_dict() for f in faces])
-        entries.append(entry)
-        if annotated:
+        if annotated_dir is not None:
             ok, buf = cv2.imencode(".jpg", annotate(image, faces))
             if ok:
-                write_bytes_atomic(out / "annotated" / f"{len(entries):05d}_{path.stem}.jpg",
-                                   buf.tobytes())
-    write_json_atomic(out / "predictions.json", entries)
+                name = f"{start + len(entries):05d}_{path.stem}.jpg"
+                write_bytes_atomic(Path(annotated_dir) / name, buf.tobytes())
+    return entries
+
+
+def write_predictions(entries: list[dict], out: Path, write_csv: bool = False) -> None:
+    """Write ``out/predictions.json`` (and ``predictions.csv``) atomically."""
+    write_json_atomic(Path(out) / "predictions.json", entries)
     if write_csv:
-        write_bytes_atomic(out / "predictions.csv", predictions_csv(entries).encode())
+        write_bytes_atomic(Path(out) / "predictions.csv", predictions_csv(entries).encode())
+
+
+def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
+                   write_csv: bool = False, annotated: bool = False) -> list[dict]:
+    """Analyse every image in one process; write ``out/predictions.json`` (+ extras)."""
+    out = Path(out)
+    entries = predict_entries(analyzer, iter_images(inputs),
+                              out / "annotated" if annotated else None)
+    write_predictions(entries, out, write_csv)
     return entries
 
 

@@ -157,3 +157,27 @@ def test_onnx_export_says_what_is_missing(tiny_run, tmp_path, monkeypatch):
 def test_export_cli_rejects_a_missing_model(tmp_path):
     res = run_kface("export", "--model", str(tmp_path), "--format", "tflite")
     assert res.returncode == 2 and "model.keras not found" in res.stderr
+
+
+def test_sharded_predict_flow_matches_single_process(tiny_run, scenes_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in sorted(scenes_dir.iterdir()):
+        (folder / f.name).symlink_to(f)
+    (folder / "zz_broken.jpg").write_text("nope")
+    single = run_kface("predict", str(folder), "--model", str(tiny_run["model_dir"]),
+                       "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    sharded = run_kface("predict", str(folder), "--model", str(tiny_run["model_dir"]),
+                        "--out", str(tmp_path / "two"), "--workers", "2", "--shard-size", "3",
+                        env={"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""})
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "predictions.json").read_text())
+    b = json.loads((tmp_path / "two" / "predictions.json").read_text())
+    assert [e["path"] for e in a] == [e["path"] for e in b] and len(a) == 7
+    for x, y in zip(a, b, strict=True):
+        assert [f["box"] for f in x["faces"]] == [f["box"] for f in y["faces"]]
+        for fx, fy in zip(x["faces"], y["faces"], strict=True):
+            assert fx["gender_probs"] == pytest.approx(fy["gender_probs"], abs=1e-3)
+    assert len(list((tmp_path / "two" / "shards").glob("shard-*.json"))) == 3
+    assert "kface-predict" in sharded.stdout + sharded.stderr

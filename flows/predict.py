@@ -1,0 +1,57 @@
+"""The ``kface-predict`` Prefect flow: batch inference over large folders, sharded like
+detection (one task per shard of images, in spawned worker processes that each load the
+model once), merged into one ``predictions.json`` in input order."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from tasks.predict import iter_images, predict_entries, write_predictions
+from tasks.storage import write_json_atomic
+
+
+@functools.cache
+def _analyzer(model_dir: str, threshold: float):
+    from models.analyzer import FaceAnalyzer
+
+    return FaceAnalyzer(Path(model_dir), confidence=threshold)
+
+
+@task(name="predict-shard", cache_policy=NO_CACHE, retries=1)
+def predict_shard_task(model_dir: str, threshold: float, paths: list[str], index: int,
+                       out: Path, annotated: bool, start: int) -> str:
+    """Thin wrapper: analyse one shard of images into ``out/shards/shard-NNNNN.json``."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    entries = predict_entries(_analyzer(model_dir, threshold), paths,
+                              out / "annotated" if annotated else None, start)
+    shard_file = out / "shards" / f"shard-{index:05d}.json"
+    write_json_atomic(shard_file, entries)
+    return str(shard_file)
+
+
+@flow(name="kface-predict")
+def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 200,
+                  threshold: float = 0.5, write_csv: bool = False,
+                  annotated: bool = False) -> dict:
+    """Analyse every image under ``inputs`` with the model in ``model``."""
+    paths = [str(p) for p in iter_images(inputs)]
+    shards = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
+    futures = [predict_shard_task.submit(str(model), threshold, shard, i, Path(out),
+                                         annotated, i * shard_size)
+               for i, shard in enumerate(shards)]
+    files = sorted(f.result() for f in as_completed(futures))
+    entries = [e for f in files for e in json.loads(Path(f).read_text())]
+    write_predictions(entries, Path(out), write_csv)
+    faces = sum(len(e["faces"]) for e in entries)
+    get_run_logger().info("predict: %d images, %d faces, %d unreadable, %d shards",
+                          len(entries), faces, sum(bool(e["error"]) for e in entries),
+                          len(shards))
+    return {"images": len(entries), "faces": faces, "shards": len(shards)}
