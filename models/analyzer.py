@@ -80,10 +80,10 @@ class FaceAnalyzer:
     def analyze(self, image: np.ndarray) -> list[FacePrediction]:
         faces, batch = self.crops(image)
         probs = self.classify(batch)
-        return [self._prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i])
+        return [self.to_prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i])
                 for i, f in enumerate(faces)]
 
-    def _prediction(self, box, score, gender_p, age_p) -> FacePrediction:
+    def to_prediction(self, box, score, gender_p, age_p) -> FacePrediction:
         g_names, a_names = self.labels["gender"], self.labels["age_band"]
         return FacePrediction(
             tuple(int(v) for v in box), float(score),

@@ -106,7 +106,7 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                                          cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
             faces, batch = analyzer.crops(frame)
             probs = analyzer.classify(batch)
-            preds = [analyzer._prediction(f.box, f.score, probs["gender"][i],
+            preds = [analyzer.to_prediction(f.box, f.score, probs["gender"][i],
                                           probs["age_band"][i]) for i, f in enumerate(faces)]
             tracks = tracker.update(preds, frame_index, probs["gender"], probs["age_band"])
             minute = int(frame_index / fps // 60)
