@@ -137,8 +137,13 @@ def predict(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         _fail(f"not found: {', '.join(missing)}")
-    analyzer = _analyzer(model, threshold)  # also checks the model folder up front
-    if workers > 1:
+    if workers > 1:  # the workers load the model; here only check the folder up front
+        from models.analyzer import ModelFolderError, check_model_folder
+
+        try:
+            check_model_folder(model)
+        except ModelFolderError as exc:
+            _fail(str(exc))
         from prefect.task_runners import ProcessPoolTaskRunner
 
         from flows.predict import kface_predict
@@ -149,7 +154,7 @@ def predict(
                 model, paths, out, shard_size, threshold, csv, annotated)
         entries = json.loads((out / "predictions.json").read_text())
     else:
-        entries = predict_images(analyzer, paths, out, csv, annotated)
+        entries = predict_images(_analyzer(model, threshold), paths, out, csv, annotated)
     errors = [e for e in entries if e["error"]]
     faces = sum(len(e["faces"]) for e in entries)
     console.print(f"{len(entries)} images, {faces} faces -> {out / 'predictions.json'}")

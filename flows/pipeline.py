@@ -189,11 +189,11 @@ def crops_flow(config: PipelineConfig) -> dict:
     """Cut every labelled face once into the crop cache, one task run per shard."""
     paths = stage_paths(config.out)
     _require(paths["faces"], "crops", "merge")
-    faces = pq.read_table(paths["faces"]).to_pandas()
+    table = pq.read_table(paths["faces"])
+    faces = table.to_pandas()
     boxes = dict(zip(faces.path, faces[["left", "top", "right", "bottom"]].to_numpy().tolist(),
                      strict=True))
-    shards = plan_shards(pq.read_table(paths["faces"], columns=["path", "file_size", "mtime_ns"]),
-                         config.sharding.shard_size)
+    shards = plan_shards(table, config.sharding.shard_size)
     summary = _run_shards("crops", paths["crops"], shards, lambda shard: (
         crop_shard_task.submit(config.data.root, shard, [boxes[p] for p in shard.paths],
                                config.crops, paths["crops"], config.sharding.opencv_threads)))

@@ -25,6 +25,17 @@ class ModelFolderError(FileNotFoundError):
     """The model folder lacks a file the analyser needs."""
 
 
+def check_model_folder(model_dir: Path) -> Path:
+    """Raise ModelFolderError naming the missing files unless ``model_dir`` is usable."""
+    model_dir = Path(model_dir)
+    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise ModelFolderError(
+            f"model folder {model_dir} lacks {', '.join(missing)}: point --model at the "
+            "'model' folder of a finished run (kface run ... --stages train)")
+    return model_dir
+
+
 @dataclass
 class FacePrediction:
     box: tuple[int, int, int, int]
@@ -45,12 +56,7 @@ class FaceAnalyzer:
 
     def __init__(self, model_dir: Path, confidence: float = 0.5,
                  detector: DetectorConfig | None = None):
-        model_dir = Path(model_dir)
-        missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
-        if missing:
-            raise ModelFolderError(
-                f"model folder {model_dir} lacks {', '.join(missing)}: point --model at the "
-                "'model' folder of a finished run (kface run ... --stages train)")
+        model_dir = check_model_folder(model_dir)
         self.labels = json.loads((model_dir / "labels.json").read_text())
         crop = self.labels.get("crop", {})
         self.size = int(crop.get("size", self.labels["input_size"]))
@@ -80,10 +86,10 @@ class FaceAnalyzer:
     def analyze(self, image: np.ndarray) -> list[FacePrediction]:
         faces, batch = self.crops(image)
         probs = self.classify(batch)
-        return [self.to_prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i])
+        return [self._prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i])
                 for i, f in enumerate(faces)]
 
-    def to_prediction(self, box, score, gender_p, age_p) -> FacePrediction:
+    def _prediction(self, box, score, gender_p, age_p) -> FacePrediction:
         g_names, a_names = self.labels["gender"], self.labels["age_band"]
         return FacePrediction(
             tuple(int(v) for v in box), float(score),

@@ -38,11 +38,18 @@ class Track:
     frames: int = 1
     minutes: set[int] = field(default_factory=set)
 
-    def add(self, face: FacePrediction, frame: int, gender_p, age_p) -> None:
+    def add(self, face: FacePrediction, frame: int) -> None:
+        gender_p, age_p = _probs(face)
         self.box, self.last_frame = face.box, frame
         self.gender_sum = self.gender_sum + gender_p
         self.age_sum = self.age_sum + age_p
         self.frames += 1
+
+
+def _probs(face: FacePrediction) -> tuple[np.ndarray, np.ndarray]:
+    """The face's class probabilities as arrays, in the model's class order."""
+    return (np.array(list(face.gender_probs.values())),
+            np.array(list(face.age_band_probs.values())))
 
 
 class IoUTracker:
@@ -53,8 +60,7 @@ class IoUTracker:
         self.tracks: list[Track] = []
         self._next = 1
 
-    def update(self, faces: list[FacePrediction], frame: int, gender_probs: np.ndarray,
-               age_probs: np.ndarray) -> list[Track]:
+    def update(self, faces: list[FacePrediction], frame: int) -> list[Track]:
         live = [t for t in self.tracks if frame - t.last_frame <= self.max_gap]
         pairs = sorted(((box_iou(t.box, f.box), ti, fi) for ti, t in enumerate(live)
                         for fi, f in enumerate(faces)), reverse=True)
@@ -64,12 +70,11 @@ class IoUTracker:
             if iou < self.iou_threshold or ti in used or fi in assigned:
                 continue
             used.add(ti)
-            live[ti].add(faces[fi], frame, gender_probs[fi], age_probs[fi])
+            live[ti].add(faces[fi], frame)
             assigned[fi] = live[ti]
         for fi, face in enumerate(faces):
             if fi not in assigned:
-                track = Track(self._next, face.box, frame, frame, gender_probs[fi].copy(),
-                              age_probs[fi].copy())
+                track = Track(self._next, face.box, frame, frame, *_probs(face))
                 self._next += 1
                 self.tracks.append(track)
                 assigned[fi] = track
@@ -104,11 +109,8 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                 h, w = frame.shape[:2]
                 writer = cv2.VideoWriter(str(out / ".annotated.mp4"),
                                          cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-            faces, batch = analyzer.crops(frame)
-            probs = analyzer.classify(batch)
-            preds = [analyzer.to_prediction(f.box, f.score, probs["gender"][i],
-                                          probs["age_band"][i]) for i, f in enumerate(faces)]
-            tracks = tracker.update(preds, frame_index, probs["gender"], probs["age_band"])
+            preds = analyzer.analyze(frame)
+            tracks = tracker.update(preds, frame_index)
             minute = int(frame_index / fps // 60)
             labels, records = [], []
             for pred, track in zip(preds, tracks, strict=True):
