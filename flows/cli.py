@@ -45,19 +45,15 @@ def run(
     workers: int | None = typer.Option(None, help="Worker processes (sharding.workers)."),
     shard_size: int | None = typer.Option(None, help="Images per shard (sharding.shard_size)."),
     threshold: float | None = typer.Option(None, help="Face score (detector.confidence)."),
+    dask_address: str | None = typer.Option(
+        None, help="Run detect/crops tasks on this Dask cluster, e.g. tcp://host:8786 "
+        "(sharding.dask_address)."),
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Run the pipeline (or --stages of it) with one Prefect flow run."""
-    try:
-        if labels is not None and layout is None:
-            layout = "labelled"
-        cfg = load_config(config, _overrides({
-            "data.root": data_root, "out": out, "data.layout": layout,
-            "data.metadata": metadata, "data.labels": labels, "sharding.workers": workers,
-            "sharding.shard_size": shard_size, "detector.confidence": threshold,
-        }, set_))
-    except ConfigError as exc:
-        _fail(str(exc))
+    """Run the pipeline (or --stages of it) with one Prefect flow run. Stages whose inputs,
+    settings and code are unchanged are skipped (shown as cached)."""
+    cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
+                threshold, dask_address, set_)
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
 
     from flows.pipeline import kface_pipeline
@@ -72,8 +68,111 @@ def run(
     except (DatasetError, DetectorError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     for name, s in summaries.items():
-        console.print(f"[green]{name}[/]: {s['rows_out']} rows in {s['seconds']}s")
+        how = "cached" if s.get("reused") else f"{s['seconds']}s"
+        console.print(f"[green]{name}[/]: {s['rows_out']} rows ({how})")
     console.print(f"outputs in {cfg.out}")
+    if "evaluate" in summaries:
+        console.print(f"Report: {summaries['evaluate']['report']}")
+
+
+def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=None,
+          workers=None, shard_size=None, threshold=None, dask_address=None, sets=None):
+    try:
+        if labels is not None and layout is None:
+            layout = "labelled"
+        return load_config(config, _overrides({
+            "data.root": data_root, "out": out, "data.layout": layout,
+            "data.metadata": metadata, "data.labels": labels, "sharding.workers": workers,
+            "sharding.shard_size": shard_size, "detector.confidence": threshold,
+            "sharding.dask_address": dask_address,
+        }, sets))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+DataRootOpt = typer.Option(None, help="Dataset root (data.root).")
+OutOpt = typer.Option(None, help="Run folder (out).")
+MetadataOpt = typer.Option(None, help="K-Face metadata CSV (data.metadata).")
+
+
+@app.command()
+def status(
+    config: Path | None = ConfigOpt,
+    data_root: Path | None = DataRootOpt,
+    out: Path | None = OutOpt,
+    metadata: Path | None = MetadataOpt,
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Per stage, what a run with this config would do: done / cached (up to date),
+    stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
+    from rich.table import Table
+
+    from flows.cache import pipeline_status
+    from tasks.select import DatasetError
+
+    cfg = _load(config, data_root, out, metadata=metadata, sets=set_)
+    try:
+        rows = pipeline_status(cfg)
+    except DatasetError as exc:
+        _fail(str(exc))
+    colour = {"done": "green", "cached": "green", "stale": "yellow", "missing": "red"}
+    table = Table(title=f"kface status: {cfg.out}")
+    for col in ("stage", "state", "detail"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row.stage, f"[{colour[row.state]}]{row.state}[/]", row.detail)
+    Console(soft_wrap=True).print(table)
+
+
+@app.command()
+def server(
+    port: int = typer.Option(4200, help="Port on 127.0.0.1."),
+    host: str = typer.Option("127.0.0.1", help="Interface; keep 127.0.0.1 unless other "
+                             "machines must reach it (then put it behind auth)."),
+) -> None:
+    """Start a local Prefect server (UI + API, SQLite in PREFECT_HOME) in the foreground.
+    Then, in another shell: export PREFECT_API_URL=http://127.0.0.1:4200/api and use
+    'kface serve' / 'kface run'. Stop it with Ctrl-C."""
+    import os
+
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    console.print(f"Prefect UI: http://{host}:{port}  API: "
+                  f"export PREFECT_API_URL=http://{host}:{port}/api")
+    os.execve(sys.executable, [sys.executable, "-m", "prefect", "server", "start",
+                               "--host", host, "--port", str(port)], env)
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    data_root: Path | None = DataRootOpt,
+    out: Path | None = OutOpt,
+    metadata: Path | None = MetadataOpt,
+    workers: int | None = typer.Option(None, help="Worker processes (sharding.workers)."),
+    cron: str | None = typer.Option(
+        None, help="Schedule for kface-pipeline/reprocess, e.g. '0 2 * * *' (02:00 daily)."),
+    full_cron: str | None = typer.Option(None, help="Schedule for kface-pipeline/full."),
+    reprocess_stages: str = typer.Option(
+        "select,detect,merge,split,crops", help="Stages of the reprocess deployment."),
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Register the deployments kface-pipeline/full, kface-pipeline/reprocess and
+    kface-predict/batch with this config as their default parameters, and serve them:
+    runs started from the Prefect UI (or by schedule) execute here. Needs a Prefect server
+    (kface server, then export PREFECT_API_URL=...). Stop with Ctrl-C or SIGTERM."""
+    from prefect.settings import get_current_settings
+
+    from flows.deploy import build_deployments
+
+    cfg = _load(config, data_root, out, metadata=metadata, workers=workers, sets=set_)
+    if not get_current_settings().api.url:
+        _fail("kface serve needs a Prefect server that the UI also talks to: start one with "
+              "'kface server' and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from prefect import serve as prefect_serve
+
+    deployments = build_deployments(cfg, cron, full_cron,
+                                     [s.strip() for s in reprocess_stages.split(",")])
+    prefect_serve(*deployments)
 
 
 @app.command("sample-data")
@@ -144,14 +243,11 @@ def predict(
             check_model_folder(model)
         except ModelFolderError as exc:
             _fail(str(exc))
-        from prefect.task_runners import ProcessPoolTaskRunner
-
         from flows.predict import kface_predict
         from flows.server import prefect_api
 
         with prefect_api():
-            kface_predict.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-                model, paths, out, shard_size, threshold, csv, annotated)
+            kface_predict(model, paths, out, shard_size, threshold, csv, annotated, workers)
         entries = json.loads((out / "predictions.json").read_text())
     else:
         entries = predict_images(_analyzer(model, threshold), paths, out, csv, annotated)

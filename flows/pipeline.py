@@ -1,6 +1,6 @@
 """The ``kface-pipeline`` Prefect flow: wiring only; the work lives in ``tasks/``.
 
-Stage outputs (all under ``config.out``; ``stage_paths`` is the one list):
+Stage outputs (all under ``config.out``; ``flows.cache.stage_paths`` is the one list):
 select -> ``manifest.parquet``; detect -> ``detections/shard-*.parquet``; merge ->
 ``faces.parquet``; split -> ``split.parquet``; crops -> ``crops/shard-*.parquet``;
 train -> ``model/`` (+ ``logs/`` for TensorBoard); evaluate -> ``reports/``. Each
@@ -30,45 +30,36 @@ from prefect.states import Completed, State
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from flows.cache import (
+    crop_plan,
+    detect_shards,
+    evaluate_key,
+    merge_key,
+    select_key,
+    split_key,
+    stage_paths,
+    stored_summary,
+    train_key,
+)
 from flows.config import PipelineConfig, dump_config
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_shard
-from tasks.detect import Shard, detect_shard, plan_shards, remove_stale_shards
+from tasks.detect import Shard, ShardingConfig, detect_shard, remove_stale_shards
 from tasks.labels import LabelsError, merge_faces, read_metadata
 from tasks.select import select_images
 from tasks.split import split_faces
 from tasks.storage import (
-    file_sha256,
-    fingerprint,
     read_cache_key,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
 )
-from tasks.train import CODE_VERSION as TRAIN_CODE_VERSION
 
 STAGES = ("select", "detect", "merge", "split", "crops", "train", "evaluate")
 
 
 class MissingInputError(RuntimeError):
     """A requested stage's input file does not exist (its upstream stage has not run)."""
-
-
-def stage_paths(out: Path) -> dict[str, Path]:
-    """The one place that says where each stage's output lives in a run folder."""
-    out = Path(out)
-    return {
-        "config": out / "config.yaml",
-        "manifest": out / "manifest.parquet",
-        "detections": out / "detections",
-        "faces": out / "faces.parquet",
-        "split": out / "split.parquet",
-        "crops": out / "crops",
-        "model": out / "model",
-        "logs": out / "logs",
-        "reports": out / "reports",
-        "stages": out / "stages",
-    }
 
 
 def _require(path: Path, stage: str, producer: str) -> None:
@@ -79,21 +70,48 @@ def _require(path: Path, stage: str, producer: str) -> None:
         )
 
 
+def _record(config: PipelineConfig, summary: dict) -> dict:
+    """Write ``stages/<stage>.json`` and the stage's summary table artifact."""
+    stage = summary["stage"]
+    write_json_atomic(stage_paths(config.out)["stages"] / f"{stage}.json", summary)
+    create_table_artifact(
+        key=f"{stage}-summary",
+        table=[{"stage": stage, "rows_in": summary["rows_in"], "rows_out": summary["rows_out"],
+                "seconds": summary["seconds"], "cached": summary["reused"]}],
+        description=f"{stage}: rows in/out, time, cached or not",
+    )
+    return summary
+
+
+def _reused(config: PipelineConfig, stage: str, key: str, message: str) -> State:
+    """The Cached state of a stage whose output already holds ``key``; logs one line."""
+    summary = {**(stored_summary(config, stage) or {"stage": stage, "rows_in": 0,
+                                                      "rows_out": 0}),
+               "reused": True, "seconds": 0.0, "cache_key": key}
+    _record(config, summary)
+    get_run_logger().info("%s: cached, %s (%d rows)", stage, message, summary["rows_out"])
+    return Completed(data=summary, name="Cached", message=message)
+
+
 @task(name="select", cache_policy=NO_CACHE)
-def select_task(config: PipelineConfig) -> dict:
-    """Scan the dataset and write ``manifest.parquet``."""
+def select_task(config: PipelineConfig):
+    """Scan the dataset and write ``manifest.parquet`` (kept as is when the scan found the
+    same photos with the same sizes and mtimes)."""
     logger = get_run_logger()
     start = time.perf_counter()
     table, report = select_images(config.data, config.selection)
     paths = stage_paths(config.out)
-    write_parquet_atomic(paths["manifest"], table)
+    key = select_key(config, table)
+    if read_cache_key(paths["manifest"]) == key:
+        return _reused(config, "select", key, "the dataset and selection are unchanged")
+    write_parquet_atomic(paths["manifest"], table, key)
     summary = {
         "stage": "select", "rows_in": report.images, "rows_out": table.num_rows,
-        "seconds": round(time.perf_counter() - start, 2), "reused": False,
+        "seconds": round(time.perf_counter() - start, 2), "reused": False, "cache_key": key,
         "subjects": len(set(table.column("subject_id").to_pylist())),
         **report.as_dict(),
     }
-    write_json_atomic(paths["stages"] / "select.json", summary)
+    _record(config, summary)
     logger.info(
         "select: %d of %d images selected (%d subjects) in %.1fs; %d files not in the "
         "layout%s", table.num_rows, report.images, summary["subjects"], summary["seconds"],
@@ -157,6 +175,7 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], submit) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "shards": len(shards), "shards_reused": reused, "shards_computed": len(shards) - reused,
         "stale_shards_removed": removed, "status_counts": counts,
+        "reused": reused == len(shards),
     }
     create_table_artifact(
         key=f"{stage}-status-counts",
@@ -174,14 +193,12 @@ def detect_flow(config: PipelineConfig) -> dict:
     """Detect faces in every manifest image, one task run per shard, in worker processes."""
     paths = stage_paths(config.out)
     _require(paths["manifest"], "detect", "select")
-    manifest = pq.read_table(paths["manifest"], columns=["path", "file_size", "mtime_ns"])
-    shards = plan_shards(manifest, config.sharding.shard_size)
+    shards = detect_shards(config)
     summary = _run_shards("detect", paths["detections"], shards, lambda shard: (
         detect_shard_task.submit(config.data.root, shard, config.detector,
                                  paths["detections"], config.sharding.opencv_threads)))
     summary["workers"] = config.sharding.workers
-    write_json_atomic(paths["stages"] / "detect.json", summary)
-    return summary
+    return _record(config, summary)
 
 
 @flow(name="crops")
@@ -189,25 +206,23 @@ def crops_flow(config: PipelineConfig) -> dict:
     """Cut every labelled face once into the crop cache, one task run per shard."""
     paths = stage_paths(config.out)
     _require(paths["faces"], "crops", "merge")
-    table = pq.read_table(paths["faces"])
-    faces = table.to_pandas()
-    boxes = dict(zip(faces.path, faces[["left", "top", "right", "bottom"]].to_numpy().tolist(),
-                     strict=True))
-    shards = plan_shards(table, config.sharding.shard_size)
+    shards, boxes = crop_plan(config)
     summary = _run_shards("crops", paths["crops"], shards, lambda shard: (
         crop_shard_task.submit(config.data.root, shard, [boxes[p] for p in shard.paths],
                                config.crops, paths["crops"], config.sharding.opencv_threads)))
     summary["workers"] = config.sharding.workers
-    write_json_atomic(paths["stages"] / "crops.json", summary)
-    return summary
+    return _record(config, summary)
 
 
 @task(name="merge", cache_policy=NO_CACHE)
-def merge_task(config: PipelineConfig) -> dict:
+def merge_task(config: PipelineConfig):
     """Join ok detections with the subject labels into ``faces.parquet``."""
     paths = stage_paths(config.out)
     _require(paths["manifest"], "merge", "select")
     _require(paths["detections"], "merge", "detect")
+    key = merge_key(config)
+    if read_cache_key(paths["faces"]) == key:
+        return _reused(config, "merge", key, "detections and labels are unchanged")
     start = time.perf_counter()
     manifest = pq.read_table(paths["manifest"]).to_pandas()
     detections = pads.dataset(paths["detections"], format="parquet").to_table().to_pandas()
@@ -218,10 +233,11 @@ def merge_task(config: PipelineConfig) -> dict:
                               "(data.metadata)")
         labels = read_metadata(config.data.metadata)
     table, report = merge_faces(manifest, detections, labels)
-    write_parquet_atomic(paths["faces"], table)
+    write_parquet_atomic(paths["faces"], table, key)
     summary = {"stage": "merge", "rows_in": len(detections), "rows_out": table.num_rows,
-               "seconds": round(time.perf_counter() - start, 2), "reused": False, **report}
-    write_json_atomic(paths["stages"] / "merge.json", summary)
+               "seconds": round(time.perf_counter() - start, 2), "reused": False,
+               "cache_key": key, **report}
+    _record(config, summary)
     logger = get_run_logger()
     logger.info("merge: %d faces of %d subjects from %d detections; per class %s",
                 table.num_rows, report["subjects"], len(detections),
@@ -234,40 +250,27 @@ def merge_task(config: PipelineConfig) -> dict:
 
 
 @task(name="split", cache_policy=NO_CACHE)
-def split_task(config: PipelineConfig) -> dict:
+def split_task(config: PipelineConfig):
     """Assign faces to train/val into ``split.parquet``."""
     paths = stage_paths(config.out)
     _require(paths["faces"], "split", "merge")
+    key = split_key(config)
+    if read_cache_key(paths["split"]) == key:
+        return _reused(config, "split", key, "faces and split settings are unchanged")
     start = time.perf_counter()
     faces = pq.read_table(paths["faces"]).to_pandas()
     table, report = split_faces(faces, config.split)
-    write_parquet_atomic(paths["split"], pa.Table.from_pandas(table, preserve_index=False))
+    write_parquet_atomic(paths["split"], pa.Table.from_pandas(table, preserve_index=False), key)
     summary = {"stage": "split", "rows_in": len(faces), "rows_out": len(table),
-               "seconds": round(time.perf_counter() - start, 2), "reused": False, **report}
-    write_json_atomic(paths["stages"] / "split.json", summary)
+               "seconds": round(time.perf_counter() - start, 2), "reused": False,
+               "cache_key": key, **report}
+    _record(config, summary)
     logger = get_run_logger()
     logger.info("split (%s): %s rows, subjects %s", config.split.strategy, report["rows"],
                 report["subjects"])
     if report.get("warning"):
         logger.warning("split: %s", report["warning"])
     return summary
-
-
-def _train_key(config: PipelineConfig) -> str:
-    paths = stage_paths(config.out)
-    crop_keys = [read_cache_key(p) for p in sorted(paths["crops"].glob("shard-*.parquet"))]
-    return fingerprint(crop_keys, file_sha256(paths["faces"]), file_sha256(paths["split"]),
-                       config.crops.model_dump(), config.model.model_dump(),
-                       config.train.model_dump(), TRAIN_CODE_VERSION)
-
-
-def _cached_summary(stages_dir: Path, stage: str, key: str) -> dict | None:
-    path = stages_dir / f"{stage}.json"
-    if path.exists():
-        summary = json.loads(path.read_text())
-        if summary.get("cache_key") == key:
-            return summary
-    return None
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -278,11 +281,11 @@ def train_task(config: PipelineConfig):
         _require(paths[need], "train", producer)
     from tasks.train import load_examples, train_model
 
-    key = _train_key(config)
+    key = train_key(config)
     model_dir = paths["model"]
     if (model_dir / "model.keras").exists() and (
-            cached := _cached_summary(paths["stages"], "train", key)):
-        return Completed(data=cached, name="Cached", message="model is up to date")
+            (stored_summary(config, "train") or {}).get("cache_key") == key):
+        return _reused(config, "train", key, "the model is up to date")
     marker = model_dir / ".train_key"
     if model_dir.exists() and (not marker.exists() or marker.read_text() != key):
         shutil.rmtree(model_dir)  # a different training's leftovers: never resume those
@@ -298,7 +301,7 @@ def train_task(config: PipelineConfig):
                "rows_out": result["train_examples"],
                "seconds": round(time.perf_counter() - start, 2), "reused": False,
                "cache_key": key, **result}
-    write_json_atomic(paths["stages"] / "train.json", summary)
+    _record(config, summary)
     get_run_logger().info("train: %d epochs in %.0fs; best epoch %d: val gender %.3f, "
                           "val age band %.3f", result["epochs_run"], summary["seconds"],
                           result["best_epoch"], result["val_gender_accuracy"],
@@ -310,17 +313,15 @@ def train_task(config: PipelineConfig):
 def evaluate_task(config: PipelineConfig):
     """Evaluate the model on the validation split and write ``reports/``."""
     from models.classifier import load_classifier
-    from tasks.evaluate import CODE_VERSION as EVAL_CODE_VERSION
     from tasks.evaluate import compute_metrics, predict_frame, write_report
     from tasks.train import load_examples, load_history
 
     paths = stage_paths(config.out)
     _require(paths["model"] / "model.keras", "evaluate", "train")
-    train_summary = json.loads((paths["stages"] / "train.json").read_text())
-    key = fingerprint(train_summary.get("cache_key"), EVAL_CODE_VERSION)
+    key = evaluate_key((stored_summary(config, "train") or {}).get("cache_key"))
     if (paths["reports"] / "report.md").exists() and (
-            cached := _cached_summary(paths["stages"], "evaluate", key)):
-        return Completed(data=cached, name="Cached", message="report is up to date")
+            (stored_summary(config, "evaluate") or {}).get("cache_key") == key):
+        return _reused(config, "evaluate", key, "the report is up to date")
     start = time.perf_counter()
     val = load_examples(paths["crops"], paths["faces"], paths["split"])["val"]
     model = load_classifier(paths["model"] / "model.keras")
@@ -337,7 +338,7 @@ def evaluate_task(config: PipelineConfig):
                "val_gender_accuracy": metrics["gender"]["accuracy"],
                "val_age_band_accuracy": metrics["age_band"]["accuracy"],
                "val_age_band_within_one": metrics["age_band"]["accuracy_within_one_band"]}
-    write_json_atomic(stages / "evaluate.json", summary)
+    _record(config, summary)
     create_markdown_artifact(key="kface-report", markdown=report_path.read_text(),
                              description="Evaluation report")
     create_table_artifact(key="kface-metrics", table=[
@@ -348,6 +349,15 @@ def evaluate_task(config: PipelineConfig):
                           summary["val_age_band_accuracy"],
                           summary["val_age_band_within_one"], report_path)
     return summary
+
+
+def shard_runner(sharding: ShardingConfig):
+    """Where sharded tasks run: local spawn worker processes, or an existing Dask cluster."""
+    if sharding.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=sharding.dask_address)
+    return ProcessPoolTaskRunner(max_workers=sharding.workers)
 
 
 @flow(name="kface-pipeline")
@@ -361,16 +371,17 @@ def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> d
     write_bytes_atomic(paths["config"], dump_config(config).encode())
     summaries: dict[str, dict] = {}
     if "select" in stages:
-        summaries["select"] = select_task(config)
-    runner = ProcessPoolTaskRunner(max_workers=config.sharding.workers)
+        summaries["select"] = _unwrap(select_task(config))
     if "detect" in stages:
-        summaries["detect"] = detect_flow.with_options(task_runner=runner)(config)
+        summaries["detect"] = detect_flow.with_options(
+            task_runner=shard_runner(config.sharding))(config)
     if "merge" in stages:
-        summaries["merge"] = merge_task(config)
+        summaries["merge"] = _unwrap(merge_task(config))
     if "split" in stages:
-        summaries["split"] = split_task(config)
+        summaries["split"] = _unwrap(split_task(config))
     if "crops" in stages:
-        summaries["crops"] = crops_flow.with_options(task_runner=runner.duplicate())(config)
+        summaries["crops"] = crops_flow.with_options(
+            task_runner=shard_runner(config.sharding))(config)
     if "train" in stages:
         summaries["train"] = _unwrap(train_task(config))
     if "evaluate" in stages:

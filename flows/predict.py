@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from tasks.predict import iter_images, predict_entries, write_predictions
 from tasks.storage import write_json_atomic
@@ -37,17 +38,27 @@ def predict_shard_task(model_dir: str, threshold: float, paths: list[str], index
     return str(shard_file)
 
 
-@flow(name="kface-predict")
-def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 200,
-                  threshold: float = 0.5, write_csv: bool = False,
-                  annotated: bool = False) -> dict:
-    """Analyse every image under ``inputs`` with the model in ``model``."""
-    paths = [str(p) for p in iter_images(inputs)]
-    shards = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
+@flow(name="predict-shards")
+def predict_shards_flow(model: Path, shards: list[list[str]], out: Path, shard_size: int,
+                        threshold: float, annotated: bool) -> list[str]:
+    """One task run per shard; returns the shard files in order."""
     futures = [predict_shard_task.submit(str(model), threshold, shard, i, Path(out),
                                          annotated, i * shard_size)
                for i, shard in enumerate(shards)]
-    files = sorted(f.result() for f in as_completed(futures))
+    return sorted(f.result() for f in as_completed(futures))
+
+
+@flow(name="kface-predict")
+def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 200,
+                  threshold: float = 0.5, write_csv: bool = False,
+                  annotated: bool = False, workers: int = 2) -> dict:
+    """Analyse every image under ``inputs`` with the model in ``model``, ``workers``
+    processes each loading the model once."""
+    paths = [str(p) for p in iter_images(inputs)]
+    shards = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
+    runner = ProcessPoolTaskRunner(max_workers=workers)
+    files = predict_shards_flow.with_options(task_runner=runner)(
+        model, shards, out, shard_size, threshold, annotated)
     entries = [e for f in files for e in json.loads(Path(f).read_text())]
     write_predictions(entries, Path(out), write_csv)
     faces = sum(len(e["faces"]) for e in entries)

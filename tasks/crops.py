@@ -71,13 +71,18 @@ def crop_images(root: Path, paths: Sequence[str], boxes: Sequence[Sequence[int]]
                     schema=CROPS_SCHEMA)
 
 
+def crop_shard_key(shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig) -> str:
+    """Content fingerprint of the shard's photos + their boxes + crop settings + code."""
+    return fingerprint(shard.content_fingerprint(), [list(b) for b in boxes],
+                       cfg.model_dump(), CODE_VERSION)
+
+
 def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig,
                out_dir: Path, opencv_threads: int = 1) -> dict:
     """Build one crop shard file unless it already holds this content's key."""
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
-    key = fingerprint(shard.content_fingerprint(), [list(b) for b in boxes],
-                      cfg.model_dump(), CODE_VERSION)
+    key = crop_shard_key(shard, boxes, cfg)
     table, reused = reuse_or_build(final, key,
                                    lambda: crop_images(root, shard.paths, boxes, cfg))
     if table is None:

@@ -63,6 +63,10 @@ class ShardingConfig(BaseModel):
         description="Worker processes (ProcessPoolTaskRunner, spawn).",
     )
     opencv_threads: int = Field(1, ge=0, description="cv2.setNumThreads in each worker.")
+    dask_address: str | None = Field(
+        None, description="Run the sharded tasks on this existing Dask cluster "
+        "(e.g. tcp://scheduler:8786) instead of local worker processes; every Dask worker "
+        "must see data.root and out at the same paths.")
 
 
 @dataclass(frozen=True)

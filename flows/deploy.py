@@ -1,0 +1,64 @@
+"""The deployments ``kface serve`` registers and serves (``prefect.yaml`` has the same ones
+for a work pool): what the Prefect UI's Run button and schedules start.
+
+* ``kface-pipeline/full``: every stage (optional ``--full-cron``).
+* ``kface-pipeline/reprocess``: the data stages (select -> crops) by default, for a nightly
+  re-scan that picks up new or changed photos; cached stages and shards are skipped, so
+  an unchanged dataset costs one scan (optional ``--cron``).
+* ``kface-predict/batch``: sharded inference over folders with the run's model.
+
+Each carries the config it was served with as its default parameters (paths made
+absolute, so a run does not depend on the serving process's working directory); the UI
+shows the config as a form and lets a run override any field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.config import PipelineConfig
+
+DATA_STAGES = ["select", "detect", "merge", "split", "crops"]
+
+
+def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with ``out``, ``data.root``, ``data.metadata`` and ``data.labels``
+    resolved against the current directory."""
+    data = cfg.data.model_copy(update={
+        k: Path(v).resolve() for k in ("root", "metadata", "labels")
+        if (v := getattr(cfg.data, k)) is not None})
+    return cfg.model_copy(update={"out": Path(cfg.out).resolve(), "data": data})
+
+
+def build_deployments(cfg: PipelineConfig, cron: str | None = None,
+                      full_cron: str | None = None,
+                      reprocess_stages: list[str] | None = None) -> list:
+    """The RunnerDeployments for ``prefect.serve`` (module entrypoints: they load from any
+    working directory where this package is installed)."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.pipeline import kface_pipeline
+    from flows.predict import kface_predict
+
+    cfg = absolute_paths(cfg)
+    params = cfg.model_dump(mode="json")
+    module = EntrypointType.MODULE_PATH
+    return [
+        kface_pipeline.to_deployment(
+            name="full", parameters={"config": params, "stages": None}, cron=full_cron,
+            description="All stages: select -> detect -> merge -> split -> crops -> train "
+            "-> evaluate; unchanged stages are skipped.", tags=["kface"],
+            entrypoint_type=module, concurrency_limit=1),
+        kface_pipeline.to_deployment(
+            name="reprocess", parameters={"config": params,
+                                          "stages": reprocess_stages or DATA_STAGES},
+            cron=cron, description="Re-scan the dataset and process new or changed photos "
+            "(unchanged shards are reused).", tags=["kface"], entrypoint_type=module,
+            concurrency_limit=1),
+        kface_predict.to_deployment(
+            name="batch", parameters={"model": str(cfg.out / "model"), "inputs": [],
+                                      "out": str(cfg.out / "predictions"),
+                                      "workers": cfg.sharding.workers},
+            description="Detect faces and predict gender + age band for image folders.",
+            tags=["kface"], entrypoint_type=module),
+    ]
