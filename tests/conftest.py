@@ -104,3 +104,93 @@ def tiny_run(tmp_path_factory, aaf_dir):
     return {"root": root, "work": work, "frame": frame, "examples": examples,
             "result": result, "merge_report": merge_report, "split_report": split_report,
             "model_dir": work / "model"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process (started with start_new_session) and its group; SIGKILL after
+    ``timeout``."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_prefect_server(home: Path, extra_env: dict | None = None, timeout: float = 120
+                         ) -> tuple[subprocess.Popen, str, dict]:
+    """``prefect server start`` on 127.0.0.1 and a free port with its own PREFECT_HOME.
+    Returns the process, the API URL and the environment for clients of that server."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           **(extra_env or {})}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url, {**env, "PREFECT_API_URL": url}
+        except OSError:
+            time.sleep(0.5)
+    stop_process(proc)
+    raise RuntimeError(f"prefect server did not answer in {timeout}s: "
+                       f"{(home / 'server.log').read_text()[-2000:]}")
+
+
+def api(url: str, method: str = "GET", body: dict | None = None):
+    """A JSON request to the Prefect REST API (what the UI does)."""
+    import json
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def wait_flow_run(url: str, run_id: str, timeout: float = 400) -> dict:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = api(f"{url}/flow_runs/{run_id}")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {run_id} not finished after {timeout}s")
+
+
+def tiny_config(tree: Path, out: Path, path: Path) -> Path:
+    """A CPU-seconds pipeline config for ``tree`` written to ``path``."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "out": str(out),
+        "data": {"root": str(tree), "metadata": str(tree / "KFace_metadata.csv")},
+        "sharding": {"workers": 2, "shard_size": 10},
+        "crops": {"size": 48}, "model": {"backbone": "small_cnn"}, "train": {"epochs": 1},
+    }))
+    return path
