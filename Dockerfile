@@ -6,5 +6,6 @@ COPY flows flows
 COPY tasks tasks
 COPY models models
 COPY configs configs
-RUN pip install --no-cache-dir -e . "prefect-dask>=0.3" "dask[distributed]"
+COPY prefect.yaml ./
+RUN pip install --no-cache-dir -e .
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false TF_CPP_MIN_LOG_LEVEL=2

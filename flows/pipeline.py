@@ -176,6 +176,7 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], submit) -> dict:
         "shards": len(shards), "shards_reused": reused, "shards_computed": len(shards) - reused,
         "stale_shards_removed": removed, "status_counts": counts,
         "reused": reused == len(shards),
+        "ran_on": sorted({r["ran_on"] for r in results if not r["reused"]}),
     }
     create_table_artifact(
         key=f"{stage}-status-counts",
@@ -197,7 +198,7 @@ def detect_flow(config: PipelineConfig) -> dict:
     summary = _run_shards("detect", paths["detections"], shards, lambda shard: (
         detect_shard_task.submit(config.data.root, shard, config.detector,
                                  paths["detections"], config.sharding.opencv_threads)))
-    summary["workers"] = config.sharding.workers
+    summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
     return _record(config, summary)
 
 
@@ -210,7 +211,7 @@ def crops_flow(config: PipelineConfig) -> dict:
     summary = _run_shards("crops", paths["crops"], shards, lambda shard: (
         crop_shard_task.submit(config.data.root, shard, [boxes[p] for p in shard.paths],
                                config.crops, paths["crops"], config.sharding.opencv_threads)))
-    summary["workers"] = config.sharding.workers
+    summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
     return _record(config, summary)
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.detect import Shard
+from tasks.detect import Shard, worker_id
 from tasks.images import ImageError, load_image
 from tasks.storage import fingerprint, reuse_or_build
 
@@ -89,4 +89,5 @@ def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: Cr
         table = pq.read_table(final, columns=["error"])
     ok = table.column("error").null_count  # error is null where the crop succeeded
     return {"shard": shard.index, "file": str(final), "rows": table.num_rows,
-            "reused": reused, "status_counts": {"ok": ok, "error": table.num_rows - ok}}
+            "reused": reused, "status_counts": {"ok": ok, "error": table.num_rows - ok},
+            "ran_on": worker_id()}

@@ -18,6 +18,7 @@ Detections schema (one row per manifest image; see docs/data-contracts.md):
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,13 @@ def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
         "rows": table.num_rows,
         "reused": reused,
         "status_counts": {c["values"]: c["counts"] for c in counts},
+        "ran_on": worker_id(),
     }
+
+
+def worker_id() -> str:
+    """``host:pid`` of the process doing a shard (the stage summary lists them)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def remove_stale_shards(out_dir: Path, shards: Sequence[Shard]) -> list[str]:

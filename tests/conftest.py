@@ -194,3 +194,27 @@ def tiny_config(tree: Path, out: Path, path: Path) -> Path:
         "crops": {"size": 48}, "model": {"backbone": "small_cnn"}, "train": {"epochs": 1},
     }))
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    """No Prefect server configured: ``kface run`` starts its own temporary one."""
+    return {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+            "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def detections_table(out: Path):
+    import pyarrow.dataset as ds
+
+    return ds.dataset(out / "detections", format="parquet").to_table().sort_by("path")
+
+
+@pytest.fixture(scope="session")
+def full_run(kface_tree, tmp_path_factory, prefect_env):
+    """select + detect of ``kface_tree`` with 2 spawn worker processes, 4 images a shard."""
+    out = tmp_path_factory.mktemp("run")
+    res = run_kface("run", "--data-root", str(kface_tree), "--out", str(out),
+                    "--stages", "select,detect", "--workers", "2", "--shard-size", "4",
+                    env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res

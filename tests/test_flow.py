@@ -8,32 +8,10 @@ import subprocess
 import sys
 import time
 
-import pyarrow.dataset as ds
 import pytest
-from conftest import REPO, run_kface
+from conftest import REPO, detections_table, run_kface
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    env = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
-           "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    return env
-
-
-def _detections(out):
-    return ds.dataset(out / "detections", format="parquet").to_table().sort_by("path")
-
-
-@pytest.fixture(scope="module")
-def full_run(kface_tree, tmp_path_factory, prefect_env):
-    out = tmp_path_factory.mktemp("run")
-    res = run_kface("run", "--data-root", str(kface_tree), "--out", str(out),
-                    "--stages", "select,detect", "--workers", "2", "--shard-size", "4",
-                    env=prefect_env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out, res
 
 
 def test_select_and_detect_with_two_workers(full_run):
@@ -41,7 +19,7 @@ def test_select_and_detect_with_two_workers(full_run):
     assert (out / "manifest.parquet").exists()
     shards = sorted(p.name for p in (out / "detections").glob("shard-*.parquet"))
     assert shards == [f"shard-{i:05d}.parquet" for i in range(11)]  # 42 images / 4
-    table = _detections(out)
+    table = detections_table(out)
     rows = {r["path"]: r for r in table.to_pylist()}
     assert len(rows) == 42
     bad = "High_Resolution/19062400/S001/L1/E01/"
@@ -101,8 +79,8 @@ def test_sigkill_then_resume(full_run, kface_tree, tmp_path, prefect_env):
     for name, mtime in done.items():  # finished shards were not recomputed
         assert (out / "detections" / name).stat().st_mtime_ns == mtime
     assert not list((out / "detections").glob(".*.tmp"))
-    reference = _detections(full_run[0])
-    assert _detections(out).equals(reference)
+    reference = detections_table(full_run[0])
+    assert detections_table(out).equals(reference)
 
 
 def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env):
