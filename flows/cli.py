@@ -177,21 +177,30 @@ def serve(
 
 @app.command("sample-data")
 def sample_data(
-    faces: Path = typer.Option(..., help="Labelled face folder with labels.csv "
-                               "(e.g. ../shared/data/faces/aaf)."),
     out: Path = typer.Option(..., help="Where to write the K-Face-layout tree."),
+    faces: Path | None = typer.Option(
+        None, help="Labelled face folder with labels.csv (e.g. ../shared/data/faces/aaf). "
+        "Without it: variants of scikit-image's public-domain astronaut photo with "
+        "SYNTHETIC labels (runs the pipeline, learns nothing)."),
     subjects: int = typer.Option(120, help="Number of subjects (one source photo each)."),
     seed: int = typer.Option(0, help="Which photos to draw."),
 ) -> None:
     """Build a K-Face-layout sample tree (864x576 JPEGs, S001-S002 x L1,L2,L10 x E01 x
     C4,C7,C1) plus a CP949 metadata CSV with Korean headers. Images are synthetic
-    compositions of the real photos; the labels are the source photos' labels."""
-    from tasks.sample_data import TreeSpec, build_kface_tree
+    compositions of the source photos; the labels are the source photos' labels."""
+    from tasks.sample_data import SampleDataError, TreeSpec, build_kface_tree, write_public_faces
 
     if (out / "KFace_metadata.csv").exists():  # written last: the tree is complete
         console.print(f"{out} already holds a sample tree; reusing it")
         return
-    if not (faces / "labels.csv").is_file():
+    if faces is None:
+        try:
+            faces = write_public_faces(out / "public-faces", subjects, seed)
+        except SampleDataError as exc:
+            _fail(str(exc))
+        console.print("[yellow]no --faces folder: using scikit-image's astronaut photo; "
+                      "the labels are SYNTHETIC[/] (metrics mean nothing)")
+    elif not (faces / "labels.csv").is_file():
         _fail(f"{faces}/labels.csv not found: --faces must be a labelled face folder")
     spec = TreeSpec(accessories=("S001", "S002"), lights=("L1", "L2", "L10"),
                     expressions=("E01",), cameras=("C4", "C7", "C1"))

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# The main job: build a K-Face-layout sample from real faces, run the whole pipeline
-# (select -> detect -> merge -> split -> crops -> train -> evaluate) with the embedded
-# Prefect server and a CPU-sized config, and print where the report is.
+# The main job: build a K-Face-layout sample, run the whole pipeline (select -> detect ->
+# merge -> split -> crops -> train -> evaluate) with the embedded Prefect server and a
+# CPU-sized config, analyse one photo with the trained model, and print the report's path.
+# With ../shared/data: real AAF faces and their labels. Without it: scikit-image's
+# public-domain astronaut photo with SYNTHETIC labels (it runs end to end, learns nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PREFECT_SERVER_ANALYTICS_ENABLED=false TF_CPP_MIN_LOG_LEVEL=2
-FACES="${KFACE_SHARED_DATA:-../shared/data}/faces/aaf"
-SAMPLE="${SAMPLE:-artifacts/sample-kface}"
-OUT="${OUT:-artifacts/demo}"
-.venv/bin/kface sample-data --faces "$FACES" --out "$SAMPLE" --subjects "${SUBJECTS:-120}"
+SHARED="${KFACE_SHARED_DATA:-../shared/data}"
+if [ -f "$SHARED/faces/aaf/labels.csv" ]; then
+  SAMPLE="${SAMPLE:-artifacts/sample-kface}" OUT="${OUT:-artifacts/demo}"
+  .venv/bin/kface sample-data --faces "$SHARED/faces/aaf" --out "$SAMPLE" --subjects "${SUBJECTS:-120}"
+  PHOTO="$SHARED/scenes/insightface_t1.jpg"
+else
+  echo "$SHARED/faces/aaf not found: building the sample from a public-domain photo (synthetic labels)"
+  SAMPLE="${SAMPLE:-artifacts/sample-public}" OUT="${OUT:-artifacts/demo-public}"
+  .venv/bin/kface sample-data --out "$SAMPLE" --subjects "${SUBJECTS:-40}"
+  PHOTO="$SAMPLE/High_Resolution/19062400/S001/L1/E01/C7.jpg"
+fi
 .venv/bin/kface run -c configs/cpu-small.yaml --data-root "$SAMPLE" \
   --metadata "$SAMPLE/KFace_metadata.csv" --out "$OUT"
-# analyse one photo with the model just trained (labels in the sample are real, photos synthetic)
-PHOTO="${KFACE_SHARED_DATA:-../shared/data}/scenes/insightface_t1.jpg"
 .venv/bin/kface predict "$PHOTO" --model "$OUT/model" --out "$OUT/predictions" --annotated
 echo "Report: $OUT/reports/report.md"

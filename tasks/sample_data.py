@@ -7,6 +7,11 @@ transforms: lighting scales brightness, camera shifts and scales the face, acces
 S002/S003 darken a band over the eyes/hair, expression E02/E03 mirror/blur. The labels go
 into a CP949 metadata CSV with the Korean headers ``ID``, ``연령대``, ``성별`` (the real
 K-Face file's format). The labels are the source photos' labels; the images are synthetic.
+
+Without a labelled face folder (a fresh machine without ``../shared``),
+``write_public_faces`` makes one from the public-domain astronaut photo (NASA) that
+scikit-image ships: one variant per subject (colour, gamma, tilt, mirror) and synthetic
+labels, enough to run the pipeline end to end, not to learn anything.
 """
 
 from __future__ import annotations
@@ -20,11 +25,51 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.select import age_to_band, normalise_age_band, normalise_gender
+from tasks.select import AGE_BANDS, GENDERS, age_to_band, normalise_age_band, normalise_gender
 from tasks.storage import atomic_path
 
 HIGH_SIZE = (864, 576)  # width, height of K-Face High_Resolution photos
 KOREAN_GENDER = {"M": "남", "F": "여"}
+ASTRONAUT_FACE = (125, 5, 325, 235)  # left, top, right, bottom: the face with a margin
+
+
+class SampleDataError(RuntimeError):
+    """Sample data cannot be built (e.g. the optional scikit-image is missing)."""
+
+
+def write_public_faces(out: Path, n_subjects: int, seed: int = 0) -> Path:
+    """Write ``out/face-NNN.jpg`` + ``out/labels.csv``: ``n_subjects`` variants of
+    scikit-image's astronaut photo with synthetic labels cycling through every age band
+    and gender. Returns ``out``."""
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise SampleDataError("no face folder given and scikit-image is not installed: "
+                              "pip install scikit-image (or pip install -e '.[demo]'), or "
+                              "pass --faces DIR") from exc
+    left, top, right, bottom = ASTRONAUT_FACE
+    face = np.ascontiguousarray(data.astronaut()[top:bottom, left:right, ::-1])
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_subjects):
+        hsv = cv2.cvtColor(face, cv2.COLOR_BGR2HSV).astype(np.float32)
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-8, 8)) % 180
+        hsv[..., 1] *= rng.uniform(0.6, 1.3)
+        img = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2BGR)
+        img = np.clip(255 * (img / 255.0) ** rng.uniform(0.7, 1.4), 0, 255).astype(np.uint8)
+        h, w = img.shape[:2]
+        turn = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-8, 8), 1.0)
+        img = cv2.warpAffine(img, turn, (w, h), borderMode=cv2.BORDER_REFLECT)
+        if i % 2:
+            img = img[:, ::-1]
+        name = f"face-{i:03d}.jpg"
+        cv2.imwrite(str(out / name), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        rows.append((name, AGE_BANDS[i % 4], GENDERS[(i // 4) % 2]))
+    pd.DataFrame(rows, columns=["file", "age_band", "gender"]).to_csv(out / "labels.csv",
+                                                                        index=False)
+    return out
 
 
 @dataclass(frozen=True)
