@@ -12,6 +12,7 @@ from rich.console import Console
 from flows.config import ConfigError, dump_config, load_config, parse_assignment
 
 app = typer.Typer(help="K-Face age-band + gender pipeline (Prefect).", no_args_is_help=True,
+                  rich_markup_mode="markdown",
                   pretty_exceptions_enable=False)
 console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
@@ -135,11 +136,14 @@ def server(
     'kface serve' / 'kface run'. Stop it with Ctrl-C."""
     import os
 
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # host/port as settings, not flags: the UI derives the API address it calls from them
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    env.pop("PREFECT_UI_API_URL", None)
+    env.pop("PREFECT_API_URL", None)
     console.print(f"Prefect UI: http://{host}:{port}  API: "
                   f"export PREFECT_API_URL=http://{host}:{port}/api")
-    os.execve(sys.executable, [sys.executable, "-m", "prefect", "server", "start",
-                               "--host", host, "--port", str(port)], env)
+    os.execve(sys.executable, [sys.executable, "-m", "prefect", "server", "start"], env)
 
 
 @app.command()

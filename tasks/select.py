@@ -65,7 +65,7 @@ class DataConfig(BaseModel):
 
     root: Path = Field(Path("data"), description="Dataset root folder (read-only).")
     layout: Literal["kface", "labelled"] = Field(
-        "kface", description="'kface': <root>/<Res>_Resolution/<ID>/S/L/E/C.jpg; "
+        "kface", description="'kface': ROOT/High_Resolution/ID/Sxxx/Lnn/Exx/Cnn.jpg; "
         "'labelled': images + a labels CSV."
     )
     resolution: Literal["High", "Middle", "Low"] = Field(
@@ -75,7 +75,7 @@ class DataConfig(BaseModel):
         None, description="K-Face metadata CSV (ID, 연령대, 성별); used by the merge stage."
     )
     labels: Path | None = Field(
-        None, description="Labels CSV for the 'labelled' layout (default <root>/labels.csv)."
+        None, description="Labels CSV for the 'labelled' layout (default: labels.csv in data.root)."
     )
 
 

@@ -137,12 +137,12 @@ def start_prefect_server(home: Path, extra_env: dict | None = None, timeout: flo
 
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
            **(extra_env or {})}
-    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_URL", None)  # (the UI derives its API address from host/port)
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -159,16 +159,25 @@ def start_prefect_server(home: Path, extra_env: dict | None = None, timeout: flo
                        f"{(home / 'server.log').read_text()[-2000:]}")
 
 
-def api(url: str, method: str = "GET", body: dict | None = None):
-    """A JSON request to the Prefect REST API (what the UI does)."""
+def api(url: str, method: str = "GET", body: dict | None = None, attempts: int = 6):
+    """A JSON request to the Prefect REST API (what the UI does). Retries 503 (a busy
+    SQLite database) with backoff, as Prefect's own client does."""
     import json
+    import time
+    import urllib.error
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"null")
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def wait_flow_run(url: str, run_id: str, timeout: float = 400) -> dict:

@@ -5,6 +5,7 @@ process worker."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,40 +42,78 @@ def _deployment(url: str, name: str, timeout: float = 90) -> dict:
             time.sleep(1)
 
 
-def test_serve_then_run_from_the_ui(server, kface_tree, tmp_path):
+@pytest.fixture(scope="module")
+def served_run(server, kface_tree, tmp_path_factory):
+    """``kface serve`` a tiny config with a cron, start kface-pipeline/full through the
+    REST API as the UI's Run button does, wait for it; stop serve (before the server)."""
     url, env = server
-    out = tmp_path / "run"
-    config = tiny_config(kface_tree, out, tmp_path / "tiny.yaml")
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    work = tmp_path_factory.mktemp("served")
+    out = work / "run"
+    config = tiny_config(kface_tree, out, work / "tiny.yaml")
+    log = open(work / "serve.log", "w")  # noqa: SIM115
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", str(config),
-                              "--cron", "0 3 * * *"], cwd=tmp_path, env=env, stdout=log,
+                              "--cron", "0 3 * * *"], cwd=work, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        full = _deployment(url, "kface-pipeline/full")
-        reprocess = _deployment(url, "kface-pipeline/reprocess")
-        assert _deployment(url, "kface-predict/batch")["parameters"]["model"] == str(
-            out / "model")
-        assert [s["schedule"]["cron"] for s in reprocess["schedules"]] == ["0 3 * * *"]
-        assert reprocess["parameters"]["stages"] == ["select", "detect", "merge", "split",
-                                                     "crops"]
-        assert full["parameters"]["config"]["out"] == str(out)
-        assert not full["schedules"]
+        deployments = {name: _deployment(url, name) for name in (
+            "kface-pipeline/full", "kface-pipeline/reprocess", "kface-predict/batch")}
         # the UI's Run -> Quick run: a flow run of the deployment with its default parameters
-        run = api(f"{url}/deployments/{full['id']}/create_flow_run", "POST",
+        run = api(f"{url}/deployments/{deployments['kface-pipeline/full']['id']}"
+                  "/create_flow_run", "POST",
                   {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"}})
         finished = wait_flow_run(url, run["id"])
-        assert finished["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[
-            -3000:]
     finally:
-        stop_process(serve)  # serve first, then (fixture) the server
+        stop_process(serve)
         log.close()
     assert serve.returncode is not None
+    return {"url": url, "out": out, "run": finished, "deployments": deployments,
+            "log": (work / "serve.log").read_text()}
+
+
+def test_serve_then_run_from_the_ui(served_run):
+    url, out, deployments = served_run["url"], served_run["out"], served_run["deployments"]
+    assert served_run["run"]["state"]["type"] == "COMPLETED", served_run["log"][-3000:]
+    full, reprocess = deployments["kface-pipeline/full"], deployments["kface-pipeline/reprocess"]
+    assert deployments["kface-predict/batch"]["parameters"]["model"] == str(out / "model")
+    assert [s["schedule"]["cron"] for s in reprocess["schedules"]] == ["0 3 * * *"]
+    assert reprocess["parameters"]["stages"] == ["select", "detect", "merge", "split", "crops"]
+    assert full["parameters"]["config"]["out"] == str(out)
+    assert not full["schedules"]
     assert (out / "reports" / "report.md").exists()
     evaluate = json.loads((out / "stages" / "evaluate.json").read_text())
     assert 0 <= evaluate["val_gender_accuracy"] <= 1
     keys = {a["key"] for a in api(f"{url}/artifacts/filter", "POST", {})}  # run + subflows
-    assert {"detect-summary", "train-summary", "kface-report",
+    assert {"detect-summary", "detect-progress", "train-summary", "kface-report",
             "kface-pipeline-summary"} <= keys, keys
+
+
+def test_ui_shows_the_deployments_and_the_completed_run(served_run, tmp_path):
+    """Headless Chromium (Debian's chromium, driven by Playwright) on the real UI."""
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if not chromium or sync_playwright is None:
+        message = "needs Debian's chromium and playwright (.ci/run installs both)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    ui = served_run["url"].removesuffix("/api")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{ui}/deployments")
+        for text in ("reprocess", "full", "batch", "At 03:00 AM every day"):
+            page.get_by_text(text, exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=tmp_path / "deployments.png")
+        page.goto(f"{ui}/runs/flow-run/{served_run['run']['id']}")
+        page.get_by_text("Completed").first.wait_for(timeout=30_000)
+        page.get_by_text("Artifacts", exact=True).first.click()  # the run page's tab
+        page.get_by_text("kface-pipeline-summary").first.wait_for(timeout=30_000)
+        page.screenshot(path=tmp_path / "flow-run.png")
+        browser.close()
+    assert (tmp_path / "deployments.png").stat().st_size > 10_000
 
 
 def test_prefect_yaml_deploys_and_a_worker_runs_it(server, kface_tree, tmp_path):

@@ -3,6 +3,7 @@ real detector on real faces, and a SIGKILLed run that resumes."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 
 import pytest
 from conftest import REPO, detections_table, run_kface
+
+from flows.pipeline import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -104,13 +107,57 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     assert metrics["examples"] == split["rows"]["val"]
     model_mtime = (out / "model" / "model.keras").stat().st_mtime_ns
 
+    status_args = ["status", *args[1:]]
+    assert _states(status_args, prefect_env) == dict.fromkeys(STAGES, "done")
+
+    mtimes = _mtimes(out)
     res = run_kface(*args, env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
-    for stage in ("train", "evaluate"):
-        assert f"Task run '{stage}-" in log and "Cached(" in log
+    for stage in STAGES:  # every stage says it was skipped
+        assert f"{stage}: cached" in log, stage
+        assert json.loads((out / "stages" / f"{stage}.json").read_text())["reused"] is True
+    shards = _summary(out, "detect")["shards"] + _summary(out, "crops")["shards"]
+    assert log.count("Finished in state Cached(") == 5 + shards  # 5 tasks + every shard
     assert json.loads((out / "stages" / "crops.json").read_text())["shards_computed"] == 0
+    assert _mtimes(out) == mtimes  # nothing rewritten
     assert (out / "model" / "model.keras").stat().st_mtime_ns == model_mtime
+    assert _states(status_args, prefect_env) == dict.fromkeys(STAGES, "cached")
+
+    # a training hyper-parameter: only train and evaluate are redone
+    changed = [*args, "--set", "train.learning_rate=0.002"]
+    expected = {**dict.fromkeys(STAGES, "cached"), "train": "stale", "evaluate": "stale"}
+    assert _states(["status", *changed[1:]], prefect_env) == expected
+    res = run_kface(*changed, env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [s for s in STAGES if not _summary(out, s)["reused"]] == ["train", "evaluate"]
+    assert (out / "model" / "model.keras").stat().st_mtime_ns != model_mtime
+
+    # the detector threshold: detect and everything after it
+    changed = [*changed, "--threshold", "0.95"]
+    states = _states(["status", *changed[1:]], prefect_env)
+    assert states == {"select": "cached", **{s: "stale" for s in STAGES[1:]}}
+    res = run_kface(*changed[:-4], "--stages", "select,detect", "--threshold", "0.95",
+                    env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _summary(out, "select")["reused"] is True
+    assert _summary(out, "detect")["shards_computed"] == 5
+
+
+def _states(args: list[str], env: dict) -> dict[str, str]:
+    res = run_kface(*args, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = re.findall(r"│ (\w+)\s+│ (done|cached|stale|missing)", res.stdout)
+    return dict(found)
+
+
+def _summary(out, stage: str) -> dict:
+    return json.loads((out / "stages" / f"{stage}.json").read_text())
+
+
+def _mtimes(out) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and "stages" not in p.parts and p.name != "config.yaml"}
 
 
 def test_sigterm_stops_the_temporary_server(kface_tree, tmp_path, prefect_env):
