@@ -18,6 +18,17 @@ console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override any config key: --set detector.confidence=0.8")
+# the config flags that run, status and serve share
+DataRootOpt = typer.Option(None, help="Dataset root (data.root).")
+OutOpt = typer.Option(None, help="Run folder for all outputs (out).")
+LayoutOpt = typer.Option(None, help="kface or labelled (data.layout).")
+MetadataOpt = typer.Option(None, help="K-Face metadata CSV (data.metadata).")
+LabelsOpt = typer.Option(None, help="Labels CSV, labelled layout (data.labels).")
+WorkersOpt = typer.Option(None, help="Worker processes (sharding.workers).")
+ShardSizeOpt = typer.Option(None, help="Images per shard (sharding.shard_size).")
+ThresholdOpt = typer.Option(None, help="Face score (detector.confidence).")
+DaskOpt = typer.Option(None, help="Run detect/crops tasks on this Dask cluster, e.g. "
+                       "tcp://host:8786 (sharding.dask_address).")
 
 
 def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
@@ -36,19 +47,17 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command()
 def run(
     config: Path | None = ConfigOpt,
-    data_root: Path | None = typer.Option(None, help="Dataset root (data.root)."),
-    out: Path | None = typer.Option(None, help="Run folder for all outputs (out)."),
+    data_root: Path | None = DataRootOpt,
+    out: Path | None = OutOpt,
     stages: str | None = typer.Option(
         None, help="Comma-separated subset of stages, e.g. select,detect (default: all)."),
-    layout: str | None = typer.Option(None, help="kface or labelled (data.layout)."),
-    metadata: Path | None = typer.Option(None, help="K-Face metadata CSV (data.metadata)."),
-    labels: Path | None = typer.Option(None, help="Labels CSV, labelled layout (data.labels)."),
-    workers: int | None = typer.Option(None, help="Worker processes (sharding.workers)."),
-    shard_size: int | None = typer.Option(None, help="Images per shard (sharding.shard_size)."),
-    threshold: float | None = typer.Option(None, help="Face score (detector.confidence)."),
-    dask_address: str | None = typer.Option(
-        None, help="Run detect/crops tasks on this Dask cluster, e.g. tcp://host:8786 "
-        "(sharding.dask_address)."),
+    layout: str | None = LayoutOpt,
+    metadata: Path | None = MetadataOpt,
+    labels: Path | None = LabelsOpt,
+    workers: int | None = WorkersOpt,
+    shard_size: int | None = ShardSizeOpt,
+    threshold: float | None = ThresholdOpt,
+    dask_address: str | None = DaskOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Run the pipeline (or --stages of it) with one Prefect flow run. Stages whose inputs,
@@ -91,27 +100,29 @@ def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=N
         _fail(str(exc))
 
 
-DataRootOpt = typer.Option(None, help="Dataset root (data.root).")
-OutOpt = typer.Option(None, help="Run folder (out).")
-MetadataOpt = typer.Option(None, help="K-Face metadata CSV (data.metadata).")
-
-
 @app.command()
 def status(
     config: Path | None = ConfigOpt,
     data_root: Path | None = DataRootOpt,
     out: Path | None = OutOpt,
+    layout: str | None = LayoutOpt,
     metadata: Path | None = MetadataOpt,
+    labels: Path | None = LabelsOpt,
+    workers: int | None = WorkersOpt,
+    shard_size: int | None = ShardSizeOpt,
+    threshold: float | None = ThresholdOpt,
+    dask_address: str | None = DaskOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Per stage, what a run with this config would do: done / cached (up to date),
-    stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
+    """Per stage, what 'kface run' with the same options would do: done / cached (up to
+    date), stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
     from rich.table import Table
 
     from flows.cache import pipeline_status
     from tasks.select import DatasetError
 
-    cfg = _load(config, data_root, out, metadata=metadata, sets=set_)
+    cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
+                threshold, dask_address, set_)
     try:
         rows = pipeline_status(cfg)
     except DatasetError as exc:
@@ -152,7 +163,7 @@ def serve(
     data_root: Path | None = DataRootOpt,
     out: Path | None = OutOpt,
     metadata: Path | None = MetadataOpt,
-    workers: int | None = typer.Option(None, help="Worker processes (sharding.workers)."),
+    workers: int | None = WorkersOpt,
     cron: str | None = typer.Option(
         None, help="Schedule for kface-pipeline/reprocess, e.g. '0 2 * * *' (02:00 daily)."),
     full_cron: str | None = typer.Option(None, help="Schedule for kface-pipeline/full."),

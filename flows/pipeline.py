@@ -183,9 +183,14 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], submit) -> dict:
         table=[{"status": k, "rows": v} for k, v in sorted(counts.items())],
         description=f"{stage}: rows by status ({len(shards)} shards, {reused} reused)",
     )
-    get_run_logger().info("%s: %d rows in %d shards (%d computed, %d reused) in %.1fs: %s",
-                          stage, summary["rows_out"], len(shards), len(shards) - reused,
-                          reused, summary["seconds"], counts)
+    logger = get_run_logger()
+    if summary["reused"]:
+        logger.info("%s: cached, all %d shards are up to date (%d rows: %s)", stage,
+                    len(shards), summary["rows_out"], counts)
+    else:
+        logger.info("%s: %d rows in %d shards (%d computed, %d reused) in %.1fs: %s", stage,
+                    summary["rows_out"], len(shards), len(shards) - reused, reused,
+                    summary["seconds"], counts)
     return summary
 
 

@@ -155,3 +155,30 @@ def test_serve_without_a_server_says_what_to_do(tmp_path, kface_tree):
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "kface server" in res.stderr and "PREFECT_API_URL" in res.stderr
+
+
+def test_kface_server_on_another_port_points_its_ui_there(tmp_path):
+    """``kface server --port N``: the server answers on N and its UI calls the API on N
+    (with ``prefect server start --port N`` alone the UI calls 4200)."""
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert api(f"http://127.0.0.1:{port}/api/health") is True
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.5)
+        settings = api(f"http://127.0.0.1:{port}/ui-settings")
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+    finally:
+        stop_process(proc)
+    assert proc.returncode is not None
