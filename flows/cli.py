@@ -66,14 +66,17 @@ def run(
                 threshold, dask_address, set_)
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
 
-    from flows.pipeline import kface_pipeline
+    import importlib
+
     from flows.server import prefect_api
     from models.detector import DetectorError
     from tasks.select import DatasetError
 
-    try:
-        with prefect_api() as url:
+    try:  # the flow's imports (TensorFlow aside) overlap the temporary server's start
+        with prefect_api(warm_up=lambda: importlib.import_module("flows.pipeline")) as url:
             console.print(f"Prefect API: {url}")
+            from flows.pipeline import kface_pipeline
+
             summaries = kface_pipeline(config=cfg, stages=stage_list)
     except (DatasetError, DetectorError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
