@@ -49,6 +49,7 @@ from tasks.labels import LabelsError, merge_faces, read_metadata
 from tasks.select import select_images
 from tasks.split import split_faces
 from tasks.storage import (
+    folder_lock,
     read_cache_key,
     write_bytes_atomic,
     write_json_atomic,
@@ -373,6 +374,19 @@ def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> d
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    from prefect.runtime import flow_run
+
+    with folder_lock(config.out, f"flow run {flow_run.get_name()}"):
+        summaries = _run_stages(config, stages)
+    create_markdown_artifact(
+        key="kface-pipeline-summary",
+        markdown=_summary_markdown(summaries),
+        description="Stage summaries of this run",
+    )
+    return summaries
+
+
+def _run_stages(config: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     paths = stage_paths(config.out)
     write_bytes_atomic(paths["config"], dump_config(config).encode())
     summaries: dict[str, dict] = {}
@@ -392,11 +406,6 @@ def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> d
         summaries["train"] = _unwrap(train_task(config))
     if "evaluate" in stages:
         summaries["evaluate"] = _unwrap(evaluate_task(config))
-    create_markdown_artifact(
-        key="kface-pipeline-summary",
-        markdown=_summary_markdown(summaries),
-        description="Stage summaries of this run",
-    )
     return summaries
 
 

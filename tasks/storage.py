@@ -8,9 +8,11 @@ canonical JSON, so they are stable across processes and machines.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,3 +105,33 @@ def reuse_or_build(
     table = build()
     write_parquet_atomic(final, table, cache_key)
     return table, False
+
+
+class FolderBusyError(RuntimeError):
+    """Another run holds the run folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: Path, owner: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` (``flock``) for one run, so two runs
+    never write the same run folder at once; the second fails at once and says who holds
+    it. The lock goes with the process: a killed run leaves no stale lock."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+")  # noqa: SIM115 - closed below
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise FolderBusyError(
+                f"{folder} is in use by another run ({holder}): wait for it to finish, or "
+                "give this run another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} {owner}".strip())
+        fh.flush()
+        yield
+    finally:
+        fh.close()

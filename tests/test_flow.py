@@ -51,6 +51,17 @@ def test_rerun_reuses_every_shard(full_run, kface_tree, prefect_env):
     assert after == before
 
 
+def test_a_run_folder_in_use_is_refused(tmp_path, kface_tree, prefect_env):
+    from tasks.storage import folder_lock
+
+    with folder_lock(tmp_path, "flow run other-run"):
+        res = run_kface("run", "--data-root", str(kface_tree), "--out", str(tmp_path),
+                        "--stages", "select", env=prefect_env)
+    assert res.returncode != 0
+    assert f"{tmp_path} is in use by another run (pid {os.getpid()}" in res.stderr
+    assert "other-run" in res.stderr and not (tmp_path / "manifest.parquet").exists()
+
+
 def test_missing_input_is_named(tmp_path, kface_tree, prefect_env):
     res = run_kface("run", "--data-root", str(kface_tree), "--out", str(tmp_path),
                     "--stages", "detect", env=prefect_env)
@@ -157,7 +168,8 @@ def _summary(out, stage: str) -> dict:
 
 def _mtimes(out) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in out.rglob("*")
-            if p.is_file() and "stages" not in p.parts and p.name != "config.yaml"}
+            if p.is_file() and "stages" not in p.parts
+            and p.name not in ("config.yaml", ".lock")}
 
 
 def test_sigterm_stops_the_temporary_server(kface_tree, tmp_path, prefect_env):
