@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 from flows.config import PipelineConfig
 from tasks.crops import crop_shard_key
 from tasks.detect import Shard, plan_shards, shard_cache_key
-from tasks.evaluate import CODE_VERSION as EVALUATE_CODE_VERSION
 from tasks.storage import file_sha256, fingerprint, read_cache_key
 from tasks.train import CODE_VERSION as TRAIN_CODE_VERSION
 
@@ -91,7 +90,11 @@ def train_key(config: PipelineConfig) -> str:
 
 
 def evaluate_key(train_cache_key: str | None) -> str:
-    return fingerprint(train_cache_key, EVALUATE_CODE_VERSION)
+    # imported here: tasks.evaluate loads matplotlib + scikit-learn (~100 MB), which the
+    # spawned shard workers, importing this module with the flow, do not need
+    from tasks.evaluate import CODE_VERSION
+
+    return fingerprint(train_cache_key, CODE_VERSION)
 
 
 def detect_shards(config: PipelineConfig) -> list[Shard]:
