@@ -47,3 +47,17 @@ def test_flow_parameter_schema_is_the_config():
     ref = props.get("$ref") or props["allOf"][0]["$ref"]
     definition = schema["definitions"][ref.split("/")[-1]]
     assert {"data", "selection", "detector", "sharding", "out"} <= set(definition["properties"])
+
+
+def test_shard_workers_stay_lean():
+    """Every spawned worker imports the flow module to run its shard tasks: it must not
+    pull in TensorFlow, Keras, matplotlib or scikit-learn (~100 MB to ~1 GB per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.pipeline; print(sorted(m for m in ('tensorflow', 'keras', "
+            "'matplotlib', 'sklearn', 'distributed') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
