@@ -387,26 +387,17 @@ def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> d
 
 
 def _run_stages(config: PipelineConfig, stages: list[str]) -> dict[str, dict]:
-    paths = stage_paths(config.out)
-    write_bytes_atomic(paths["config"], dump_config(config).encode())
-    summaries: dict[str, dict] = {}
-    if "select" in stages:
-        summaries["select"] = _unwrap(select_task(config))
-    if "detect" in stages:
-        summaries["detect"] = detect_flow.with_options(
-            task_runner=shard_runner(config.sharding))(config)
-    if "merge" in stages:
-        summaries["merge"] = _unwrap(merge_task(config))
-    if "split" in stages:
-        summaries["split"] = _unwrap(split_task(config))
-    if "crops" in stages:
-        summaries["crops"] = crops_flow.with_options(
-            task_runner=shard_runner(config.sharding))(config)
-    if "train" in stages:
-        summaries["train"] = _unwrap(train_task(config))
-    if "evaluate" in stages:
-        summaries["evaluate"] = _unwrap(evaluate_task(config))
-    return summaries
+    write_bytes_atomic(stage_paths(config.out)["config"], dump_config(config).encode())
+
+    def sharded(subflow):
+        return lambda: subflow.with_options(task_runner=shard_runner(config.sharding))(config)
+
+    run = {"select": lambda: _unwrap(select_task(config)), "detect": sharded(detect_flow),
+           "merge": lambda: _unwrap(merge_task(config)),
+           "split": lambda: _unwrap(split_task(config)), "crops": sharded(crops_flow),
+           "train": lambda: _unwrap(train_task(config)),
+           "evaluate": lambda: _unwrap(evaluate_task(config))}
+    return {stage: run[stage]() for stage in STAGES if stage in stages}
 
 
 def _unwrap(value):
