@@ -74,7 +74,7 @@ def merge_key(config: PipelineConfig) -> str:
     paths = stage_paths(config.out)
     metadata = config.data.metadata if config.data.layout == "kface" else None
     return fingerprint(_sha(paths["manifest"]), _shard_keys(paths["detections"]),
-                       _sha(Path(metadata)) if metadata else None, MERGE_CODE_VERSION)
+                       _sha(metadata) if metadata else None, MERGE_CODE_VERSION)
 
 
 def split_key(config: PipelineConfig) -> str:

