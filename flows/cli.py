@@ -231,7 +231,8 @@ def sample_data(
 
 ModelOpt = typer.Option(..., "--model", "-m",
                         help="Trained model folder (model.keras + labels.json).")
-ConfOpt = typer.Option(0.5, "--threshold", help="Face detection threshold for inference.")
+ConfOpt = typer.Option(0.8, "--threshold", help="Face detection threshold for inference "
+                       "(docs/detection.md: why 0.8).")
 
 
 def _analyzer(model: Path, threshold: float):

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from models.analyzer import INFERENCE_CONFIDENCE
 from tasks.predict import iter_images, predict_entries, write_predictions
 from tasks.storage import write_json_atomic
 
@@ -50,7 +51,7 @@ def predict_shards_flow(model: Path, shards: list[list[str]], out: Path, shard_s
 
 @flow(name="kface-predict")
 def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 200,
-                  threshold: float = 0.5, write_csv: bool = False,
+                  threshold: float = INFERENCE_CONFIDENCE, write_csv: bool = False,
                   annotated: bool = False, workers: int = 2) -> dict:
     """Analyse every image under ``inputs`` with the model in ``model``, ``workers``
     processes each loading the model once."""

@@ -10,8 +10,11 @@ Differences from the original, all documented in docs/detection.md:
 
 * the blob is built with the mean (104, 177, 123) that the network was trained with (the
   original passed no mean); ``mean: [0, 0, 0]`` reproduces the original call;
-* rows with coordinates outside [0, 1] are clipped to the image (the original replaced
-  the whole detection with NaN);
+* res10's phantom boxes (shifted copies of a real face that run past the right/bottom
+  edge, scored up to 1.0) are rejected by ``reject_phantoms``; other rows that run past
+  the frame (real faces cut by it) are clipped to the image. The original dropped every
+  row with a coordinate outside (0, 1) (``edge_rows: drop``), which also loses real
+  faces cut by the frame;
 * overlapping boxes of one face are suppressed (NMS);
 * the margin is 20% of the box width on the left and the right and 20% of its height on
   the top and the bottom (``margin_mode='legacy'`` reproduces the original arithmetic).
@@ -67,6 +70,20 @@ class DetectorConfig(BaseModel):
         (104.0, 177.0, 123.0),
         description="BGR mean subtracted in blobFromImage; [0, 0, 0] is the original call.",
     )
+    edge_rows: Literal["reject_phantoms", "clip", "drop"] = Field(
+        "reject_phantoms", description="Rows running past the image: 'reject_phantoms' "
+        "drops res10's shifted copies of a face and clips the rest (real faces cut by the "
+        "frame); 'clip' keeps and clips all (phantoms become faces); 'drop' is the "
+        "original's rule (any coordinate outside (0, 1) drops the row)."
+    )
+    input_size: int = Field(
+        300, ge=64, le=1200, description="Network input: the long side in pixels "
+        "(the network was trained at 300).")
+    input_aspect: Literal["keep", "square"] = Field(
+        "keep", description="'keep' scales the photo so its long side is input_size and "
+        "keeps its aspect ratio (an 864x576 K-Face photo -> 300x204: faces are not "
+        "squashed, more are found, 1.4x faster); 'square' squashes it to "
+        "input_size x input_size as the original notebook did.")
     nms_threshold: float = Field(
         0.3, ge=0, le=1, description="IoU above which a lower-scored box is suppressed."
     )
@@ -150,6 +167,59 @@ class Face:
     box_margin: tuple[int, int, int, int]
 
 
+PHANTOM_PARENT_SCORE = 0.5
+PHANTOM_SIZE_RATIO = (0.5, 1.5)
+PHANTOM_PARENT_MIN_SIDE = 0.25
+
+
+def phantom_rows(rows: np.ndarray) -> np.ndarray:
+    """Mask of res10's phantom rows among raw ``[score, x1, y1, x2, y2]`` rows.
+
+    When a face is large in the frame, a neighbouring prior cell of the SSD's coarse maps
+    (3x3, 5x5: a third or a fifth of the image apart) repeats the face's box shifted right
+    and/or down, often scored 0.95-1.0; the copy usually runs past the right or bottom
+    edge. A row B is a phantom of a row A (the face it copies) when:
+
+    * A scores above ``PHANTOM_PARENT_SCORE`` (A may be below the detection threshold);
+    * A is large: its width or height is at least ``PHANTOM_PARENT_MIN_SIDE`` of the
+      frame (only the coarse maps make phantoms, so crowds of small faces are never
+      touched);
+    * B's top-left corner lies strictly inside A, and B reaches past A's right and bottom
+      sides (a copy shifted down-right);
+    * B's width and height are ``PHANTOM_SIZE_RATIO`` times A's (a copy, not a small box
+      inside a face nor a face around a small box).
+
+    Real faces cut by the frame and second people beside the subject do not have their
+    top-left corner inside another face's box, so they are kept. Measured on real photos
+    in docs/detection.md.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    parents = rows[rows[:, 0] > PHANTOM_PARENT_SCORE]
+    mask = np.zeros(len(rows), dtype=bool)
+    if len(parents) == 0 or len(rows) == 0:
+        return mask
+    pw, ph = parents[:, 3] - parents[:, 1], parents[:, 4] - parents[:, 2]
+    parents_ok = np.maximum(pw, ph) >= PHANTOM_PARENT_MIN_SIDE
+    b = rows[:, None, :]  # rows x parents
+    a = parents[None, :, :]
+    w_ratio = (b[..., 3] - b[..., 1]) / np.maximum(pw, 1e-6)
+    h_ratio = (b[..., 4] - b[..., 2]) / np.maximum(ph, 1e-6)
+    lo, hi = PHANTOM_SIZE_RATIO
+    copy = (parents_ok[None, :]
+            & (a[..., 1] < b[..., 1]) & (b[..., 1] < a[..., 3])
+            & (a[..., 2] < b[..., 2]) & (b[..., 2] < a[..., 4])
+            & (b[..., 3] > a[..., 3]) & (b[..., 4] > a[..., 4])
+            & (lo <= w_ratio) & (w_ratio <= hi) & (lo <= h_ratio) & (h_ratio <= hi))
+    return copy.any(axis=1)
+
+
+def original_inside(rows: np.ndarray) -> np.ndarray:
+    """The original notebook's test: a row survives only with every coordinate in (0, 1)
+    (``y1 == 0`` allowed)."""
+    box = rows[:, 1:5]
+    return ((box < 1).all(axis=1) & (box[:, [0, 2, 3]] > 0).all(axis=1) & (box[:, 1] >= 0))
+
+
 def clip_unit_boxes(rows: np.ndarray) -> np.ndarray:
     """Clip normalised ``[x1, y1, x2, y2]`` rows to [0, 1] and drop empty/inverted ones."""
     boxes = np.clip(rows, 0.0, 1.0)
@@ -181,6 +251,52 @@ def add_margin(
     return max(left, 0), max(top, 0), min(right, width), min(bottom, height)
 
 
+def blob_size(width: int, height: int, input_size: int = INPUT_SIZE,
+              aspect: Literal["keep", "square"] = "keep") -> tuple[int, int]:
+    """Network input ``(width, height)`` for a ``width`` x ``height`` photo.
+
+    ``square`` is the original's ``input_size`` x ``input_size``. ``keep`` makes the long
+    side ``input_size`` and keeps the aspect ratio, with the short side rounded to the
+    nearest size that is congruent to ``input_size`` modulo 8: the network's stride-2
+    layers then pad as they do at ``input_size``, so its prior boxes stay where the
+    weights expect them (measured: at 300x200 the TensorFlow graph's boxes move up by 20
+    px on the group photo, at 300x204 they agree with the Caffe graph's, IoU 0.99).
+    """
+    if aspect == "square" or width == height:
+        return input_size, input_size
+    exact = min(width, height) * input_size / max(width, height)
+    residue = input_size % 8
+    short = max(8 + residue, 8 * int((exact - residue) / 8 + 0.5) + residue)
+    return (input_size, short) if width > height else (short, input_size)
+
+
+def faces_from_rows(rows: np.ndarray, width: int, height: int, cfg: DetectorConfig
+                    ) -> list[Face]:
+    """Turn raw rows into faces: edge rule, threshold, clip, NMS, margin (best first)."""
+    if cfg.edge_rows == "reject_phantoms":
+        rows = rows[~phantom_rows(rows)]
+    elif cfg.edge_rows == "drop":
+        rows = rows[original_inside(rows)]
+    rows = rows[rows[:, 0] > cfg.confidence]
+    if len(rows) == 0:
+        return []
+    boxes, keep = clip_unit_boxes(rows[:, 1:5])
+    scores = rows[keep, 0]
+    if len(boxes) == 0:
+        return []
+    px = np.rint(boxes * [width, height, width, height]).astype(int)
+    xywh = [[int(x1), int(y1), int(x2 - x1), int(y2 - y1)] for x1, y1, x2, y2 in px]
+    order = cv2.dnn.NMSBoxes(xywh, scores.tolist(), cfg.confidence,
+                             cfg.nms_threshold)
+    faces = []
+    for i in sorted(np.asarray(order).ravel().tolist(), key=lambda j: -scores[j]):
+        box = tuple(int(v) for v in px[i])
+        faces.append(Face(float(scores[i]), box,
+                          add_margin(box, width, height, cfg.margin,
+                                     cfg.margin_mode)))
+    return faces
+
+
 class FaceDetector:
     """res10 SSD face detector: ``detect(bgr_image) -> list[Face]``, best face first."""
 
@@ -191,7 +307,9 @@ class FaceDetector:
 
     def raw_detections(self, image: np.ndarray) -> np.ndarray:
         """Return the network's ``(N, 5)`` rows ``[score, x1, y1, x2, y2]`` (normalised)."""
-        blob = cv2.dnn.blobFromImage(image, 1.0, (INPUT_SIZE, INPUT_SIZE), self.cfg.mean)
+        size = blob_size(image.shape[1], image.shape[0], self.cfg.input_size,
+                         self.cfg.input_aspect)
+        blob = cv2.dnn.blobFromImage(image, 1.0, size, self.cfg.mean)
         self.net.setInput(blob)
         out = self.net.forward()
         return out[0, 0, :, 2:7].astype(np.float32)
@@ -201,26 +319,8 @@ class FaceDetector:
         """Detect faces in a BGR image; boxes are scaled to ``width`` x ``height`` (defaults
         to the image's own size, pass the full size when ``image`` was decoded reduced)."""
         h, w = image.shape[:2]
-        width, height = width or w, height or h
-        rows = self.raw_detections(image)
-        rows = rows[rows[:, 0] > self.cfg.confidence]
-        if len(rows) == 0:
-            return []
-        boxes, keep = clip_unit_boxes(rows[:, 1:5])
-        scores = rows[keep, 0]
-        if len(boxes) == 0:
-            return []
-        px = np.rint(boxes * [width, height, width, height]).astype(int)
-        xywh = [[int(x1), int(y1), int(x2 - x1), int(y2 - y1)] for x1, y1, x2, y2 in px]
-        order = cv2.dnn.NMSBoxes(xywh, scores.tolist(), self.cfg.confidence,
-                                 self.cfg.nms_threshold)
-        faces = []
-        for i in sorted(np.asarray(order).ravel().tolist(), key=lambda j: -scores[j]):
-            box = tuple(int(v) for v in px[i])
-            faces.append(Face(float(scores[i]), box,
-                              add_margin(box, width, height, self.cfg.margin,
-                                         self.cfg.margin_mode)))
-        return faces
+        return faces_from_rows(self.raw_detections(image), width or w, height or h,
+                               self.cfg)
 
 
 @functools.cache

@@ -33,7 +33,7 @@ from models.detector import DetectorConfig, get_detector, weights_sha256
 from tasks.images import ImageError, load_image
 from tasks.storage import fingerprint, reuse_or_build
 
-CODE_VERSION = "detect-1"
+CODE_VERSION = "detect-2"  # 2: phantom rule, aspect-keeping input
 
 DETECTIONS_SCHEMA = pa.schema(
     [

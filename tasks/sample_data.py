@@ -94,6 +94,33 @@ def read_face_labels(faces_dir: Path) -> pd.DataFrame:
     return labels.dropna(subset=["age_band", "gender"]).reset_index(drop=True)
 
 
+def face_placement(face_shape: tuple[int, ...], camera: str,
+                   size: tuple[int, int] = HIGH_SIZE) -> tuple[int, int, int, int]:
+    """Where ``compose_photo`` puts a source photo of ``face_shape``: ``(x, y, w, h)``."""
+    width, height = size
+    cam = int(camera[1:])
+    scale = min(height * (0.55 + 0.02 * (cam % 5)) / face_shape[0],
+                width * 0.6 / face_shape[1])
+    fw, fh = max(1, int(face_shape[1] * scale)), max(1, int(face_shape[0] * scale))
+    x = int((width - fw) * (0.3 + 0.4 * ((cam * 37) % 10) / 10))
+    y = int((height - fh) * 0.5)
+    return x, y, fw, fh
+
+
+def placed_box(source_box: tuple[int, int, int, int], face_shape: tuple[int, ...],
+               camera: str, expression: str, size: tuple[int, int] = HIGH_SIZE
+               ) -> tuple[int, int, int, int]:
+    """Map a ``(left, top, right, bottom)`` box in the source photo to the composed photo
+    (scaled, moved, mirrored for E02), as ``compose_photo`` moves the pixels."""
+    x, y, fw, fh = face_placement(face_shape, camera, size)
+    sx, sy = fw / face_shape[1], fh / face_shape[0]
+    left, top, right, bottom = source_box
+    if expression == "E02":
+        left, right = face_shape[1] - right, face_shape[1] - left
+    return (int(round(x + left * sx)), int(round(y + top * sy)),
+            int(round(x + right * sx)), int(round(y + bottom * sy)))
+
+
 def compose_photo(face: np.ndarray, seed: int, light: str, camera: str, accessory: str,
                   expression: str, size: tuple[int, int] = HIGH_SIZE) -> np.ndarray:
     """Place ``face`` on a textured background of ``size`` and apply the attribute variants."""
@@ -104,9 +131,7 @@ def compose_photo(face: np.ndarray, seed: int, light: str, camera: str, accessor
     canvas[:] = base
     noise = rng.normal(0, 12, (height // 8, width // 8, 3))
     canvas = np.clip(canvas + cv2.resize(noise, (width, height)), 0, 255).astype(np.uint8)
-    cam = int(camera[1:])
-    scale = min(height * (0.55 + 0.02 * (cam % 5)) / face.shape[0], width * 0.6 / face.shape[1])
-    fw, fh = max(1, int(face.shape[1] * scale)), max(1, int(face.shape[0] * scale))
+    x, y, fw, fh = face_placement(face.shape, camera, size)
     face = cv2.resize(face, (fw, fh), interpolation=cv2.INTER_AREA)
     if expression == "E02":
         face = face[:, ::-1]
@@ -116,11 +141,34 @@ def compose_photo(face: np.ndarray, seed: int, light: str, camera: str, accessor
         top = fh // 4 if accessory == "S002" else 0
         face = face.copy()
         face[top:top + fh // 8] = (face[top:top + fh // 8] * 0.35).astype(np.uint8)
-    x = int((width - fw) * (0.3 + 0.4 * ((cam * 37) % 10) / 10))
-    y = int((height - fh) * 0.5)
     canvas[y:y + fh, x:x + fw] = face
     gain = 0.6 + 0.8 * ((int(light[1:]) * 7) % 10) / 10
     return np.clip(canvas.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+def source_face_box(face: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The subject's face in a source photo: the largest face the detector finds (at 0.5)
+    on the photo as it is, where the face fills the frame; None when there is none.
+
+    This is the ground truth written beside each composed photo: the composed photo shows
+    the same face smaller, on another background, perhaps mirrored, darkened or blurred,
+    so the detect stage must find the box that this one maps to.
+    """
+    from models.detector import DetectorConfig, get_detector
+
+    faces = get_detector(DetectorConfig(confidence=0.5)).detect(face)
+    if not faces:
+        return None
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).box
+
+
+def read_box_file(path: Path) -> tuple[int, int, int, int]:
+    """Read a ground-truth ``Cnn.txt``: one line ``left top right bottom`` (pixels)."""
+    values = Path(path).read_text().split()
+    if len(values) != 4:
+        raise ValueError(f"{path}: expected 'left top right bottom', got {values!r}")
+    left, top, right, bottom = (int(v) for v in values)
+    return left, top, right, bottom
 
 
 def write_metadata_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
@@ -134,8 +182,14 @@ def write_metadata_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None
 
 
 def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec = TreeSpec(),
-                     seed: int = 0, first_id: int = 19062400, quality: int = 90) -> pd.DataFrame:
+                     seed: int = 0, first_id: int = 19062400, quality: int = 90,
+                     ground_truth: bool = True) -> pd.DataFrame:
     """Write a K-Face tree under ``out`` and ``out/KFace_metadata.csv``.
+
+    With ``ground_truth`` each ``Cnn.jpg`` gets a ``Cnn.txt`` beside it, as K-Face ships
+    for some photos: the placed face's box, one line ``left top right bottom`` in pixels
+    (``source_face_box`` mapped by ``placed_box``; subjects whose source photo has no
+    detectable face get none).
 
     Uses ``n_subjects`` labelled photos of ``faces_dir`` drawn at random (``seed``), so
     every age band and gender appears. Returns the subjects' table: ``subject_id``,
@@ -152,6 +206,7 @@ def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec
         face = cv2.imread(str(Path(faces_dir) / rec.file))
         if face is None:
             raise ValueError(f"{Path(faces_dir) / rec.file}: cannot be decoded")
+        truth = source_face_box(face) if ground_truth else None
         for s in spec.accessories:
             for light in spec.lights:
                 for e in spec.expressions:
@@ -162,6 +217,9 @@ def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec
                         img = compose_photo(face, seed, light, c, s, e, spec.size)
                         cv2.imwrite(str(folder / f"{c}.jpg"), img,
                                     [cv2.IMWRITE_JPEG_QUALITY, quality])
+                        if truth is not None:
+                            box = placed_box(truth, face.shape, c, e, spec.size)
+                            (folder / f"{c}.txt").write_text(" ".join(map(str, box)) + "\n")
         subjects.append((sid, rec.file, rec.age_band, rec.gender))
     table = pd.DataFrame(subjects, columns=["subject_id", "source", "age_band", "gender"])
     write_metadata_csv(out / "KFace_metadata.csv",

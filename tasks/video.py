@@ -3,8 +3,10 @@
 ``analyze_video`` reads a file (or a camera index), runs the analyser on every frame,
 links faces to tracks with a greedy IoU tracker, averages each track's class
 probabilities over its frames (so labels do not flicker), and writes an annotated video,
-per-frame JSON lines and, with ``stats``, the store statistics: distinct people (tracks)
-per age band x gender, a per-minute timeline CSV and a bar chart PNG.
+per-frame JSON lines, one line per ended track (``tracks.jsonl``, written as each track
+ends) and, with ``stats``, the store statistics: distinct people (tracks) per age band x
+gender, a per-minute timeline CSV and a bar chart PNG. Ended tracks are counted and
+dropped, so an hour-long stream runs at the same per-frame cost and memory as a minute.
 """
 
 from __future__ import annotations
@@ -53,16 +55,20 @@ def _probs(face: FacePrediction) -> tuple[np.ndarray, np.ndarray]:
 
 
 class IoUTracker:
-    """Greedy IoU matching of each frame's faces to live tracks."""
+    """Greedy IoU matching of each frame's faces to live tracks.
+
+    Only live tracks are kept: a track unseen for more than ``max_gap`` frames has ended,
+    and ``close_ended`` hands it out (to be counted and written) and forgets it, so the
+    per-frame cost and the memory stay flat however long the stream runs.
+    """
 
     def __init__(self, iou_threshold: float = 0.3, max_gap: int = 15):
         self.iou_threshold, self.max_gap = iou_threshold, max_gap
-        self.tracks: list[Track] = []
-        self._next = 1
+        self.live: list[Track] = []
+        self.started = 0
 
     def update(self, faces: list[FacePrediction], frame: int) -> list[Track]:
-        live = [t for t in self.tracks if frame - t.last_frame <= self.max_gap]
-        pairs = sorted(((box_iou(t.box, f.box), ti, fi) for ti, t in enumerate(live)
+        pairs = sorted(((box_iou(t.box, f.box), ti, fi) for ti, t in enumerate(self.live)
                         for fi, f in enumerate(faces)), reverse=True)
         assigned: dict[int, Track] = {}
         used = set()
@@ -70,15 +76,48 @@ class IoUTracker:
             if iou < self.iou_threshold or ti in used or fi in assigned:
                 continue
             used.add(ti)
-            live[ti].add(faces[fi], frame)
-            assigned[fi] = live[ti]
+            self.live[ti].add(faces[fi], frame)
+            assigned[fi] = self.live[ti]
         for fi, face in enumerate(faces):
             if fi not in assigned:
-                track = Track(self._next, face.box, frame, frame, *_probs(face))
-                self._next += 1
-                self.tracks.append(track)
+                self.started += 1
+                track = Track(self.started, face.box, frame, frame, *_probs(face))
+                self.live.append(track)
                 assigned[fi] = track
         return [assigned[i] for i in range(len(faces))]
+
+    def close_ended(self, frame: int | None = None) -> list[Track]:
+        """Remove and return the tracks that ended before ``frame`` (all when None)."""
+        if frame is None:
+            ended, self.live = self.live, []
+        else:
+            ended = [t for t in self.live if frame - t.last_frame > self.max_gap]
+            self.live = [t for t in self.live if frame - t.last_frame <= self.max_gap]
+        return ended
+
+
+class PeopleCounter:
+    """Counts closed tracks (people) per class and per minute; memory grows with the
+    number of classes x minutes, not with the number of people."""
+
+    def __init__(self, g_names: list[str], a_names: list[str]):
+        self.g_names, self.a_names = g_names, a_names
+        self.classes = [f"{a}_{g}" for a in a_names for g in g_names]
+        self.people: Counter[str] = Counter()
+        self.per_minute: dict[int, Counter[str]] = {}
+
+    def label(self, track: Track) -> str:
+        return (f"{self.a_names[int(np.argmax(track.age_sum))]}_"
+                f"{self.g_names[int(np.argmax(track.gender_sum))]}")
+
+    def add(self, track: Track) -> dict:
+        """Count ``track`` and return its record for ``tracks.jsonl``."""
+        cls = self.label(track)
+        self.people[cls] += 1
+        for minute in track.minutes:
+            self.per_minute.setdefault(minute, Counter())[cls] += 1
+        return {"track_id": track.track_id, "first_frame": track.first_frame,
+                "last_frame": track.last_frame, "frames": track.frames, "class": cls}
 
 
 def open_capture(source: str) -> cv2.VideoCapture:
@@ -98,9 +137,17 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     g_names, a_names = analyzer.labels["gender"], analyzer.labels["age_band"]
     tracker = IoUTracker()
+    counter = PeopleCounter(g_names, a_names)
     writer = None
     frame_index = 0
-    with atomic_path(out / "frames.jsonl") as jsonl_tmp, open(jsonl_tmp, "w") as jsonl:
+    # tracks.jsonl is a log written as tracks end (a stopped stream keeps what it counted)
+    with atomic_path(out / "frames.jsonl") as jsonl_tmp, open(jsonl_tmp, "w") as jsonl, \
+            open(out / "tracks.jsonl", "w") as tracks:
+        def close(ended: list[Track]) -> None:
+            for track in ended:
+                tracks.write(json.dumps(counter.add(track)) + "\n")
+            tracks.flush()
+
         while max_frames is None or frame_index < max_frames:
             ok, frame = cap.read()
             if not ok:
@@ -109,11 +156,12 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                 h, w = frame.shape[:2]
                 writer = cv2.VideoWriter(str(out / ".annotated.mp4"),
                                          cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            close(tracker.close_ended(frame_index))
             preds = analyzer.analyze(frame)
-            tracks = tracker.update(preds, frame_index)
+            live = tracker.update(preds, frame_index)
             minute = int(frame_index / fps // 60)
             labels, records = [], []
-            for pred, track in zip(preds, tracks, strict=True):
+            for pred, track in zip(preds, live, strict=True):
                 track.minutes.add(minute)
                 g = g_names[int(np.argmax(track.gender_sum))]
                 a = a_names[int(np.argmax(track.age_sum))]
@@ -125,47 +173,45 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                                     "time_s": round(frame_index / fps, 3),
                                     "faces": records}) + "\n")
             frame_index += 1
+        close(tracker.close_ended())
     cap.release()
     if writer is None:
         raise VideoError(f"{source!r}: no frame could be read")
     writer.release()
     (out / ".annotated.mp4").replace(out / "annotated.mp4")
     summary = {"source": str(source), "frames": frame_index, "fps": fps,
-               "tracks": len(tracker.tracks)}
+               "tracks": tracker.started}
     if stats:
-        summary["people"] = write_stats(tracker.tracks, g_names, a_names, out)
+        summary["people"] = write_stats(counter, out)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
-def write_stats(tracks: list[Track], g_names: list[str], a_names: list[str], out: Path
-                ) -> dict:
+def write_stats(counter: PeopleCounter, out: Path) -> dict:
     """Distinct people per age band x gender (one per track), per-minute timeline, chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    def cls(t: Track) -> str:
-        return f"{a_names[int(np.argmax(t.age_sum))]}_{g_names[int(np.argmax(t.gender_sum))]}"
-
-    counts = Counter(cls(t) for t in tracks)
-    classes = [f"{a}_{g}" for a in a_names for g in g_names]
-    minutes = sorted({m for t in tracks for m in t.minutes})
+    classes = counter.classes
+    minutes = sorted(counter.per_minute)
     lines = ["minute," + ",".join(classes)]
     for m in minutes:
-        per = Counter(cls(t) for t in tracks if m in t.minutes)
+        per = counter.per_minute[m]
         lines.append(f"{m}," + ",".join(str(per.get(c, 0)) for c in classes))
     with atomic_path(out / "timeline.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(classes, [counts.get(c, 0) for c in classes], color="tab:blue")
+    ax.bar(classes, [counter.people.get(c, 0) for c in classes], color="tab:blue")
     ax.set_ylabel("people (tracks)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Visitors by age band x gender")
     ax.tick_params(axis="x", rotation=45)
     with atomic_path(out / "people.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    people = {c: counts.get(c, 0) for c in classes}
+    people = {c: counter.people.get(c, 0) for c in classes}
     write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes})
     return people

@@ -41,9 +41,11 @@ def test_out_of_range_rows_are_clipped_or_dropped():
 
 def test_group_photo_faces(scenes_dir):
     image = cv2.imread(str(scenes_dir / "insightface_t1.jpg"))
-    assert len(FaceDetector(DetectorConfig(confidence=0.5)).detect(image)) == 6
-    faces = FaceDetector(DetectorConfig()).detect(image)
-    assert len(faces) == 5
+    square = DetectorConfig(input_aspect="square")  # the original's 300x300 input
+    assert len(FaceDetector(square.model_copy(update={"confidence": 0.5})).detect(image)) == 6
+    assert len(FaceDetector(square).detect(image)) == 5
+    faces = FaceDetector(DetectorConfig()).detect(image)  # 300x204: all six above 0.9
+    assert len(faces) == 6
     assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
     for f in faces:
         left, top, right, bottom = f.box_margin
@@ -59,6 +61,27 @@ def test_overlapping_boxes_of_one_face_are_suppressed(detector, scenes_dir):
     assert len(faces) == 1
     x1, y1, x2, y2 = faces[0].box
     assert 0 <= x1 < x2 <= 112 and 0 <= y1 < y2 <= 112
+
+
+def test_input_keeps_the_aspect_ratio():
+    from models.detector import blob_size
+
+    # the short side is congruent to 300 modulo 8 (the layers pad as at 300)
+    assert blob_size(864, 576) == (300, 204)
+    assert blob_size(576, 864) == (204, 300)
+    assert blob_size(300, 340) == (268, 300)
+    assert blob_size(1280, 886) == (300, 204)
+    assert blob_size(864, 576, aspect="square") == (300, 300)
+    assert blob_size(4000, 300) == (300, 20)
+    assert blob_size(3000, 10) == (300, 12)  # never thinner than 12 px
+
+
+def test_original_edge_rule_drops_every_row_outside():
+    from models.detector import original_inside
+
+    rows = np.array([[1, 0.1, 0.0, 0.5, 0.5], [1, 0.0, 0.1, 0.5, 0.5], [1, 0.1, 0.1, 1.0, 0.5],
+                     [1, 0.5, 0.5, 1.1, 1.2]], np.float32)
+    assert original_inside(rows).tolist() == [True, False, False, False]
 
 
 def test_tensorflow_weights_agree_with_caffe(detector, shared_data, scenes_dir):
