@@ -27,6 +27,7 @@ import psutil  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
 
 from models.detector import DetectorConfig, box_iou, resolve_weights  # noqa: E402
+from models.detector_quality import truth_agreement  # noqa: E402
 from tasks.sample_data import TreeSpec, build_kface_tree  # noqa: E402
 from tasks.select import DataConfig, SelectionConfig, select_images  # noqa: E402
 
@@ -46,7 +47,8 @@ def make_tree(root: Path, n_subjects: int, size=(864, 576)) -> list[str]:
 
 def original_loop(root: Path, paths: list[str]) -> tuple[float, dict]:
     """The blog's loop: serial, full imread, blobFromImage to 300x300, one forward each,
-    OpenCV's default threads; same weights, mean and threshold as ours."""
+    OpenCV's default threads, its edge rule (drop rows outside (0, 1)); same weights, mean
+    and threshold as ours."""
     cfg = DetectorConfig()
     model, config = resolve_weights(cfg)
     net = cv2.dnn.readNetFromCaffe(str(config), str(model))
@@ -102,6 +104,13 @@ def agreement(a: dict, b: dict) -> tuple[int, int, float]:
     return len(both), len(set(a) ^ set(b)), float(np.mean(ious)) if ious else 0.0
 
 
+def truth(root: Path, boxes: dict) -> dict:
+    """The chosen boxes vs the generator's ground truth (Cnn.txt)."""
+    rows = [{"path": p, "status": "ok", "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]}
+            for p, b in boxes.items()]
+    return truth_agreement(root, rows)
+
+
 def steady(n1, t1, n2, t2) -> tuple[float, float]:
     rate = (n2 - n1) / (t2 - t1)
     return rate, t1 - n1 / rate
@@ -133,9 +142,15 @@ def main() -> None:
         t_ours, b_ours, peak = ours(root, paths, 2, work)
         same, differ, iou = agreement(b_orig, b_ours)
         timings[n] = (t_orig, t_ours)
+        t_o, t_u = truth(root, b_orig), truth(root, b_ours)
         results[f"n{n}"] = {"original_s": round(t_orig, 1), "ours_s": round(t_ours, 1),
-                            "peak_rss_mb": round(peak), "faces_both": same,
-                            "faces_differ": differ, "mean_iou": round(iou, 4)}
+                            "peak_rss_mb": round(peak), "faces_original": len(b_orig),
+                            "faces_ours": len(b_ours), "faces_both": same,
+                            "faces_differ": differ, "mean_iou": round(iou, 4),
+                            "truth_match_original": t_o["match_rate"],
+                            "truth_match_ours": t_u["match_rate"],
+                            "truth_mean_iou_original": t_o["mean_iou"],
+                            "truth_mean_iou_ours": t_u["mean_iou"]}
         print(json.dumps({n: results[f"n{n}"]}), flush=True)
     n1, n2 = sizes[args.small], sizes[args.large]
     r_orig, o_orig = steady(n1, timings[n1][0], n2, timings[n2][0])

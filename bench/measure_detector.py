@@ -6,9 +6,9 @@
    (training settings at 0.9; inference settings at 0.8), for clipping every row (the
    previous behaviour: phantoms become faces) and for the original's rule (drop any row
    with a coordinate outside (0, 1)).
-2. A K-Face-layout tree built from them (``--subjects`` x 8 photos, ground-truth
+2. A K-Face-layout tree built from them (``--subjects`` x 16 photos, ground-truth
    ``Cnn.txt`` from the generator): the detect stage's function on each photo with the
-   default (aspect-keeping 300x200 input) and the 300x300 reference input, both rules:
+   default (aspect-keeping 300x204 input) and the 300x300 reference input, both rules:
    exactly-one share, faces found vs the reference, chosen box vs the placed face.
 3. The scenes: faces per photo at the inference settings (the group photo has 6).
 """
@@ -52,7 +52,7 @@ SINGLE_PERSON_CONFIGS = {
     "original_drop_0.9": DetectorConfig(edge_rows="drop", input_aspect="square"),
 }
 TREE_CONFIGS = {
-    "ours (300x200 keep aspect)": DetectorConfig(),
+    "ours (300x204, aspect kept)": DetectorConfig(),
     "reference (300x300, our rule)": DetectorConfig(input_aspect="square"),
     "original rule (300x300, drop)": DetectorConfig(input_aspect="square", edge_rows="drop"),
 }
@@ -61,7 +61,7 @@ TREE_CONFIGS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--aaf-step", type=int, default=1, help="every Nth AAF photo")
-    ap.add_argument("--subjects", type=int, default=300, help="K-Face-layout subjects (x8)")
+    ap.add_argument("--subjects", type=int, default=300, help="K-Face-layout subjects (x16 photos)")
     args = ap.parse_args()
     cv2.setNumThreads(os.cpu_count() or 1)
     result: dict = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,51 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", help="Show TensorFlow's start-up "
+                                 "notices (CUDA, oneDNN)."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of errors that "
+                               "are otherwise one line."),
+) -> None:
+    """K-Face age-band + gender pipeline (Prefect)."""
+    if verbose:
+        os.environ["KFACE_VERBOSE"] = "1"  # read by models.runtime, here and in workers
+    if debug:
+        os.environ["KFACE_DEBUG"] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get("KFACE_DEBUG") == "1"
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drops Prefect's log records (tracebacks, 'Finished in state Failed') about errors
+    that the CLI reports in one line anyway; ``--debug`` keeps them."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.types, self.names = types, tuple(t.__name__ for t in types)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, self.types):
+            return False
+        message = record.getMessage()
+        return not (("Finished in state Failed" in message
+                     or "exception during execution" in message
+                     or "failed with exception" in message)
+                    and any(name in message for name in self.names))
+
+
+def _quiet_user_errors(types: tuple[type[BaseException], ...]) -> None:
+    if _debug():
+        return
+    quiet = _UserErrorFilter(types)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
+
+
 @app.command()
 def run(
     config: Path | None = ConfigOpt,
@@ -62,23 +109,36 @@ def run(
 ) -> None:
     """Run the pipeline (or --stages of it) with one Prefect flow run. Stages whose inputs,
     settings and code are unchanged are skipped (shown as cached)."""
+    from flows.preflight import InputError, check_run, parse_stages
+
     cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
                 threshold, dask_address, set_)
-    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    try:  # before the server starts and before any photo is read
+        stage_list = parse_stages(stages)
+        check_run(cfg, stage_list)
+    except InputError as exc:
+        _fail(str(exc))
 
     import importlib
+
+    from prefect.settings import get_current_settings
 
     from flows.server import prefect_api
     from models.detector import DetectorError
     from tasks.select import DatasetError
 
+    temporary = not get_current_settings().api.url
+    user_errors = (DatasetError, DetectorError, ValueError, RuntimeError)
+    _quiet_user_errors(user_errors)
     try:  # the flow's imports (TensorFlow aside) overlap the temporary server's start
         with prefect_api(warm_up=lambda: importlib.import_module("flows.pipeline")) as url:
-            console.print(f"Prefect API: {url}")
+            console.print(_api_line(url, temporary))
             from flows.pipeline import kface_pipeline
 
             summaries = kface_pipeline(config=cfg, stages=stage_list)
-    except (DatasetError, DetectorError, ValueError, RuntimeError) as exc:
+    except user_errors as exc:
+        if _debug():
+            raise
         _fail(str(exc))
     for name, s in summaries.items():
         how = "cached" if s.get("reused") else f"{s['seconds']}s"
@@ -86,6 +146,14 @@ def run(
     console.print(f"outputs in {cfg.out}")
     if "evaluate" in summaries:
         console.print(f"Report: {summaries['evaluate']['report']}")
+
+
+def _api_line(url: str, temporary: bool) -> str:
+    if not temporary:
+        return f"Prefect API: {url}"
+    return (f"Prefect API: {url} (a temporary server for this run: the 'View at' links "
+            "below stop working when it ends; the run folder keeps everything, and "
+            "'kface server' gives a lasting UI)")
 
 
 def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=None,
@@ -124,6 +192,8 @@ def status(
     from flows.cache import pipeline_status
     from tasks.select import DatasetError
 
+    if config is None and out is not None and (out / "config.yaml").is_file():
+        config = out / "config.yaml"  # the run folder's own settings; flags still override
     cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
                 threshold, dask_address, set_)
     try:
@@ -131,7 +201,10 @@ def status(
     except DatasetError as exc:
         _fail(str(exc))
     colour = {"done": "green", "cached": "green", "stale": "yellow", "missing": "red"}
-    table = Table(title=f"kface status: {cfg.out}")
+    table = Table(title=f"kface status: {cfg.out}", caption=(
+        "done: up to date, computed by the last run; cached: up to date, the last run "
+        "reused it; stale: 'kface run' recomputes it (input, setting or code changed); "
+        "missing: never run"))
     for col in ("stage", "state", "detail"):
         table.add_column(col)
     for row in rows:
@@ -281,9 +354,19 @@ def predict(
         entries = predict_images(_analyzer(model, threshold), paths, out, csv, annotated)
     errors = [e for e in entries if e["error"]]
     faces = sum(len(e["faces"]) for e in entries)
-    console.print(f"{len(entries)} images, {faces} faces -> {out / 'predictions.json'}")
     for e in errors:
         console.print(f"[yellow]skipped[/] {e['path']}: {e['error']}")
+    read = len(entries) - len(errors)
+    console.print(f"{_plural(read, 'image')} read, {_plural(faces, 'face')}"
+                  + (f", {_plural(len(errors), 'image')} skipped" if errors else "")
+                  + f" -> {out / 'predictions.json'}")
+    if not read:
+        _fail("no input image could be read (see the skipped lines above)" if entries
+              else "no image found in the given paths")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 @app.command()
@@ -361,8 +444,12 @@ def export(
     out: Path = typer.Option(Path("artifacts/export"), help="Output folder."),
 ) -> None:
     """Export a trained model (SavedModel or TFLite; ONNX when tf2onnx is installed)."""
-    from models.export import ExportError, export_model
+    from models.export import ExportError, check_format, export_model
 
+    try:
+        check_format(format)  # before TensorFlow loads (seconds)
+    except ExportError as exc:
+        _fail(str(exc))
     if not (model / "model.keras").is_file():
         _fail(f"{model}/model.keras not found: --model must be a trained model folder")
     try:

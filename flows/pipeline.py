@@ -42,6 +42,7 @@ from flows.cache import (
     train_key,
 )
 from flows.config import PipelineConfig, dump_config
+from flows.preflight import STAGES, missing_input, parse_stages
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_shard
 from tasks.detect import Shard, ShardingConfig, detect_shard, remove_stale_shards
@@ -56,19 +57,15 @@ from tasks.storage import (
     write_parquet_atomic,
 )
 
-STAGES = ("select", "detect", "merge", "split", "crops", "train", "evaluate")
-
 
 class MissingInputError(RuntimeError):
     """A requested stage's input file does not exist (its upstream stage has not run)."""
 
 
-def _require(path: Path, stage: str, producer: str) -> None:
-    if not path.exists():
-        raise MissingInputError(
-            f"stage '{stage}' needs {path}, which stage '{producer}' writes: "
-            f"run with --stages {producer},{stage} (or without --stages)"
-        )
+def _require_inputs(config: PipelineConfig, stage: str) -> None:
+    problem = missing_input(config.out, stage)
+    if problem:
+        raise MissingInputError(problem)
 
 
 def _record(config: PipelineConfig, summary: dict) -> dict:
@@ -199,7 +196,7 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], submit) -> dict:
 def detect_flow(config: PipelineConfig) -> dict:
     """Detect faces in every manifest image, one task run per shard, in worker processes."""
     paths = stage_paths(config.out)
-    _require(paths["manifest"], "detect", "select")
+    _require_inputs(config, "detect")
     shards = detect_shards(config)
     summary = _run_shards("detect", paths["detections"], shards, lambda shard: (
         detect_shard_task.submit(config.data.root, shard, config.detector,
@@ -212,7 +209,7 @@ def detect_flow(config: PipelineConfig) -> dict:
 def crops_flow(config: PipelineConfig) -> dict:
     """Cut every labelled face once into the crop cache, one task run per shard."""
     paths = stage_paths(config.out)
-    _require(paths["faces"], "crops", "merge")
+    _require_inputs(config, "crops")
     shards, boxes = crop_plan(config)
     summary = _run_shards("crops", paths["crops"], shards, lambda shard: (
         crop_shard_task.submit(config.data.root, shard, [boxes[p] for p in shard.paths],
@@ -225,8 +222,7 @@ def crops_flow(config: PipelineConfig) -> dict:
 def merge_task(config: PipelineConfig):
     """Join ok detections with the subject labels into ``faces.parquet``."""
     paths = stage_paths(config.out)
-    _require(paths["manifest"], "merge", "select")
-    _require(paths["detections"], "merge", "detect")
+    _require_inputs(config, "merge")
     key = merge_key(config)
     if read_cache_key(paths["faces"]) == key:
         return _reused(config, "merge", key, "detections and labels are unchanged")
@@ -260,7 +256,7 @@ def merge_task(config: PipelineConfig):
 def split_task(config: PipelineConfig):
     """Assign faces to train/val into ``split.parquet``."""
     paths = stage_paths(config.out)
-    _require(paths["faces"], "split", "merge")
+    _require_inputs(config, "split")
     key = split_key(config)
     if read_cache_key(paths["split"]) == key:
         return _reused(config, "split", key, "faces and split settings are unchanged")
@@ -284,8 +280,7 @@ def split_task(config: PipelineConfig):
 def train_task(config: PipelineConfig):
     """Train the classifier from the crop cache; skipped when its inputs are unchanged."""
     paths = stage_paths(config.out)
-    for need, producer in (("crops", "crops"), ("split", "split"), ("faces", "merge")):
-        _require(paths[need], "train", producer)
+    _require_inputs(config, "train")
     from tasks.train import load_examples, train_model
 
     key = train_key(config)
@@ -324,7 +319,7 @@ def evaluate_task(config: PipelineConfig):
     from tasks.train import load_examples, load_history
 
     paths = stage_paths(config.out)
-    _require(paths["model"] / "model.keras", "evaluate", "train")
+    _require_inputs(config, "evaluate")
     key = evaluate_key((stored_summary(config, "train") or {}).get("cache_key"))
     if (paths["reports"] / "report.md").exists() and (
             (stored_summary(config, "evaluate") or {}).get("cache_key") == key):
@@ -370,10 +365,7 @@ def shard_runner(sharding: ShardingConfig):
 @flow(name="kface-pipeline")
 def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict:
     """Run the requested stages (default: all) in order; returns each stage's summary."""
-    stages = list(stages or STAGES)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    stages = parse_stages(",".join(stages)) if stages else list(STAGES)
     from prefect.runtime import flow_run
 
     with folder_lock(config.out, f"flow run {flow_run.get_name()}"):

@@ -27,10 +27,10 @@ INFERENCE_CONFIDENCE = 0.8
 
 def inference_detector_config(confidence: float = INFERENCE_CONFIDENCE,
                               base: DetectorConfig | None = None) -> DetectorConfig:
-    """Detector settings for predict, video and webcam: ``base`` (default settings) with
-    ``confidence`` and the square input (see the module docstring for why)."""
-    return (base or DetectorConfig()).model_copy(
-        update={"confidence": confidence, "input_aspect": "square"})
+    """Detector settings for predict, video and webcam: ``base`` with ``confidence``; without
+    ``base``, the default settings with the square input (see the module docstring)."""
+    base = base or DetectorConfig(input_aspect="square")
+    return base.model_copy(update={"confidence": confidence})
 
 
 class ModelFolderError(FileNotFoundError):

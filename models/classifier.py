@@ -10,13 +10,12 @@ cannot disagree on it, and the saved ``.keras`` file loads in Keras safe mode.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+from models.runtime import load_tensorflow
 
 GENDER_CLASSES = ("M", "F")
 AGE_CLASSES = ("20s", "30s", "40s", "50s")
@@ -60,6 +59,7 @@ class WeightsError(RuntimeError):
 
 
 def _backbone(cfg: ModelConfig, size: int):
+    load_tensorflow()
     import keras
     from keras import layers
 
@@ -107,6 +107,7 @@ def build_classifier(cfg: ModelConfig, size: int):
     """Build the two-headed classifier (a ``keras.Model``) for ``size x size`` RGB input
     (0..255). Keras is imported here, not at module import, so that the config and the
     worker processes of other stages do not pay TensorFlow's start-up."""
+    load_tensorflow()
     import keras
     from keras import layers
 
@@ -132,6 +133,7 @@ def build_classifier(cfg: ModelConfig, size: int):
 
 def load_classifier(path: Path):
     """Load a saved classifier in Keras safe mode (our one custom layer is registered)."""
+    load_tensorflow()
     import keras
 
     import models.preprocess  # noqa: F401  registers BackbonePreprocess

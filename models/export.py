@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from models.classifier import load_classifier
+from models.runtime import load_tensorflow
 from tasks.storage import write_bytes_atomic
 
 Format = Literal["savedmodel", "tflite", "onnx"]
@@ -25,37 +26,52 @@ class ExportError(RuntimeError):
     """The requested export cannot be made here; the message says why."""
 
 
-def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
-    """Export ``model_dir/model.keras`` to ``out``; returns the exported file or folder."""
-    model_dir, out = Path(model_dir), Path(out)
-    model = load_classifier(model_dir / "model.keras")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_dir / "labels.json", out / "labels.json")
-    if fmt == "savedmodel":
-        target = out / "savedmodel"
-        shutil.rmtree(target, ignore_errors=True)
-        model.export(str(target), format="tf_saved_model", verbose=False)
-        return target
-    if fmt == "tflite":
-        import tensorflow as tf
+FORMATS = ("savedmodel", "tflite", "onnx")
 
-        with tempfile.TemporaryDirectory() as tmp:
-            model.export(tmp, format="tf_saved_model", verbose=False)
-            flat = tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
-        write_bytes_atomic(out / "model.tflite", flat)
-        return out / "model.tflite"
+
+def check_format(fmt: str) -> None:
+    """Refuse an unknown format or a missing ONNX converter before any model is loaded."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         missing = [m for m in ("tf2onnx", "onnx") if importlib.util.find_spec(m) is None]
         if missing:
             raise ExportError(f"ONNX export needs {' and '.join(missing)} (pip install "
                               "tf2onnx onnx), which are not installed; use savedmodel or tflite")
-        model.export(str(out / "model.onnx"), format="onnx", verbose=False)
-        return out / "model.onnx"
-    raise ExportError(f"unknown export format {fmt!r} (savedmodel, tflite, onnx)")
+
+
+def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
+    """Export ``model_dir/model.keras`` to ``out``; returns the exported file or folder.
+    ``labels.json`` is copied beside it only once the export has succeeded."""
+    check_format(fmt)
+    model_dir, out = Path(model_dir), Path(out)
+    model = load_classifier(model_dir / "model.keras")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "savedmodel":
+        target = out / "savedmodel"
+        with tempfile.TemporaryDirectory(dir=out, prefix=".savedmodel.") as tmp:
+            model.export(str(Path(tmp) / "m"), format="tf_saved_model", verbose=False)
+            shutil.rmtree(target, ignore_errors=True)
+            (Path(tmp) / "m").replace(target)
+    elif fmt == "tflite":
+        load_tensorflow()
+        import tensorflow as tf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.export(tmp, format="tf_saved_model", verbose=False)
+            flat = tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+        target = out / "model.tflite"
+        write_bytes_atomic(target, flat)
+    else:
+        target = out / "model.onnx"
+        model.export(str(target), format="onnx", verbose=False)
+    write_bytes_atomic(out / "labels.json", (model_dir / "labels.json").read_bytes())
+    return target
 
 
 def run_exported(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """Run an exported model (SavedModel folder or .tflite file) on RGB 0..255 images."""
+    load_tensorflow()
     import tensorflow as tf
 
     images = np.asarray(images, dtype=np.float32)

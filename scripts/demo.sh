@@ -12,14 +12,17 @@ SHARED="${KFACE_SHARED_DATA:-../shared/data}"
 if [ -f "$SHARED/faces/aaf/labels.csv" ]; then
   SAMPLE="${SAMPLE:-artifacts/sample-kface}" OUT="${OUT:-artifacts/demo}"
   .venv/bin/kface sample-data --faces "$SHARED/faces/aaf" --out "$SAMPLE" --subjects "${SUBJECTS:-120}"
-  PHOTO="$SHARED/scenes/insightface_t1.jpg"
+  PHOTO="$SHARED/scenes/insightface_t1.jpg"  # six people, none of them in the sample
 else
   echo "$SHARED/faces/aaf not found: building the sample from a public-domain photo (synthetic labels)"
   SAMPLE="${SAMPLE:-artifacts/sample-public}" OUT="${OUT:-artifacts/demo-public}"
   .venv/bin/kface sample-data --out "$SAMPLE" --subjects "${SUBJECTS:-40}"
-  PHOTO="$SAMPLE/High_Resolution/19062400/S001/L1/E01/C7.jpg"
+  PHOTO=""
 fi
 .venv/bin/kface run -c configs/cpu-small.yaml --data-root "$SAMPLE" \
   --metadata "$SAMPLE/KFace_metadata.csv" --out "$OUT"
+if [ -z "$PHOTO" ]; then  # a photo of a validation subject: the model never trained on it
+  PHOTO="$SAMPLE/$(.venv/bin/python -c "import pandas as pd; s = pd.read_parquet('$OUT/split.parquet'); print(s[s.split == 'val'].path.iloc[0])")"
+  echo "sample prediction on $PHOTO (a validation subject, not trained on)"
+fi
 .venv/bin/kface predict "$PHOTO" --model "$OUT/model" --out "$OUT/predictions" --annotated
-echo "Report: $OUT/reports/report.md"

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
     accuracy_score,
@@ -112,6 +113,7 @@ def plot_curves(history: dict, reports: Path) -> list[str]:
         ax.plot(epochs, history[key], marker="o", label="Train")
         ax.plot(epochs, history[f"val_{key}"], marker="o", label="Val")
         ax.set_xlabel("Epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.legend(loc="best")
         _save_png(fig, reports / fname)
@@ -162,11 +164,15 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
         for k, m in groups.items():
             lines.append(f"| {k} | {m['n']} | {m['gender_accuracy']:.3f} | "
                          f"{m['age_band_accuracy']:.3f} |")
-    lines += ["", "## Data", "",
-              f"Faces per joint class (all splits): {merge_report.get('joint_class_counts')}",
+    counts = merge_report.get("joint_class_counts") or {}
+    lines += ["", "## Data", "", "| joint class | faces (all splits) |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in counts.items()]
+    rows = split_report.get("rows") or {}
+    lines += ["",
               f"Subjects without metadata (excluded): "
-              f"{merge_report.get('subjects_without_labels', 0)}",
-              f"Split rows: {split_report.get('rows')}", "",
+              f"{merge_report.get('subjects_without_labels', 0)}. Split rows: "
+              + (", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict)
+                 else str(rows)) + ".", "",
               "## Training curves", ""]
     lines += [f"![{c}]({c})" for c in curves]
     lines += ["", "![confusion gender](confusion_gender.png) "

@@ -180,14 +180,8 @@ def is_selected(attrs: dict[str, str], rel_path: str, sel: SelectionConfig) -> b
 
 def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, ScanReport]:
     """Scan a K-Face tree and return the selected rows (manifest columns) and a report."""
-    res_dir = Path(data.root) / f"{data.resolution}_Resolution"
     _check_root(Path(data.root))
-    if not res_dir.is_dir():
-        raise DatasetError(
-            f"{res_dir} does not exist: a K-Face root must contain "
-            f"'{data.resolution}_Resolution/<ID>/<Sxxx>/<Lnn>/<Exx>/<Cnn>.jpg' "
-            "(set data.resolution or data.layout)"
-        )
+    res_dir = _check_resolution_folder(data)
     report = ScanReport()
     rows: list[tuple] = []
     prefix = f"{data.resolution}_Resolution/"
@@ -241,19 +235,7 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
     """Read a labelled image folder (images + labels CSV) into manifest rows and a report."""
     root = Path(data.root)
     _check_root(root)
-    labels_path = Path(data.labels) if data.labels else root / "labels.csv"
-    if not labels_path.is_file():
-        raise DatasetError(f"labels CSV {labels_path} not found (set data.labels)")
-    try:
-        labels = pd.read_csv(labels_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{labels_path}: cannot parse as CSV: {exc}") from exc
-    missing = {"file", "gender"} - set(labels.columns)
-    if missing or not ({"age", "age_band"} & set(labels.columns)):
-        raise DatasetError(
-            f"{labels_path}: needs columns 'file', 'gender' and 'age' or 'age_band'; "
-            f"found {list(labels.columns)}"
-        )
+    labels = read_labels_csv(data)
     report = ScanReport()
     rows: list[tuple] = []
     for line_no, rec in enumerate(labels.to_dict("records"), start=2):
@@ -288,6 +270,50 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
         rows.append((rel, subject, None, None, None, None, None, band, gender, size, mtime))
     report.selected = len(rows)
     return _frame(rows), report
+
+
+def labels_path(data: DataConfig) -> Path:
+    """The labelled layout's CSV: ``data.labels``, else ``<root>/labels.csv``."""
+    return Path(data.labels) if data.labels else Path(data.root) / "labels.csv"
+
+
+def read_labels_csv(data: DataConfig) -> pd.DataFrame:
+    """Read the labelled layout's CSV (all text), checking that it has the columns needed."""
+    path = labels_path(data)
+    if not path.is_file():
+        raise DatasetError(f"labels CSV {path} not found (set data.labels or --labels)")
+    try:
+        labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot parse as CSV: {exc}") from exc
+    missing = {"file", "gender"} - set(labels.columns)
+    if missing or not ({"age", "age_band"} & set(labels.columns)):
+        raise DatasetError(
+            f"{path}: needs columns 'file', 'gender' and 'age' or 'age_band'; "
+            f"found {list(labels.columns)}"
+        )
+    return labels
+
+
+def check_dataset(data: DataConfig) -> None:
+    """Cheap checks of the dataset before a run (no scan): the root, the K-Face
+    resolution folder or the labels CSV. Raises DatasetError."""
+    _check_root(Path(data.root))
+    if data.layout == "kface":
+        _check_resolution_folder(data)
+    else:
+        read_labels_csv(data)
+
+
+def _check_resolution_folder(data: DataConfig) -> Path:
+    res_dir = Path(data.root) / f"{data.resolution}_Resolution"
+    if not res_dir.is_dir():
+        raise DatasetError(
+            f"{res_dir} does not exist: a K-Face root must contain "
+            f"'{data.resolution}_Resolution/<ID>/<Sxxx>/<Lnn>/<Exx>/<Cnn>.jpg' "
+            "(set data.resolution, or --layout labelled for an image folder with a CSV)"
+        )
+    return res_dir
 
 
 def _check_root(root: Path) -> None:

@@ -25,19 +25,33 @@ import pyarrow.parquet as pq
 CACHE_KEY_META = b"kface.cache_key"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # what open() would give: 0644 under umask 022
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it to ``final``.
 
-    On an exception the temporary file is removed and ``final`` is left untouched.
+    The file gets the mode a plain ``open()`` would (0666 less the umask), not
+    ``mkstemp``'s 0600. On an exception the temporary file is removed and ``final`` is left
+    untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; readers (web server, container) need more
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, FILE_MODE)  # the writer may have replaced the file
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

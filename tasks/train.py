@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.classifier import AGE_CLASSES, GENDER_CLASSES, ModelConfig, build_classifier
+from models.runtime import load_tensorflow
 from tasks.storage import write_json_atomic
 
 CODE_VERSION = "train-4"
@@ -85,6 +86,7 @@ def make_dataset(frame: pd.DataFrame, size: int, batch_size: int, training: bool
                  cfg: TrainConfig | None = None):
     """tf.data pipeline over crop bytes: (shuffle) -> parallel decode -> (augment) ->
     batch -> prefetch. Yields ``(images, {"gender", "age_band"}, weights)``."""
+    load_tensorflow()
     import tensorflow as tf
 
     weights = sample_weights(frame.age_idx.to_numpy(),
@@ -115,6 +117,7 @@ def make_dataset(frame: pd.DataFrame, size: int, batch_size: int, training: bool
 
 def augmentation_layers(cfg: AugmentConfig, seed: int):
     """Keras preprocessing layers for the configured augmentation (None if all off)."""
+    load_tensorflow()
     import keras
 
     steps = []
@@ -146,6 +149,7 @@ def train_model(examples: dict[str, pd.DataFrame], size: int, model_cfg: ModelCo
     Resumes from ``model_dir/backup`` if a previous run of the same training crashed.
     Returns a summary with the best epoch's validation metrics.
     """
+    load_tensorflow()
     import keras
     import tensorflow as tf
 

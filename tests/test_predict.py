@@ -17,7 +17,11 @@ def analyzer(tiny_run):
     return FaceAnalyzer(tiny_run["model_dir"])
 
 
-def test_analyzer_input_is_the_training_crop(analyzer, tiny_run):
+def test_analyzer_input_is_the_training_crop(tiny_run):
+    from models.detector import DetectorConfig
+
+    # with the detect stage's settings (inference defaults to the square input)
+    analyzer = FaceAnalyzer(tiny_run["model_dir"], detector=DetectorConfig())
     row = tiny_run["frame"].iloc[0]
     image = cv2.imread(str(tiny_run["root"] / row.path))
     faces, batch = analyzer.crops(image)
@@ -114,6 +118,55 @@ def test_video_tracks_and_stats(tiny_run, aaf_dir, tmp_path):
     assert (out / "people.png").stat().st_size > 0
     cap = cv2.VideoCapture(str(out / "annotated.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_one_person_close_to_the_camera_is_one_person(tiny_run, aaf_dir, tmp_path):
+    """A face filling the frame makes res10 repeat it shifted down-right (a phantom, scored
+    up to 1.0); the store statistics must still count one person."""
+    face = cv2.resize(cv2.imread(str(sorted(aaf_dir.glob("*.jpg"))[10])), (480, 540))
+    clip = tmp_path / "close.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (480, 480))
+    for i in range(30):  # the person moves up through the frame
+        writer.write(np.ascontiguousarray(face[2 * i:2 * i + 480]))
+    writer.release()
+    out = tmp_path / "video"
+    res = run_kface("video", str(clip), "--model", str(tiny_run["model_dir"]), "--out",
+                    str(out), "--stats")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and all(len(line["faces"]) == 1 for line in lines)
+    assert sum(json.loads((out / "stats.json").read_text())["people"].values()) == 1
+    tracks = [json.loads(x) for x in (out / "tracks.jsonl").read_text().splitlines()]
+    assert len(tracks) == 1 and tracks[0]["frames"] == 30
+
+
+def test_tracker_forgets_ended_tracks():
+    """An hour of passers-by: live tracks stay few, every ended track is handed out once."""
+    from models.analyzer import FacePrediction
+    from tasks.video import IoUTracker, PeopleCounter
+
+    tracker = IoUTracker(max_gap=5)
+    counter = PeopleCounter(["M", "F"], ["20s", "30s", "40s", "50s"])
+    closed, most_live = 0, 0
+    for frame in range(3000):  # a new person every 20 frames, each seen for 15 frames
+        faces = []
+        for person in range(max(0, frame // 20 - 1), frame // 20 + 1):
+            if person * 20 <= frame < person * 20 + 15:
+                x = (person % 10) * 60
+                faces.append(FacePrediction((x, 100, x + 50, 160), 0.99, "M",
+                                            {"M": 0.9, "F": 0.1}, "30s",
+                                            {"20s": 0.1, "30s": 0.7, "40s": 0.1, "50s": 0.1}))
+        for track in tracker.close_ended(frame):
+            closed += 1
+            counter.add(track)
+        tracker.update(faces, frame)
+        most_live = max(most_live, len(tracker.live))
+    for track in tracker.close_ended():
+        counter.add(track)
+        closed += 1
+    assert closed == tracker.started == 150
+    assert most_live <= 2
+    assert counter.people == {"30s_M": 150}
 
 
 def test_unreadable_video_is_a_clear_error(tiny_run, tmp_path):

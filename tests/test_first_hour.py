@@ -1,0 +1,113 @@
+"""The first hour of a new user, with the real CLI: the README's main command on a machine
+without ../shared, then each bad input refused fast in one line (exit 2, no traceback),
+readable files, quiet logs, and honest exit codes."""
+
+import os
+import stat
+import subprocess
+import time
+
+import pytest
+from conftest import REPO, run_kface
+
+NOISE = ("cuInit", "oneDNN", "Could not find cuda", "absl::InitializeLog", "Traceback")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``bash scripts/demo.sh`` as on a fresh machine (no shared data), umask 022."""
+    work = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "KFACE_SHARED_DATA": str(work / "no-shared-data"),
+           "SAMPLE": str(work / "sample"), "OUT": str(work / "out"), "SUBJECTS": "24",
+           "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": ""}
+    start = time.perf_counter()
+    res = subprocess.run(["bash", "-c", "umask 022 && bash scripts/demo.sh"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return work / "out", res, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_demo_runs_quietly_and_writes_readable_files(demo):
+    out, res, _ = demo
+    output = res.stdout + res.stderr
+    for noise in NOISE:
+        assert noise not in output, noise
+    assert output.count("Report:") == 1
+    assert "temporary server for this run" in output
+    assert "a validation subject" in output
+    assert (out / "reports" / "report.md").is_file()
+    assert (out / "predictions" / "predictions.json").is_file()
+    modes = {}
+    for path in out.rglob("*"):
+        if path.is_file() and path.name != ".lock":
+            modes[str(path.relative_to(out))] = stat.S_IMODE(path.stat().st_mode)
+    assert len(modes) > 20
+    unreadable = {p: oct(m) for p, m in modes.items() if m & 0o044 != 0o044}
+    assert not unreadable
+
+
+def _refused(res: subprocess.CompletedProcess, seconds: float, *words: str) -> None:
+    lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()]
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert seconds < 8, seconds
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def _timed(*args: str, env: dict | None = None):
+    start = time.perf_counter()
+    res = run_kface(*args, env=env)
+    return res, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_before_any_work(tmp_path, kface_tree, prefect_env):
+    out = tmp_path / "run"
+    cases = [
+        (("run", "--data-root", str(tmp_path / "nope"), "--out", str(out)), ("nope",)),
+        (("run", "--data-root", str(tmp_path), "--out", str(out)), ("empty",)),
+        (("run", "--data-root", str(kface_tree / "High_Resolution"), "--out", str(out)),
+         ("High_Resolution_Resolution", "data.resolution")),
+        (("run", "--data-root", str(kface_tree), "--out", str(out), "--stages",
+          "select,detcet"), ("detcet", "known")),
+        (("run", "--data-root", str(kface_tree), "--out", str(out), "--stages", "merge"),
+         ("manifest.parquet", "--stages select,merge")),
+        (("run", "--data-root", str(kface_tree), "--out", str(out)),
+         ("metadata",)),  # no --metadata for a K-Face root
+        (("run", "--data-root", str(kface_tree), "--out", str(out), "--metadata",
+          str(tmp_path / "missing.csv")), ("missing.csv",)),
+        (("export", "--model", str(tmp_path), "--format", "pdf"), ("pdf", "tflite")),
+    ]
+    (tmp_path / "empty-but-not").mkdir()
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("SubjectNo,age_band,gender\n19062400,20s,M\n", encoding="utf-8")
+    cases.append((("run", "--data-root", str(kface_tree), "--out", str(out), "--metadata",
+                   str(bad_csv)), ("bad.csv", "ID")))
+    for args, words in cases:
+        res, seconds = _timed(*args, env=prefect_env)
+        _refused(res, seconds, *words)
+    assert not out.exists()  # no partial run folder left behind
+
+
+@pytest.mark.slow
+def test_status_reads_the_run_folders_config(demo):
+    out, _, _ = demo
+    res = run_kface("status", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cached: up to date" in res.stdout
+    for stage in ("select", "evaluate"):
+        assert stage in res.stdout
+
+
+@pytest.mark.slow
+def test_predict_on_unreadable_inputs_fails(demo, tmp_path):
+    out, _, _ = demo
+    (tmp_path / "broken.jpg").write_text("not an image")
+    res = run_kface("predict", str(tmp_path / "broken.jpg"), "--model", str(out / "model"),
+                    "--out", str(tmp_path / "p"))
+    assert res.returncode != 0
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert lines[0].startswith("skipped") and "0 images read" in res.stderr
+    assert not any(noise in res.stderr for noise in NOISE)
