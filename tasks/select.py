@@ -255,7 +255,7 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
                 what = "age" if band is None else "gender"
                 value = rec.get("age_band") or rec.get("age") if band is None else rec["gender"]
                 report.excluded_label_examples.append(
-                    f"{labels_path.name} line {line_no}: {rel}: {what} {value!r} "
+                    f"{labels_path(data).name} line {line_no}: {rel}: {what} {value!r} "
                     "outside the bands 20s-50s / M,F"
                 )
             continue

@@ -65,14 +65,17 @@ def _timed(*args: str, env: dict | None = None):
 @pytest.mark.slow
 def test_bad_inputs_are_one_line_before_any_work(tmp_path, kface_tree, prefect_env):
     out = tmp_path / "run"
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (("run", "--data-root", str(tmp_path / "nope"), "--out", str(out)), ("nope",)),
-        (("run", "--data-root", str(tmp_path), "--out", str(out)), ("empty",)),
+        (("run", "--data-root", str(empty), "--out", str(out)), ("empty",)),
         (("run", "--data-root", str(kface_tree / "High_Resolution"), "--out", str(out)),
-         ("High_Resolution_Resolution", "data.resolution")),
+         ("High_Resolution/High_Resolution does not exist", "data.resolution")),
         (("run", "--data-root", str(kface_tree), "--out", str(out), "--stages",
           "select,detcet"), ("detcet", "known")),
-        (("run", "--data-root", str(kface_tree), "--out", str(out), "--stages", "merge"),
+        (("run", "--data-root", str(kface_tree), "--out", str(out), "--stages", "merge",
+          "--metadata", str(kface_tree / "KFace_metadata.csv")),
          ("manifest.parquet", "--stages select,merge")),
         (("run", "--data-root", str(kface_tree), "--out", str(out)),
          ("metadata",)),  # no --metadata for a K-Face root
@@ -80,7 +83,6 @@ def test_bad_inputs_are_one_line_before_any_work(tmp_path, kface_tree, prefect_e
           str(tmp_path / "missing.csv")), ("missing.csv",)),
         (("export", "--model", str(tmp_path), "--format", "pdf"), ("pdf", "tflite")),
     ]
-    (tmp_path / "empty-but-not").mkdir()
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("SubjectNo,age_band,gender\n19062400,20s,M\n", encoding="utf-8")
     cases.append((("run", "--data-root", str(kface_tree), "--out", str(out), "--metadata",
