@@ -42,7 +42,7 @@ from flows.cache import (
     train_key,
 )
 from flows.config import PipelineConfig, dump_config
-from flows.preflight import STAGES, missing_input, parse_stages
+from flows.preflight import STAGES, check_stage_names, missing_input
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_shard
 from tasks.detect import Shard, ShardingConfig, detect_shard, remove_stale_shards
@@ -365,7 +365,7 @@ def shard_runner(sharding: ShardingConfig):
 @flow(name="kface-pipeline")
 def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict:
     """Run the requested stages (default: all) in order; returns each stage's summary."""
-    stages = parse_stages(",".join(stages)) if stages else list(STAGES)
+    stages = check_stage_names(stages or list(STAGES))
     from prefect.runtime import flow_run
 
     with folder_lock(config.out, f"flow run {flow_run.get_name()}"):

@@ -12,7 +12,6 @@ refused in about a second.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -52,16 +51,20 @@ def missing_input(out: Path, stage: str, available: set[str] = frozenset()) -> s
     return None
 
 
-def parse_stages(text: str | None) -> list[str] | None:
-    """``"select, detect"`` -> ``["select", "detect"]``; unknown names are refused."""
-    if not text:
-        return None
-    stages = [s.strip() for s in text.split(",") if s.strip()]
+def check_stage_names(stages: list[str]) -> list[str]:
+    """Return ``stages`` unless one of them is not a stage name (InputError)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise InputError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: "
                          f"{', '.join(STAGES)}")
-    return stages
+    return list(stages)
+
+
+def parse_stages(text: str | None) -> list[str] | None:
+    """``"select, detect"`` -> ``["select", "detect"]``; unknown names are refused."""
+    if not text:
+        return None
+    return check_stage_names([s.strip() for s in text.split(",") if s.strip()])
 
 
 def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
@@ -70,8 +73,7 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
     from tasks.labels import LabelsError, read_metadata
     from tasks.select import DatasetError, check_dataset
 
-    stages = list(stages or STAGES)
-    parse_stages(",".join(stages))
+    stages = check_stage_names(stages or list(STAGES))
     data = config.data
     try:
         if "select" in stages:
@@ -111,5 +113,3 @@ def check_writable(folder: Path) -> None:
     except OSError as exc:
         raise InputError(f"--out {folder}: cannot write in {probe} ({exc.strerror}): choose "
                          "another run folder") from exc
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {folder}: {probe} is not writable: choose another run folder")

@@ -45,13 +45,13 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; readers (web server, container) need more
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, FILE_MODE)  # the writer may have replaced the file
+        # mkstemp made it 0600 (and a writer may have replaced the file): readers such as a
+        # web server or a container need the usual mode
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
