@@ -1,8 +1,13 @@
 """Where each stage's output lives, what its cache key is, and whether it is up to date.
 
-A stage's cache key is the fingerprint of what its output depends on: its upstream
-outputs (file sha256, or the shards' own keys), its config section(s) and its code
-version. The key is stored with the output (Parquet schema metadata, or the stage's
+A stage's cache key is the fingerprint of what its output depends on: the content of
+its upstream outputs (their stored ``content_digest``, or the shards' own keys), the
+content of the files it reads from outside (the metadata CSV's, the weights' sha256), the
+settings that change its result and its code version. Never a path: the same dataset
+reached through a symlink, a relative path or another mount point gives the same keys, so
+nothing is recomputed (photos are identified by their path below the root, size and
+mtime: a move that keeps mtimes, such as ``mv``, ``cp -a`` or ``rsync -a``, keeps every
+key). The key is stored with the output (Parquet schema metadata, or the stage's
 ``stages/<stage>.json``), so a run skips a stage whose stored key equals the expected
 one, and ``kface status`` can tell, without running anything, which stages a run would
 redo. Both use the functions below; nothing else computes keys for the run folder.
@@ -10,7 +15,6 @@ redo. Both use the functions below; nothing else computes keys for the run folde
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ import pyarrow.parquet as pq
 from flows.config import PipelineConfig
 from tasks.crops import crop_shard_key
 from tasks.detect import Shard, plan_shards, shard_cache_key
-from tasks.storage import file_sha256, fingerprint, read_cache_key
+from tasks.storage import content_digest, file_sha256, fingerprint, read_cache_key, table_digest
 from tasks.train import CODE_VERSION as TRAIN_CODE_VERSION
 
 SELECT_CODE_VERSION = "select-1"
@@ -46,26 +50,19 @@ def stage_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def table_digest(table: pa.Table) -> str:
-    """sha256 of a table's data (schema metadata left out)."""
-    sink = pa.BufferOutputStream()
-    table = table.replace_schema_metadata(None)
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
-
-
 def _sha(path: Path) -> str | None:
     return file_sha256(path) if path.exists() else None
 
 
-def _shard_keys(folder: Path) -> list[str | None]:
-    return [read_cache_key(p) for p in sorted(Path(folder).glob("shard-*.parquet"))]
+def _shard_keys(folder: Path, shards: list[Shard]) -> list[str | None]:
+    """The stored keys of the planned shard files (files not in the plan are ignored)."""
+    return [read_cache_key(Path(folder) / s.filename) for s in shards]
 
 
 def select_key(config: PipelineConfig, manifest: pa.Table) -> str:
-    """The dataset scan result (paths, sizes, mtimes) + data/selection settings."""
-    return fingerprint(config.data.model_dump(mode="json"),
+    """The scan result (paths below the root, sizes, mtimes, labels) + the settings that
+    choose photos; not where the root or the labels file is."""
+    return fingerprint(config.data.layout, config.data.resolution,
                        config.selection.model_dump(mode="json"), table_digest(manifest),
                        SELECT_CODE_VERSION)
 
@@ -73,19 +70,29 @@ def select_key(config: PipelineConfig, manifest: pa.Table) -> str:
 def merge_key(config: PipelineConfig) -> str:
     paths = stage_paths(config.out)
     metadata = config.data.metadata if config.data.layout == "kface" else None
-    return fingerprint(_sha(paths["manifest"]), _shard_keys(paths["detections"]),
-                       _sha(metadata) if metadata else None, MERGE_CODE_VERSION)
+    return fingerprint(content_digest(paths["manifest"]),
+                       _shard_keys(paths["detections"], detect_shards(config)),
+                       _sha(Path(metadata)) if metadata else None, MERGE_CODE_VERSION)
 
 
 def split_key(config: PipelineConfig) -> str:
-    return fingerprint(_sha(stage_paths(config.out)["faces"]),
+    return fingerprint(content_digest(stage_paths(config.out)["faces"]),
                        config.split.model_dump(mode="json"), SPLIT_CODE_VERSION)
+
+
+def model_settings(config: PipelineConfig) -> dict:
+    """The model section with a weights file replaced by its sha256 (not its path)."""
+    settings = config.model.model_dump(mode="json")
+    if config.model.weights not in ("none", "imagenet") and Path(config.model.weights).is_file():
+        settings["weights"] = file_sha256(Path(config.model.weights))
+    return settings
 
 
 def train_key(config: PipelineConfig) -> str:
     paths = stage_paths(config.out)
-    return fingerprint(_shard_keys(paths["crops"]), _sha(paths["faces"]), _sha(paths["split"]),
-                       config.crops.model_dump(), config.model.model_dump(),
+    return fingerprint(_shard_keys(paths["crops"], crop_plan(config)[0]),
+                       content_digest(paths["faces"]), content_digest(paths["split"]),
+                       config.crops.model_dump(), model_settings(config),
                        config.train.model_dump(), TRAIN_CODE_VERSION)
 
 
@@ -98,20 +105,46 @@ def evaluate_key(train_cache_key: str | None) -> str:
 
 
 def detect_shards(config: PipelineConfig) -> list[Shard]:
-    manifest = pq.read_table(stage_paths(config.out)["manifest"],
-                             columns=["path", "file_size", "mtime_ns"])
-    return plan_shards(manifest, config.sharding.shard_size)
+    """The detection shards of the run folder's manifest (empty before select ran)."""
+    path = stage_paths(config.out)["manifest"]
+    if not path.exists():
+        return []
+    manifest = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns"])
+    return plan_shards(manifest, config.data.layout)
 
 
 def crop_plan(config: PipelineConfig) -> tuple[list[Shard], dict[str, list[int]]]:
-    """The crop shards (same cut as detection, over ``faces.parquet``) and each face's box."""
-    table = pq.read_table(stage_paths(config.out)["faces"],
-                          columns=["path", "file_size", "mtime_ns", "left", "top", "right",
-                                   "bottom"])
+    """The crop shards (same partition as detection, over ``faces.parquet``) and each
+    face's box."""
+    path = stage_paths(config.out)["faces"]
+    if not path.exists():
+        return [], {}
+    table = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns",
+                                         "left", "top", "right", "bottom"])
     faces = table.to_pandas()
     boxes = dict(zip(faces.path, faces[["left", "top", "right", "bottom"]].to_numpy().tolist(),
                      strict=True))
-    return plan_shards(table, config.sharding.shard_size), boxes
+    return plan_shards(table, config.data.layout), boxes
+
+
+def detection_errors(config: PipelineConfig) -> dict[str, dict[str, int]]:
+    """Counts of the planned detection shards' failed rows: ``{status: {reason: n}}`` for
+    the statuses ``error`` (final) and ``unreadable`` (retried by the next run)."""
+    folder = stage_paths(config.out)["detections"]
+    files = [str(folder / s.filename) for s in detect_shards(config)
+             if (folder / s.filename).exists()]
+    counts: dict[str, dict[str, int]] = {}
+    for file in files:
+        schema = pq.read_schema(file)
+        if "reason" not in schema.names:
+            continue  # written before reasons were recorded; recomputed by the next run
+        table = pq.read_table(file, columns=["status", "reason"])
+        for status, reason in zip(table.column("status").to_pylist(),
+                                  table.column("reason").to_pylist(), strict=True):
+            if status in ("error", "unreadable"):
+                by_reason = counts.setdefault(status, {})
+                by_reason[reason] = by_reason.get(reason, 0) + 1
+    return counts
 
 
 def stored_summary(config: PipelineConfig, stage: str) -> dict | None:
@@ -136,9 +169,9 @@ def _shard_state(folder: Path, expected: dict[str, str]) -> tuple[bool, bool, st
     current = sum(on_disk.get(name) == key for name, key in expected.items())
     extra = len(set(on_disk) - set(expected))
     detail = f"{current}/{len(expected)} shards current"
-    if extra:
+    if extra:  # never read (merge and crops read the planned files); the next run drops them
         detail += f", {extra} shard files no longer planned"
-    return bool(on_disk), current == len(expected) and not extra, detail
+    return bool(on_disk), current == len(expected), detail
 
 
 def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
@@ -184,8 +217,14 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
 
     if upstream_ok:
         shards = detect_shards(config)
-        add("detect", *_shard_state(paths["detections"], {
-            s.filename: shard_cache_key(s, config.detector) for s in shards}))
+        exists, current, detail = _shard_state(paths["detections"], {
+            s.filename: shard_cache_key(s, config.detector) for s in shards})
+        unreadable = detection_errors(config).get("unreadable", {})
+        if current and unreadable:
+            current = False
+            detail += (f", {sum(unreadable.values())} photo(s) could not be read last time "
+                       "(retried)")
+        add("detect", exists, current, detail)
     else:
         add("detect", any(paths["detections"].glob("shard-*.parquet")), False)
 

@@ -105,17 +105,22 @@ def run(
     shard_size: int | None = ShardSizeOpt,
     threshold: float | None = ThresholdOpt,
     dask_address: str | None = DaskOpt,
+    allow_stale: bool = typer.Option(
+        False, "--allow-stale", help="With --stages: use inputs that are out of date (by "
+        "default such a run is refused, naming the stages to add)."),
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Run the pipeline (or --stages of it) with one Prefect flow run. Stages whose inputs,
     settings and code are unchanged are skipped (shown as cached)."""
-    from flows.preflight import InputError, check_run, parse_stages
+    from flows.preflight import InputError, check_inputs_current, check_run, parse_stages
 
     cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
                 threshold, dask_address, set_)
     try:  # before the server starts and before any photo is read
         stage_list = parse_stages(stages)
         check_run(cfg, stage_list)
+        if stage_list and not allow_stale:
+            check_inputs_current(cfg, stage_list)
     except InputError as exc:
         _fail(str(exc))
 
@@ -135,7 +140,8 @@ def run(
             console.print(_api_line(url, temporary))
             from flows.pipeline import kface_pipeline
 
-            summaries = kface_pipeline(config=cfg, stages=stage_list)
+            # (checked above, before the server: the flow need not scan again)
+            summaries = kface_pipeline(config=cfg, stages=stage_list, allow_stale=True)
     except user_errors as exc:
         if _debug():
             raise
@@ -209,7 +215,15 @@ def status(
         table.add_column(col)
     for row in rows:
         table.add_row(row.stage, f"[{colour[row.state]}]{row.state}[/]", row.detail)
-    Console(soft_wrap=True).print(table)
+    out_console = Console(soft_wrap=True)
+    out_console.print(table)
+    from flows.cache import detection_errors
+
+    for state, by_reason in sorted(detection_errors(cfg).items()):
+        what = ("final errors (the file is not a usable image)" if state == "error" else
+                "unreadable (a passing read error: the next run retries them)")
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
+        out_console.print(f"detect {what}: {counts}")
 
 
 @app.command()

@@ -42,10 +42,16 @@ from flows.cache import (
     train_key,
 )
 from flows.config import PipelineConfig, dump_config
-from flows.preflight import STAGES, check_stage_names, missing_input
+from flows.preflight import STAGES, check_inputs_current, check_stage_names, missing_input
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_shard
-from tasks.detect import Shard, ShardingConfig, detect_shard, remove_stale_shards
+from tasks.detect import (
+    Shard,
+    ShardingConfig,
+    batch_shards,
+    detect_shard,
+    remove_stale_shards,
+)
 from tasks.labels import LabelsError, merge_faces, read_metadata
 from tasks.select import select_images
 from tasks.split import split_faces
@@ -122,45 +128,51 @@ def select_task(config: PipelineConfig):
     return summary
 
 
-@task(name="detect-shard", cache_policy=NO_CACHE, retries=1)
-def detect_shard_task(root: Path, shard: Shard, detector: DetectorConfig, out_dir: Path,
-                      opencv_threads: int):
-    """Thin wrapper: detect one shard; a shard already on disk comes back as Cached."""
-    return _shard_state(detect_shard(root, shard, detector, out_dir, opencv_threads), shard)
+@task(name="detect-shards", cache_policy=NO_CACHE, retries=1)
+def detect_shards_task(root: Path, shards: list[Shard], detector: DetectorConfig,
+                       out_dir: Path, opencv_threads: int):
+    """Thin wrapper: detect a batch of shards; shards already on disk are not redone."""
+    return _batch_state([detect_shard(root, shard, detector, out_dir, opencv_threads)
+                         for shard in shards])
 
 
-@task(name="crop-shard", cache_policy=NO_CACHE, retries=1)
-def crop_shard_task(root: Path, shard: Shard, boxes: list, crops: CropConfig, out_dir: Path,
-                    opencv_threads: int):
-    """Thin wrapper: crop one shard of faces into the crop cache."""
-    return _shard_state(crop_shard(root, shard, boxes, crops, out_dir, opencv_threads), shard)
+@task(name="crop-shards", cache_policy=NO_CACHE, retries=1)
+def crop_shards_task(root: Path, shards: list[Shard], boxes: list[list], crops: CropConfig,
+                     out_dir: Path, opencv_threads: int):
+    """Thin wrapper: crop a batch of shards of faces into the crop cache."""
+    return _batch_state([crop_shard(root, shard, shard_boxes, crops, out_dir, opencv_threads)
+                         for shard, shard_boxes in zip(shards, boxes, strict=True)])
 
 
-def _shard_state(summary: dict, shard: Shard):
-    if summary["reused"]:
-        return Completed(data=summary, name="Cached",
-                         message=f"{shard.filename} already complete (cache key matches)")
-    return summary
+def _batch_state(summaries: list[dict]):
+    """A batch whose every shard was already complete is shown as Cached."""
+    if all(s["reused"] for s in summaries):
+        return Completed(data=summaries, name="Cached", message=f"{len(summaries)} shard(s) "
+                         "already complete (cache keys match)")
+    return summaries
 
 
-def _run_shards(stage: str, out_dir: Path, shards: list[Shard], submit) -> dict:
-    """Submit one task per shard, show progress (terminal + Prefect artifact), drop stale
-    shard files, and return the stage summary."""
+def _run_shards(stage: str, out_dir: Path, shards: list[Shard], sharding: ShardingConfig,
+                submit) -> dict:
+    """Submit one task per batch of shards (``sharding.shard_size`` photos), show progress
+    (terminal + Prefect artifact), drop shard files no longer planned, and return the
+    stage summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in out_dir.glob(".shard-*.tmp"):  # left by a killed run; never a final file
         tmp.unlink(missing_ok=True)
     start = time.perf_counter()
     progress_id = create_progress_artifact(0.0, key=f"{stage}-progress",
                                            description=f"{stage}: shards done (%)")
-    futures = [submit(shard) for shard in shards]
+    futures = [submit(batch) for batch in batch_shards(shards, sharding.shard_size)]
     results = []
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn()) as bar:
-        tid = bar.add_task(f"{stage} shards", total=len(futures))
+        tid = bar.add_task(f"{stage} shards", total=len(shards))
         for future in as_completed(futures):
-            results.append(future.result())
-            bar.advance(tid)
-            update_progress_artifact(progress_id, 100.0 * len(results) / len(futures))
+            batch = future.result()
+            results.extend(batch)
+            bar.advance(tid, len(batch))
+            update_progress_artifact(progress_id, 100.0 * len(results) / max(1, len(shards)))
     removed = remove_stale_shards(out_dir, shards)
     counts: dict[str, int] = {}
     for r in results:
@@ -172,7 +184,8 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], submit) -> dict:
         "rows_out": sum(r["rows"] for r in results),
         "seconds": round(time.perf_counter() - start, 2),
         "shards": len(shards), "shards_reused": reused, "shards_computed": len(shards) - reused,
-        "stale_shards_removed": removed, "status_counts": counts,
+        "tasks": len(futures), "stale_shards_removed": removed, "status_counts": counts,
+        "rows_retried": sum(r.get("retried", 0) for r in results),
         "reused": reused == len(shards),
         "ran_on": sorted({r["ran_on"] for r in results if not r["reused"]}),
     }
@@ -198,9 +211,9 @@ def detect_flow(config: PipelineConfig) -> dict:
     paths = stage_paths(config.out)
     _require_inputs(config, "detect")
     shards = detect_shards(config)
-    summary = _run_shards("detect", paths["detections"], shards, lambda shard: (
-        detect_shard_task.submit(config.data.root, shard, config.detector,
-                                 paths["detections"], config.sharding.opencv_threads)))
+    summary = _run_shards("detect", paths["detections"], shards, config.sharding, lambda b: (
+        detect_shards_task.submit(config.data.root, b, config.detector, paths["detections"],
+                                  config.sharding.opencv_threads)))
     summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
     return _record(config, summary)
 
@@ -211,9 +224,9 @@ def crops_flow(config: PipelineConfig) -> dict:
     paths = stage_paths(config.out)
     _require_inputs(config, "crops")
     shards, boxes = crop_plan(config)
-    summary = _run_shards("crops", paths["crops"], shards, lambda shard: (
-        crop_shard_task.submit(config.data.root, shard, [boxes[p] for p in shard.paths],
-                               config.crops, paths["crops"], config.sharding.opencv_threads)))
+    summary = _run_shards("crops", paths["crops"], shards, config.sharding, lambda b: (
+        crop_shards_task.submit(config.data.root, b, [[boxes[p] for p in s.paths] for s in b],
+                                config.crops, paths["crops"], config.sharding.opencv_threads)))
     summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
     return _record(config, summary)
 
@@ -228,7 +241,15 @@ def merge_task(config: PipelineConfig):
         return _reused(config, "merge", key, "detections and labels are unchanged")
     start = time.perf_counter()
     manifest = pq.read_table(paths["manifest"]).to_pandas()
-    detections = pads.dataset(paths["detections"], format="parquet").to_table().to_pandas()
+    shards = detect_shards(config)
+    missing = [s.filename for s in shards if not (paths["detections"] / s.filename).exists()]
+    if missing:  # (a --stages merge run after subjects were added)
+        raise MissingInputError(
+            f"merge: {len(missing)} planned detection shard(s) not on disk (e.g. "
+            f"{paths['detections'] / missing[0]}): run with --stages detect,merge")
+    # only the planned shards: files of an earlier plan are never merged
+    detections = pads.dataset([str(paths["detections"] / s.filename) for s in shards],
+                              format="parquet").to_table().to_pandas()
     labels = None
     if config.data.layout == "kface":
         if config.data.metadata is None:
@@ -313,9 +334,9 @@ def train_task(config: PipelineConfig):
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(config: PipelineConfig):
-    """Evaluate the model on the validation split and write ``reports/``."""
+    """Score the model on the test split (validation apart) and write ``reports/``."""
     from models.classifier import load_classifier
-    from tasks.evaluate import compute_metrics, predict_frame, write_report
+    from tasks.evaluate import evaluation_metrics, write_report
     from tasks.train import load_examples, load_history
 
     paths = stage_paths(config.out)
@@ -325,32 +346,53 @@ def evaluate_task(config: PipelineConfig):
             (stored_summary(config, "evaluate") or {}).get("cache_key") == key):
         return _reused(config, "evaluate", key, "the report is up to date")
     start = time.perf_counter()
-    val = load_examples(paths["crops"], paths["faces"], paths["split"])["val"]
+    examples = load_examples(paths["crops"], paths["faces"], paths["split"])
     model = load_classifier(paths["model"] / "model.keras")
-    probs = predict_frame(model, val, config.crops.size)
-    metrics = compute_metrics(val, probs)
+    metrics = evaluation_metrics(model, examples, config.crops.size,
+                                 synthetic_labels=labels_are_synthetic(config))
     stages = paths["stages"]
     report_path = write_report(metrics, load_history(paths["model"]),
                                json.loads((stages / "split.json").read_text()),
                                json.loads((stages / "merge.json").read_text()),
                                paths["reports"])
-    summary = {"stage": "evaluate", "rows_in": len(val), "rows_out": len(val),
+    scored = metrics["scored_split"]
+    summary = {"stage": "evaluate", "rows_in": metrics["examples"],
+               "rows_out": metrics["examples"],
                "seconds": round(time.perf_counter() - start, 2), "reused": False,
-               "cache_key": key, "report": str(report_path),
-               "val_gender_accuracy": metrics["gender"]["accuracy"],
-               "val_age_band_accuracy": metrics["age_band"]["accuracy"],
-               "val_age_band_within_one": metrics["age_band"]["accuracy_within_one_band"]}
+               "cache_key": key, "report": str(report_path), "scored_split": scored,
+               f"{scored}_gender_accuracy": metrics["gender"]["accuracy"],
+               f"{scored}_age_band_accuracy": metrics["age_band"]["accuracy"],
+               f"{scored}_age_band_within_one": metrics["age_band"]["accuracy_within_one_band"],
+               "warnings": metrics["warnings"]}
     _record(config, summary)
     create_markdown_artifact(key="kface-report", markdown=report_path.read_text(),
                              description="Evaluation report")
     create_table_artifact(key="kface-metrics", table=[
-        {"head": h, "accuracy": metrics[h]["accuracy"], "macro_f1": metrics[h]["macro_f1"]}
-        for h in ("gender", "age_band")], description="Validation metrics")
-    get_run_logger().info("evaluate: val gender %.3f, age band %.3f (within one band %.3f); "
-                          "report %s", summary["val_gender_accuracy"],
-                          summary["val_age_band_accuracy"],
-                          summary["val_age_band_within_one"], report_path)
+        {"head": h, "split": scored, "accuracy": metrics[h]["accuracy"],
+         "ci95": metrics[h]["ci95"]["accuracy"], "macro_f1": metrics[h]["macro_f1"],
+         "majority_baseline": metrics[h]["baselines"]["majority_class"]["accuracy"]}
+        for h in ("gender", "age_band")], description=f"Metrics on the {scored} split")
+    logger = get_run_logger()
+    for warning in metrics["warnings"]:
+        logger.warning("evaluate: %s", warning)
+    g, a = metrics["gender"], metrics["age_band"]
+    logger.info("evaluate (%s, %d subjects): gender %.3f [%.3f-%.3f], age band %.3f "
+                "[%.3f-%.3f] (majority class %.3f), within one band %.3f; report %s", scored,
+                metrics["subjects"], g["accuracy"], *g["ci95"]["accuracy"], a["accuracy"],
+                *a["ci95"]["accuracy"], a["baselines"]["majority_class"]["accuracy"],
+                a["accuracy_within_one_band"], report_path)
     return summary
+
+
+def labels_are_synthetic(config: PipelineConfig) -> bool:
+    """Whether the sample generator marked this dataset's labels as made up."""
+    from tasks.sample_data import SYNTHETIC_MARKER
+
+    folders = {Path(config.data.root)}
+    for label_file in (config.data.metadata, config.data.labels):
+        if label_file:
+            folders.add(Path(label_file).parent)
+    return any((folder / SYNTHETIC_MARKER).exists() for folder in folders)
 
 
 def shard_runner(sharding: ShardingConfig):
@@ -363,12 +405,16 @@ def shard_runner(sharding: ShardingConfig):
 
 
 @flow(name="kface-pipeline")
-def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict:
-    """Run the requested stages (default: all) in order; returns each stage's summary."""
+def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None,
+                   allow_stale: bool = False) -> dict:
+    """Run the requested stages (default: all) in order; returns each stage's summary.
+    A subset of stages whose inputs are stale is refused unless ``allow_stale``."""
     stages = check_stage_names(stages or list(STAGES))
     from prefect.runtime import flow_run
 
     with folder_lock(config.out, f"flow run {flow_run.get_name()}"):
+        if not allow_stale:
+            check_inputs_current(config, stages)
         summaries = _run_stages(config, stages)
     create_markdown_artifact(
         key="kface-pipeline-summary",

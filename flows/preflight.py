@@ -8,6 +8,10 @@ for K-Face), missing detector or backbone weight files, a run folder that cannot
 written, and the inputs of requested stages whose producing stage is not requested.
 Everything here is cheap (no scan of the photo tree): a bad K-Face metadata file is
 refused in about a second.
+
+``check_inputs_current(config, stages)`` refuses a ``--stages`` run whose inputs are
+stale (the stage that writes them would recompute them), naming the input and the stages
+to add; it reads ``kface status``'s answer, so it scans the selected folders.
 """
 
 from __future__ import annotations
@@ -98,6 +102,30 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
         if problem:
             raise InputError(problem)
     check_writable(Path(config.out))
+
+
+def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
+    """Raise InputError when a requested stage would read an output of a stage that is not
+    requested and is not up to date (``kface status`` says stale)."""
+    from flows.cache import pipeline_status
+
+    wanted = set(stages)
+    needed = {producer for stage in stages for _, producer in STAGE_INPUTS.get(stage, ())}
+    if needed <= wanted:
+        return
+    states = {row.stage: row for row in pipeline_status(config)}
+    for stage in stages:
+        for name, producer in STAGE_INPUTS.get(stage, ()):
+            row = states[producer]
+            if producer in wanted or row.state in ("done", "cached"):
+                continue
+            first = next(s for s in STAGES if states[s].state not in ("done", "cached"))
+            last = max(STAGES.index(s) for s in stages)
+            rebuild = ",".join(s for s in STAGES[STAGES.index(first):last + 1])
+            raise InputError(
+                f"stage '{stage}' reads {stage_input_path(config.out, name)}, which is "
+                f"{row.state} ({row.detail or 'not up to date'}): run with --stages "
+                f"{rebuild} (or --allow-stale to use it as it is)")
 
 
 def check_writable(folder: Path) -> None:

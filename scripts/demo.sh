@@ -21,8 +21,8 @@ else
 fi
 .venv/bin/kface run -c configs/cpu-small.yaml --data-root "$SAMPLE" \
   --metadata "$SAMPLE/KFace_metadata.csv" --out "$OUT"
-if [ -z "$PHOTO" ]; then  # a photo of a validation subject: the model never trained on it
-  PHOTO="$SAMPLE/$(.venv/bin/python -c "import pandas as pd; s = pd.read_parquet('$OUT/split.parquet'); print(s[s.split == 'val'].path.iloc[0])")"
-  echo "sample prediction on $PHOTO (a validation subject, not trained on)"
+if [ -z "$PHOTO" ]; then  # a photo of a test subject: the model never trained on it
+  PHOTO="$SAMPLE/$(.venv/bin/python -c "import pandas as pd; s = pd.read_parquet('$OUT/split.parquet'); print(s[s.split == 'test'].path.iloc[0])")"
+  echo "sample prediction on $PHOTO (a test subject, not trained on)"
 fi
 .venv/bin/kface predict "$PHOTO" --model "$OUT/model" --out "$OUT/predictions" --annotated

@@ -4,7 +4,8 @@ Each face is cropped to its box with margin, resized to ``crops.size`` (INTER_AR
 converted to RGB and stored as JPEG bytes. Training decodes these small crops instead of
 re-reading and decoding every full photo in every epoch, as the original did. Shards are
 planned, cached and written exactly like detection shards; the key adds the boxes and
-the crop settings.
+the crop settings. A shard in which a photo could not be read for a passing reason is
+written without its key, so the next run builds it again.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.detect import Shard, worker_id
 from tasks.images import ImageError, load_image
-from tasks.storage import fingerprint, reuse_or_build
+from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
 
 CODE_VERSION = "crops-1"
+TRANSIENT_PREFIX = "unreadable: "  # an error that the next run retries
 CROPS_SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()),
                           ("error", pa.string())])
 
@@ -66,7 +68,7 @@ def crop_images(root: Path, paths: Sequence[str], boxes: Sequence[Sequence[int]]
             errors.append(None)
         except ImageError as exc:
             images.append(None)
-            errors.append(str(exc))
+            errors.append(f"{TRANSIENT_PREFIX}{exc}" if exc.transient else str(exc))
     return pa.table({"path": list(paths), "image": images, "error": errors},
                     schema=CROPS_SCHEMA)
 
@@ -83,11 +85,15 @@ def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: Cr
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
     key = crop_shard_key(shard, boxes, cfg)
-    table, reused = reuse_or_build(final, key,
-                                   lambda: crop_images(root, shard.paths, boxes, cfg))
-    if table is None:
+    reused = final.exists() and read_cache_key(final) == key
+    if reused:
         table = pq.read_table(final, columns=["error"])
+    else:
+        table = crop_images(root, shard.paths, boxes, cfg)
+        errors = [e for e in table.column("error").to_pylist() if e]
+        retry = any(e.startswith(TRANSIENT_PREFIX) for e in errors)
+        write_parquet_atomic(final, table, None if retry else key)
     ok = table.column("error").null_count  # error is null where the crop succeeded
-    return {"shard": shard.index, "file": str(final), "rows": table.num_rows,
+    return {"shard": shard.name, "file": str(final), "rows": table.num_rows,
             "reused": reused, "status_counts": {"ok": ok, "error": table.num_rows - ok},
             "ran_on": worker_id()}

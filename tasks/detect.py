@@ -1,22 +1,33 @@
-"""Detect stage: find the best face in every manifest image -> ``detections/shard-NNNNN.parquet``.
+"""Detect stage: find the best face in every manifest image -> ``detections/shard-<name>.parquet``.
 
-The manifest (sorted by path) is cut into consecutive shards of ``sharding.shard_size``
-rows. Each shard is one unit of work and one file. A shard file carries its cache key in
-its Parquet metadata: the shard's content fingerprint (paths, sizes, mtimes), the detector
-settings, the weights' sha256 and ``CODE_VERSION``. A shard whose file already holds the
-expected key is not recomputed, so reruns, crashed runs and runs without Prefect's result
-store all resume from the files on disk.
+The manifest is partitioned by subject (``plan_shards``): a K-Face subject is one shard
+(``shard-19062421.parquet``, 486 photos with the default selection); other layouts put
+each subject into one of ``HASH_BUCKETS`` buckets by a stable hash of its ID
+(``shard-h042.parquet``). So adding subjects adds or changes only their own shards,
+removing photos changes only their subject's shard, and no performance setting
+(``shard_size``, workers, Dask) moves a photo to another shard. ``sharding.shard_size``
+only groups consecutive shards into one task run.
+
+A shard file carries its cache key in its Parquet metadata: the shard's content
+fingerprint (paths relative to the data root, sizes, mtimes), the detector settings (not
+the weight paths), the weights' sha256 and ``CODE_VERSION``. A shard whose file already
+holds the expected key is not recomputed, so reruns, crashed runs, moved dataset roots and
+runs without Prefect's result store all resume from the files on disk. Rows whose photo
+could not be read for a passing reason (status ``unreadable``) are retried on the next
+run, alone.
 
 Detections schema (one row per manifest image; see docs/data-contracts.md):
 ``path`` (str), ``image_width``, ``image_height`` (int32, full size), ``decode_factor``
 (int8: 1, 2, 4, 8), ``n_faces`` (int16, faces above the threshold after NMS), ``score``
 (float32, best face), ``x1, y1, x2, y2`` (int32, best face's raw box in pixels),
 ``left, top, right, bottom`` (int32, best box with margin, clipped to the image),
-``status`` (``ok`` / ``no_face`` / ``error``), ``error`` (str, the reason, else null).
+``status`` (``ok`` / ``no_face`` / ``error`` / ``unreadable``), ``error`` (str, the
+message, else null), ``reason`` (str, the error's short code, see ``ImageError``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Sequence
@@ -31,9 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.detector import DetectorConfig, get_detector, weights_sha256
 from tasks.images import ImageError, load_image
-from tasks.storage import fingerprint, reuse_or_build
+from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
 
-CODE_VERSION = "detect-2"  # 2: phantom rule, aspect-keeping input
+CODE_VERSION = "detect-3"  # 2: phantom rule, aspect-keeping input; 3: error reasons
+HASH_BUCKETS = 256  # shards of a layout without many photos per subject
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -47,6 +59,7 @@ DETECTIONS_SCHEMA = pa.schema(
         ("left", pa.int32()), ("top", pa.int32()), ("right", pa.int32()), ("bottom", pa.int32()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("reason", pa.string()),
     ]
 )
 
@@ -57,8 +70,9 @@ class ShardingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shard_size: int = Field(
-        250, ge=1, description="Images per shard (one task run, one file); the same "
-        "manifest always gives the same shards.")
+        250, ge=1, description="Images per task run: consecutive shards (one per K-Face "
+        "subject) are grouped into one task up to about this many images. A performance "
+        "setting only: it changes no file and no cache key.")
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1,
         description="Worker processes (ProcessPoolTaskRunner, spawn).",
@@ -72,37 +86,69 @@ class ShardingConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of sharded work: manifest rows ``[start, stop)``."""
+    """One unit of sharded work and one file: the photos of one partition (see
+    ``partition_name``), sorted by path."""
 
-    index: int
+    name: str
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
     mtimes: tuple[int, ...]
 
     @property
     def filename(self) -> str:
-        return f"shard-{self.index:05d}.parquet"
+        return f"shard-{self.name}.parquet"
 
     def content_fingerprint(self) -> str:
         return fingerprint(self.paths, self.sizes, self.mtimes)
 
 
-def plan_shards(manifest: pa.Table, shard_size: int) -> list[Shard]:
-    """Cut the manifest (sorted by path) into consecutive shards of ``shard_size`` rows."""
-    manifest = manifest.sort_by("path")
-    paths = manifest.column("path").to_pylist()
-    sizes = manifest.column("file_size").to_pylist()
-    mtimes = manifest.column("mtime_ns").to_pylist()
-    return [
-        Shard(i // shard_size, tuple(paths[i:i + shard_size]), tuple(sizes[i:i + shard_size]),
-              tuple(mtimes[i:i + shard_size]))
-        for i in range(0, len(paths), shard_size)
-    ]
+def partition_name(subject_id: str, layout: str) -> str:
+    """The shard a subject's photos go to: the K-Face ID itself (486 photos a subject),
+    else one of ``HASH_BUCKETS`` buckets by the sha256 of the ID (a labelled folder
+    often has one photo a subject). Depends on nothing but the ID."""
+    if layout == "kface":
+        return subject_id  # 8 digits (select matched it with \d{8})
+    bucket = int(hashlib.sha256(subject_id.encode()).hexdigest()[:8], 16) % HASH_BUCKETS
+    return f"h{bucket:03d}"
+
+
+def plan_shards(table: pa.Table, layout: str) -> list[Shard]:
+    """Partition manifest-like rows (``path``, ``subject_id``, ``file_size``,
+    ``mtime_ns``) into shards by subject, sorted by shard name, paths sorted inside."""
+    table = table.sort_by("path")
+    groups: dict[str, list[tuple[str, int, int]]] = {}
+    for path, subject, size, mtime in zip(
+            table.column("path").to_pylist(), table.column("subject_id").to_pylist(),
+            table.column("file_size").to_pylist(), table.column("mtime_ns").to_pylist(),
+            strict=True):
+        groups.setdefault(partition_name(subject, layout), []).append((path, size, mtime))
+    return [Shard(name, *(tuple(col) for col in zip(*rows, strict=True)))
+            for name, rows in sorted(groups.items())]
+
+
+def batch_shards(shards: Sequence[Shard], shard_size: int) -> list[list[Shard]]:
+    """Group consecutive shards into task-sized batches of about ``shard_size`` photos
+    (a shard is never split; a batch closes once it holds ``shard_size`` or more)."""
+    batches: list[list[Shard]] = []
+    size = shard_size
+    for shard in shards:
+        if size >= shard_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(shard)
+        size += len(shard.paths)
+    return batches
+
+
+def detector_settings(detector: DetectorConfig) -> dict:
+    """The detector settings that change results: every field but the weight paths (the
+    weights' sha256 stands for them, so moving the files changes nothing)."""
+    return detector.model_dump(mode="json", exclude={"model_path", "config_path"})
 
 
 def shard_cache_key(shard: Shard, detector: DetectorConfig) -> str:
     """Content fingerprint + detector settings + weights sha256 + code version."""
-    return fingerprint(shard.content_fingerprint(), detector.model_dump(mode="json"),
+    return fingerprint(shard.content_fingerprint(), detector_settings(detector),
                        weights_sha256(detector), CODE_VERSION)
 
 
@@ -120,9 +166,11 @@ def detect_images(root: Path, paths: Sequence[str], cfg: DetectorConfig) -> pa.T
             row.update(image_width=width, image_height=height, decode_factor=factor)
             faces = detector.detect(image, width, height)
         except ImageError as exc:
-            row.update(status="error", error=str(exc), n_faces=0)
+            row.update(status="unreadable" if exc.transient else "error", error=str(exc),
+                       reason=exc.reason, n_faces=0)
         except cv2.error as exc:  # e.g. a degenerate image the network rejects
-            row.update(status="error", error=f"OpenCV: {exc.err}", n_faces=0)
+            row.update(status="error", error=f"OpenCV: {exc.err}", reason="detector",
+                       n_faces=0)
         else:
             row["n_faces"] = len(faces)
             if faces:
@@ -139,22 +187,36 @@ def detect_images(root: Path, paths: Sequence[str], cfg: DetectorConfig) -> pa.T
 
 def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
                  opencv_threads: int = 1) -> dict:
-    """Detect one shard into ``out_dir/shard-NNNNN.parquet`` unless it is already there.
+    """Detect one shard into ``out_dir/shard-<name>.parquet`` unless it is already there;
+    a shard on disk with ``unreadable`` rows gets only those rows detected again.
 
-    Returns a summary: ``{"shard", "file", "rows", "reused", "status_counts"}``.
+    Returns a summary: ``{"shard", "file", "rows", "reused", "retried", "status_counts"}``.
     """
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
     key = shard_cache_key(shard, cfg)
-    table, reused = reuse_or_build(final, key, lambda: detect_images(root, shard.paths, cfg))
-    if table is None:
+    retried, reused = 0, False
+    if final.exists() and read_cache_key(final) == key:
         table = pq.read_table(final, columns=["status"])
+        redo = pc.equal(table.column("status"), "unreadable")
+        retried = pc.sum(redo).as_py() or 0
+        if retried:
+            table = pq.read_table(final).replace_schema_metadata(None)
+            paths = table.filter(redo).column("path").to_pylist()
+            table = pa.concat_tables([table.filter(pc.invert(redo)),
+                                      detect_images(root, paths, cfg)]).sort_by("path")
+            write_parquet_atomic(final, table, key)
+        reused = not retried
+    else:
+        table = detect_images(root, shard.paths, cfg)
+        write_parquet_atomic(final, table, key)
     counts = pc.value_counts(table.column("status")).to_pylist()
     return {
-        "shard": shard.index,
+        "shard": shard.name,
         "file": str(final),
         "rows": table.num_rows,
         "reused": reused,
+        "retried": retried,
         "status_counts": {c["values"]: c["counts"] for c in counts},
         "ran_on": worker_id(),
     }

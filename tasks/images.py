@@ -1,11 +1,18 @@
 """Decoding photos robustly: one function that every stage uses to read an image.
 
 Bad files (empty, truncated, not an image, unreadable, too large, broken links) raise
-``ImageError`` with a one-line reason; callers turn that into an ``error`` row.
+``ImageError`` with a one-line message and a short ``reason``; callers turn that into an
+``error`` row. A read that fails for a passing reason (EIO, a timeout, a stale NFS handle:
+``TRANSIENT_ERRNOS``) is retried a few times with back-off (``read_file``); if it still
+fails the error is ``transient`` and the stages retry that photo on their next run, while
+a file that was read but is not a valid image stays a final error.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import time
 from pathlib import Path
 
 import cv2
@@ -18,25 +25,60 @@ _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
+# errors of a read that may well succeed a moment later (network and flaky disks)
+TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
+    errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+    errno.ENETDOWN, errno.ENETUNREACH, errno.ENOLCK, errno.EREMOTEIO})
+READ_ATTEMPTS = 3  # first try + 2 retries, 0.2 s and 0.8 s apart
+
+
 class ImageError(ValueError):
-    """An image cannot be decoded; ``str(exc)`` is the reason."""
+    """An image cannot be used; ``str(exc)`` is the message, ``reason`` a short code
+    (``empty``, ``missing``, ``permission``, ``io``, ``not_image``, ``truncated``,
+    ``corrupt``, ``too_large``, ``decode``) and ``transient`` whether a later run may
+    succeed without the file changing (``io`` and ``permission``)."""
+
+    def __init__(self, message: str, reason: str = "corrupt", transient: bool = False):
+        super().__init__(message)
+        self.reason = reason
+        self.transient = transient
 
 
-def image_header(path: Path) -> tuple[int, int, str]:
-    """Return ``(width, height, format)`` from the file header without decoding pixels."""
+def read_file(path: Path, attempts: int = READ_ATTEMPTS, delay: float = 0.2) -> bytes:
+    """The file's bytes; a transient OS error is retried ``attempts - 1`` times with
+    back-off (``delay``, then 4x), then raised as a transient ``ImageError``."""
+    for attempt in range(attempts):
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError as exc:
+            raise ImageError("file not found (missing file or broken symlink)",
+                             "missing") from exc
+        except PermissionError as exc:
+            # fixed by a chmod, which does not change the file's mtime: retry next run
+            raise ImageError("permission denied", "permission", transient=True) from exc
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                raise ImageError(f"cannot read file: {exc.strerror or exc}", "io") from exc
+            if attempt == attempts - 1:
+                raise ImageError(f"read failed {attempts} times: {exc.strerror or exc} "
+                                 "(retried on the next run)", "io", transient=True) from exc
+            time.sleep(delay * 4 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def image_header(data: bytes) -> tuple[int, int, str]:
+    """Return ``(width, height, format)`` from the file's header bytes (no decoding)."""
+    if not data:
+        raise ImageError("empty file (0 bytes)", "empty")
     try:
-        if path.stat().st_size == 0:
-            raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             return im.size[0], im.size[1], (im.format or "").upper()
-    except FileNotFoundError as exc:
-        raise ImageError("file not found (missing file or broken symlink)") from exc
-    except PermissionError as exc:
-        raise ImageError("permission denied") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError("not a recognised image format") from exc
+        raise ImageError("not a recognised image format", "not_image") from exc
     except OSError as exc:
-        raise ImageError(f"cannot read header: {exc}") from exc
+        raise ImageError(f"cannot read header: {exc}", "corrupt") from exc
 
 
 def reduction_factor(width: int, height: int, fmt: str, min_side: int) -> int:
@@ -57,23 +99,22 @@ def load_image(path: Path, min_decode_side: int = 0,
     Returns ``(image, width, height, factor)``: ``width``/``height`` are the full-size
     dimensions (as stored, EXIF orientation applied), ``factor`` the reduction used.
     """
-    width, height, fmt = image_header(path)
+    data = read_file(Path(path))  # one read: header and pixels come from these bytes
+    width, height, fmt = image_header(data)
     if width * height > max_pixels:
         raise ImageError(
             f"{width}x{height} = {width * height:,} pixels exceeds detector.max_pixels "
-            f"({max_pixels:,}): possible decompression bomb"
+            f"({max_pixels:,}): possible decompression bomb", "too_large"
         )
     factor = reduction_factor(width, height, fmt, min_decode_side)
-    try:
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc}") from exc
-    if fmt == "JPEG" and b"\xff\xd9" not in buf[-1024:].tobytes():
+    if fmt == "JPEG" and b"\xff\xd9" not in data[-1024:]:
         # libjpeg pads a truncated file with grey and only warns; treat it as an error
-        raise ImageError("truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(buf, _REDUCED.get(factor, cv2.IMREAD_COLOR))
+        raise ImageError("truncated JPEG (no end-of-image marker)", "truncated")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8),
+                         _REDUCED.get(factor, cv2.IMREAD_COLOR))
     if image is None:
-        raise ImageError(f"OpenCV cannot decode this {fmt or 'file'} (truncated or corrupt)")
+        raise ImageError(f"OpenCV cannot decode this {fmt or 'file'} (truncated or corrupt)",
+                         "decode")
     h, w = image.shape[:2]
     if factor == 1:
         width, height = w, h

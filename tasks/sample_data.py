@@ -29,6 +29,8 @@ from tasks.select import AGE_BANDS, GENDERS, age_to_band, normalise_age_band, no
 from tasks.storage import atomic_path
 
 HIGH_SIZE = (864, 576)  # width, height of K-Face High_Resolution photos
+# beside labels that are made up; the evaluation report then says so in its first lines
+SYNTHETIC_MARKER = "LABELS_ARE_SYNTHETIC"
 KOREAN_GENDER = {"M": "남", "F": "여"}
 ASTRONAUT_FACE = (125, 5, 325, 235)  # left, top, right, bottom: the face with a margin
 
@@ -69,7 +71,13 @@ def write_public_faces(out: Path, n_subjects: int, seed: int = 0) -> Path:
         rows.append((name, AGE_BANDS[i % 4], GENDERS[(i // 4) % 2]))
     pd.DataFrame(rows, columns=["file", "age_band", "gender"]).to_csv(out / "labels.csv",
                                                                         index=False)
+    (out / SYNTHETIC_MARKER).write_text(_SYNTHETIC_NOTE)
     return out
+
+
+_SYNTHETIC_NOTE = ("The labels in this folder are synthetic: made up by kface's sample "
+                   "generator (tasks/sample_data.py) to run the pipeline end to end. A model "
+                   "trained on them learns nothing about age or gender.\n")
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,8 @@ def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec
                             (folder / f"{c}.txt").write_text(" ".join(map(str, box)) + "\n")
         subjects.append((sid, rec.file, rec.age_band, rec.gender))
     table = pd.DataFrame(subjects, columns=["subject_id", "source", "age_band", "gender"])
+    if (Path(faces_dir) / SYNTHETIC_MARKER).exists():
+        (out / SYNTHETIC_MARKER).write_text(_SYNTHETIC_NOTE)
     write_metadata_csv(out / "KFace_metadata.csv",
                        list(zip(table.subject_id, table.age_band, table.gender, strict=True)))
     return table

@@ -157,6 +157,35 @@ def _walk(top: str, rel: tuple[str, ...]):
             yield (*rel, entry.name), entry
 
 
+def _walk_selected(top: str, sel: SelectionConfig):
+    """Like ``_walk`` over a K-Face resolution folder, but descend only into the
+    accessory, light and expression folders that ``sel`` lists: ~34,000 listings for 400
+    subjects instead of ~216,000 folders and 4.3M files. A folder whose name does not fit
+    its level is yielded (reported as not in the layout); a fitting but unselected one is
+    skipped unread."""
+    levels = (None, set(sel.accessories), set(sel.lights), set(sel.expressions))
+    patterns = tuple(_KFACE_PARTS.values())
+
+    def walk(path: str, rel: tuple[str, ...]):
+        depth = len(rel)
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return
+        for entry in entries:
+            parts = (*rel, entry.name)
+            if not entry.is_dir(follow_symlinks=False):
+                yield parts, entry
+            elif depth >= len(levels):
+                yield from _walk(entry.path, parts)
+            elif not patterns[depth].fullmatch(entry.name):
+                yield parts, entry
+            elif levels[depth] is None or entry.name in levels[depth]:
+                yield from walk(entry.path, parts)
+
+    yield from walk(top, ())
+
+
 def _stat(entry: os.DirEntry) -> tuple[int, int]:
     try:
         st = entry.stat()
@@ -179,20 +208,25 @@ def is_selected(attrs: dict[str, str], rel_path: str, sel: SelectionConfig) -> b
 
 
 def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, ScanReport]:
-    """Scan a K-Face tree and return the selected rows (manifest columns) and a report."""
+    """Scan a K-Face tree and return the selected rows (manifest columns) and a report.
+    Only the selected accessory/light/expression folders are listed (except with
+    ``legacy_substring_match``), so ``report.images`` counts the photos in those."""
     _check_root(Path(data.root))
     res_dir = _check_resolution_folder(data)
     report = ScanReport()
     rows: list[tuple] = []
     prefix = f"{data.resolution}_Resolution/"
-    for parts, entry in _walk(str(res_dir), ()):
+    # the original's substring rule can match any folder name: it needs the full walk
+    walk = (_walk(str(res_dir), ()) if sel.legacy_substring_match
+            else _walk_selected(str(res_dir), sel))
+    for parts, entry in walk:
         rel = prefix + "/".join(parts)
         attrs = parse_kface_path(parts)
         if attrs is None:
             if len(parts) == 5 and _ANNOTATION_FILE.fullmatch(parts[4]):
                 report.annotations += 1
-            else:
-                report.note_unrecognised(rel)
+            else:  # a folder here is one that does not fit its level (not read)
+                report.note_unrecognised(rel + "/" * entry.is_dir(follow_symlinks=False))
             continue
         report.images += 1
         if not is_selected(attrs, rel, sel):

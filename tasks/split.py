@@ -1,10 +1,17 @@
-"""Split stage: train/validation assignment -> ``split.parquet`` (``path``, ``split``).
+"""Split stage: train/validation/test assignment -> ``split.parquet`` (``path``, ``split``).
 
-``subject`` (default): person-disjoint, stratified on the joint age x gender class with
-scikit-learn's ``StratifiedGroupKFold`` (``round(1 / val_fraction)`` folds, shuffled with
-``seed``; the first fold is validation). ``image``: the original notebook's call,
-``train_test_split(rows, test_size=0.25, random_state=777, stratify=joint class)``, which
-puts the same people in both splits (its validation scores are on people it trained on).
+``subject`` (default): person-disjoint train / val / test (70/15/15 by default),
+stratified on the joint age x gender class with scikit-learn's ``StratifiedGroupKFold``
+(shuffled with ``seed``): first the test people (``round(1 / test_fraction)`` folds, the
+first fold), then, among the rest, the validation people. Validation chooses the
+checkpoint and stops training; the report's headline numbers are on test only, people
+that nothing in training saw or chose on.
+
+``image``: the original notebook's call, ``train_test_split(rows, test_size=val_fraction,
+random_state=seed, stratify=joint class)``, which puts the same people in both splits (its
+scores are on people it trained on). To reproduce it: ``strategy: image,
+val_fraction: 0.25, test_fraction: 0`` (no test split: the report then scores the
+validation split and says it is biased).
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ class SplitConfig(BaseModel):
         "subject", description="'subject': no person in both splits; 'image': the original "
         "notebook's per-image split (people overlap)."
     )
-    val_fraction: float = Field(0.25, gt=0, lt=1)
+    val_fraction: float = Field(
+        0.15, gt=0, lt=1, description="Share of faces (subjects) for validation: "
+        "checkpoint choice and early stopping.")
+    test_fraction: float = Field(
+        0.15, ge=0, lt=1, description="Share of faces (subjects) held out for the "
+        "report's headline numbers; 0: none (the report scores validation, biased).")
     seed: int = Field(777)
 
 
@@ -37,30 +49,55 @@ class SplitError(ValueError):
 
 
 def split_by_image(faces: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
-    """The original: stratified per-image split. Returns 'train'/'val' per row."""
+    """The original: stratified per-image split (train / val, then test from train when
+    ``test_fraction`` > 0). Returns 'train'/'val'/'test' per row."""
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(faces))
-    _, val_idx = train_test_split(idx, test_size=cfg.val_fraction, random_state=cfg.seed,
-                                  stratify=faces["joint_class"].to_numpy())
     split = np.full(len(faces), "train", dtype=object)
+    idx = np.arange(len(faces))
+    strata = faces["joint_class"].to_numpy()
+    if cfg.test_fraction:
+        idx, test_idx = train_test_split(idx, test_size=cfg.test_fraction,
+                                         random_state=cfg.seed, stratify=strata)
+        split[test_idx] = "test"
+    _, val_idx = train_test_split(idx, test_size=cfg.val_fraction / (1 - cfg.test_fraction),
+                                  random_state=cfg.seed, stratify=strata[idx])
     split[val_idx] = "val"
     return pd.Series(split, index=faces.index, name="split")
 
 
-def split_by_subject(faces: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
-    """Person-disjoint split stratified on the joint class. Returns 'train'/'val' per row."""
-    from sklearn.model_selection import StratifiedGroupKFold
+def _held_out_fold(faces: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Row positions of the first of ``round(1 / fraction)`` subject-disjoint folds,
+    stratified on the joint class."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-    n_folds = max(2, round(1 / cfg.val_fraction))
+    n_folds = max(2, round(1 / fraction))
     n_subjects = faces["subject_id"].nunique()
     if n_subjects < n_folds:
-        raise SplitError(f"split.strategy=subject needs at least {n_folds} subjects "
-                         f"for val_fraction {cfg.val_fraction}; found {n_subjects}")
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=cfg.seed)
-    _, val_idx = next(splitter.split(faces, faces["joint_class"], faces["subject_id"]))
+        raise SplitError(f"split.strategy=subject needs at least {n_folds} subjects to hold "
+                         f"out {fraction:.0%}; found {n_subjects} (lower "
+                         "split.val_fraction / split.test_fraction, or add subjects)")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    try:
+        return next(splitter.split(faces, faces["joint_class"], faces["subject_id"]))[1]
+    except ValueError:  # every class has fewer faces than folds (a tiny sample)
+        log.warning("split: too few faces per class to stratify %d folds; holding out "
+                    "%.0f%% of the subjects at random", n_folds, 100 / n_folds)
+        shuffle = GroupShuffleSplit(n_splits=1, test_size=1 / n_folds, random_state=seed)
+        return next(shuffle.split(faces, groups=faces["subject_id"]))[1]
+
+
+def split_by_subject(faces: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
+    """Person-disjoint train / val / test, stratified on the joint class."""
     split = np.full(len(faces), "train", dtype=object)
-    split[val_idx] = "val"
+    rest = np.arange(len(faces))
+    if cfg.test_fraction:
+        test = _held_out_fold(faces, cfg.test_fraction, cfg.seed)
+        split[test] = "test"
+        rest = np.setdiff1d(rest, test)
+    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+    val = _held_out_fold(faces.iloc[rest], min(val_share, 0.5), cfg.seed)
+    split[rest[val]] = "val"
     return pd.Series(split, index=faces.index, name="split")
 
 
@@ -75,22 +112,23 @@ def split_faces(faces: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, di
     else:
         split = split_by_subject(faces, cfg)
     out = pd.DataFrame({"path": faces["path"], "split": split})
-    train_subjects = set(faces.loc[split == "train", "subject_id"])
-    val_subjects = set(faces.loc[split == "val", "subject_id"])
-    overlap = train_subjects & val_subjects
+    parts = ("train", "val", "test")
+    subjects = {p: set(faces.loc[split == p, "subject_id"]) for p in parts}
+    overlap = ((subjects["train"] & subjects["val"]) | (subjects["train"] & subjects["test"])
+               | (subjects["val"] & subjects["test"]))
     if cfg.strategy == "subject" and overlap:  # would be a bug in the splitter
-        raise SplitError(f"{len(overlap)} subjects in both splits, e.g. {sorted(overlap)[:3]}")
+        raise SplitError(f"{len(overlap)} subjects in two splits, e.g. {sorted(overlap)[:3]}")
     counts = (faces.assign(split=split).groupby(["split", "joint_class"]).size()
               .unstack(fill_value=0))
     report = {
         "strategy": cfg.strategy,
-        "rows": {s: int((split == s).sum()) for s in ("train", "val")},
-        "subjects": {"train": len(train_subjects), "val": len(val_subjects),
-                     "in_both": len(overlap)},
+        "rows": {p: int((split == p).sum()) for p in parts},
+        "subjects": {**{p: len(subjects[p]) for p in parts}, "in_both": len(overlap)},
         "class_counts": {s: {k: int(v) for k, v in counts.loc[s].items()}
                          for s in counts.index},
     }
     if overlap:
-        report["warning"] = (f"{len(overlap)} subjects are in both splits (strategy=image): "
-                             "validation accuracy is measured on people seen in training")
+        report["warning"] = (f"{len(overlap)} subjects are in more than one split "
+                             "(strategy=image): the scores are measured on people seen in "
+                             "training")
     return out, report

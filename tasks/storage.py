@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 CACHE_KEY_META = b"kface.cache_key"
+DIGEST_META = b"kface.content_digest"
 
 
 def _current_umask() -> int:
@@ -71,23 +72,47 @@ def write_json_atomic(final: Path, obj: Any) -> None:
 
 
 def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = None) -> None:
-    """Write ``table`` to ``final`` atomically; ``cache_key`` goes into the schema metadata."""
+    """Write ``table`` to ``final`` atomically. The schema metadata gets ``cache_key``
+    (what the file was computed from) and the table's ``table_digest`` (what it holds),
+    which downstream keys use instead of the file's bytes."""
+    meta = dict(table.schema.metadata or {})
+    meta.pop(CACHE_KEY_META, None)
+    meta[DIGEST_META] = table_digest(table).encode()
     if cache_key is not None:
-        meta = dict(table.schema.metadata or {})
         meta[CACHE_KEY_META] = cache_key.encode()
-        table = table.replace_schema_metadata(meta)
     with atomic_path(final) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+
+
+def _meta(path: Path, name: bytes) -> str | None:
+    try:
+        value = (pq.read_schema(path).metadata or {}).get(name)
+    except (OSError, pa.ArrowException):
+        return None
+    return value.decode() if value else None
 
 
 def read_cache_key(path: Path) -> str | None:
     """Return the cache key stored in a Parquet file's metadata, or None if absent/unreadable."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
+    return _meta(path, CACHE_KEY_META)
+
+
+def table_digest(table: pa.Table) -> str:
+    """sha256 of a table's columns and values (schema metadata and chunking left out)."""
+    sink = pa.BufferOutputStream()
+    table = table.replace_schema_metadata(None).combine_chunks()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def content_digest(path: Path) -> str | None:
+    """The ``table_digest`` of a Parquet file (stored at write time, else computed), or
+    None when the file does not exist. Unlike the file's sha256 it does not change when
+    only the cache key in the file's metadata does."""
+    if not Path(path).exists():
         return None
-    key = meta.get(CACHE_KEY_META)
-    return key.decode() if key else None
+    return _meta(path, DIGEST_META) or table_digest(pq.read_table(path))
 
 
 def fingerprint(*parts: Any) -> str:
@@ -103,22 +128,6 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def reuse_or_build(
-    final: Path, cache_key: str, build: Callable[[], pa.Table]
-) -> tuple[pa.Table | None, bool]:
-    """Reuse ``final`` if it holds ``cache_key``; else build, write atomically, return it.
-
-    Returns ``(table, reused)``. When reused, the table is not read (None): callers that
-    need it read the file. The file on disk is the record of finished work, so this works
-    with or without Prefect's result store.
-    """
-    if final.exists() and read_cache_key(final) == cache_key:
-        return None, True
-    table = build()
-    write_parquet_atomic(final, table, cache_key)
-    return table, False
 
 
 class FolderBusyError(RuntimeError):

@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
 
 def load_examples(crops_dir: Path, faces_path: Path, split_path: Path
                   ) -> dict[str, pd.DataFrame]:
-    """Join crops, labels and split: ``{"train": df, "val": df}`` with image bytes and
+    """Join crops, labels and split: ``{"train": df, "val": df, "test": df}`` with image bytes and
     class indices (``gender_idx``, ``age_idx``) plus the label/attribute columns."""
     crops = pads.dataset(crops_dir, format="parquet").to_table().to_pandas()
     crops = crops[crops.error.isna()].drop(columns="error")
@@ -69,7 +69,7 @@ def load_examples(crops_dir: Path, faces_path: Path, split_path: Path
     rows = faces.merge(split, on="path").merge(crops, on="path")
     rows["gender_idx"] = rows.gender.map(GENDER_CLASSES.index).astype("int32")
     rows["age_idx"] = rows.age_band.map(AGE_CLASSES.index).astype("int32")
-    return {s: rows[rows.split == s].reset_index(drop=True) for s in ("train", "val")}
+    return {s: rows[rows.split == s].reset_index(drop=True) for s in ("train", "val", "test")}
 
 
 def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:

@@ -94,7 +94,7 @@ def tiny_run(tmp_path_factory, aaf_dir):
     pq.write_table(faces, work / "faces.parquet")
     pq.write_table(pa.Table.from_pandas(split, preserve_index=False), work / "split.parquet")
     boxes = frame.set_index("path")[["left", "top", "right", "bottom"]]
-    for shard in plan_shards(faces, 100):
+    for shard in plan_shards(faces, "labelled"):
         crop_shard(root, shard, boxes.loc[list(shard.paths)].to_numpy().tolist(),
                    CropConfig(size=64), work / "crops")
     examples = load_examples(work / "crops", work / "faces.parquet", work / "split.parquet")

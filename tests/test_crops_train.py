@@ -10,7 +10,7 @@ from models.classifier import load_classifier
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_images
 from tasks.detect import detect_images
-from tasks.evaluate import compute_metrics, predict_frame, write_report
+from tasks.evaluate import evaluation_metrics, predict_frame, write_report
 from tasks.select import DataConfig, SelectionConfig, select_images
 from tasks.train import load_history
 
@@ -32,7 +32,7 @@ def test_cached_crop_equals_a_direct_crop(kface_tree):
 def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
     examples, model_dir = tiny_run["examples"], tiny_run["model_dir"]
     assert tiny_run["merge_report"]["faces"] >= 280
-    assert len(examples["train"]) + len(examples["val"]) == len(tiny_run["frame"])
+    assert sum(len(examples[p]) for p in ("train", "val", "test")) == len(tiny_run["frame"])
     assert tiny_run["result"]["epochs_run"] == 2
     for name in ("model.keras", "labels.json", "history.json", "history.csv"):
         assert (model_dir / name).exists(), name
@@ -44,10 +44,15 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
     again = predict_frame(load_classifier(model_dir / "model.keras"), examples["val"], 64)
     np.testing.assert_allclose(probs["gender"], again["gender"], atol=1e-6)
     np.testing.assert_allclose(probs["age_band"].sum(1), 1.0, atol=1e-4)
-    metrics = compute_metrics(examples["val"], probs)
-    assert metrics["examples"] == len(examples["val"])
+    metrics = evaluation_metrics(model, examples, 64)
+    assert metrics["scored_split"] == "test" and metrics["examples"] == len(examples["test"])
+    assert metrics["validation"]["examples"] == len(examples["val"])
     assert 0 <= metrics["age_band"]["accuracy"] <= metrics["age_band"][
         "accuracy_within_one_band"] <= 1
+    for head in ("gender", "age_band"):
+        lo, hi = metrics[head]["ci95"]["accuracy"]
+        assert lo <= metrics[head]["accuracy"] <= hi and hi - lo > 0
+        assert 0 <= metrics[head]["baselines"]["majority_class"]["accuracy"] <= 1
     report = write_report(metrics, load_history(model_dir), tiny_run["split_report"],
                           {"joint_class_counts": {}}, tmp_path / "reports")
     for name in ("metrics.json", "confusion_gender.png", "confusion_age_band.png",
@@ -56,6 +61,36 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
         assert (tmp_path / "reports" / name).stat().st_size > 0, name
     text = report.read_text()
     assert "| gender |" in text and "within one band" in text
+    assert "Scored on **test**" in text and "majority class" in text
+    assert f"only {metrics['subjects']} people are scored" in text  # ~45 test people
+
+
+def test_intervals_resample_people_not_photos():
+    """20 people x 50 photos: 10 always right, 10 always wrong. Photos are not
+    independent draws: the interval must be about as wide as 20 coin flips allow."""
+    from tasks.evaluate import subject_bootstrap
+
+    subjects = np.repeat(np.arange(20), 50)
+    true = np.zeros(1000, int)
+    pred = np.where(subjects < 10, 0, 1)
+    lo, hi = subject_bootstrap(subjects, {"gender": (true, pred, 2)})["gender"]["accuracy"]
+    assert lo <= 0.3 and hi >= 0.7  # photo resampling would give about 0.47-0.53
+    perfect = subject_bootstrap(subjects, {"age_band": (true, true, 4)})["age_band"]
+    assert perfect == {"accuracy": [1.0, 1.0], "macro_f1": [0.25, 0.25],
+                       "accuracy_within_one_band": [1.0, 1.0]}
+
+
+def test_baselines_are_what_ignoring_the_face_scores():
+    from tasks.evaluate import baselines
+
+    gender = baselines(np.array([30, 70]), np.array([0] * 5 + [1] * 5), "gender")
+    assert gender["majority_class"]["accuracy"] == 0.5 and gender["majority_class"]["class"] == 1
+    assert gender["class_prior"]["accuracy"] == pytest.approx(0.3 * 0.5 + 0.7 * 0.5)
+    age = baselines(np.array([10, 20, 30, 40]), np.zeros(8, int), "age_band")
+    assert age["majority_class"]["accuracy"] == 0 and age["majority_class"][
+        "accuracy_within_one_band"] == 0
+    assert age["class_prior"]["accuracy"] == pytest.approx(0.1)
+    assert age["class_prior"]["accuracy_within_one_band"] == pytest.approx(0.3)
 
 
 def test_legacy_lr_schedule_is_the_originals():

@@ -1,13 +1,23 @@
 import os
+import shutil
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from models.detector import DetectorConfig
-from tasks.detect import detect_images, detect_shard, plan_shards, shard_cache_key
+from models.detector import DetectorConfig, resolve_weights
+from tasks.detect import (
+    HASH_BUCKETS,
+    batch_shards,
+    detect_images,
+    detect_shard,
+    partition_name,
+    plan_shards,
+    shard_cache_key,
+)
 from tasks.select import DataConfig, SelectionConfig, select_images
 
 
@@ -47,25 +57,51 @@ def test_bad_inputs_become_rows_not_crashes(bad_inputs):
     for good in ("good.jpg", "good.png", "gray.jpg", "deep16.png", "cmyk.jpg"):
         assert rows[good]["status"] == "ok", (good, rows[good])
         assert (rows[good]["image_width"], rows[good]["image_height"]) == (864, 576)
-    expect = {"empty.jpg": "empty file", "truncated.jpg": "truncated",
-              "text.jpg": "not a recognised image", "bomb.png": "decompression bomb",
-              "broken.jpg": "not found"}
-    for name, reason in expect.items():
-        assert rows[name]["status"] == "error" and reason in rows[name]["error"], rows[name]
+    expect = {"empty.jpg": ("empty file", "empty"), "truncated.jpg": ("truncated", "truncated"),
+              "text.jpg": ("not a recognised image", "not_image"),
+              "bomb.png": ("decompression bomb", "too_large"),
+              "broken.jpg": ("not found", "missing")}
+    for name, (message, reason) in expect.items():  # final errors: never retried
+        row = rows[name]
+        assert row["status"] == "error" and message in row["error"], row
+        assert row["reason"] == reason, row
     assert rows["tiny.jpg"]["status"] in ("no_face", "error")
-    if os.geteuid() != 0:  # root reads a mode-000 file; see the monkeypatched test below
-        assert rows["locked.jpg"]["status"] == "error"
+    if os.geteuid() != 0:  # root reads a mode-000 file; see the test below
+        assert rows["locked.jpg"]["status"] == "unreadable"
 
 
-def test_permission_denied_is_reported(monkeypatch, bad_inputs):
+def test_passing_read_errors_are_retried_then_marked_unreadable(monkeypatch, bad_inputs):
+    """The OS call fails (root cannot be denied a read, and EIO needs a failing disk), the
+    rest is real: classification, in-task retries, the row written."""
+    import errno
+
     import tasks.images
 
-    def deny(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    calls = []
 
-    monkeypatch.setattr(tasks.images.Image, "open", deny)
+    def failing(first: int, error: OSError):
+        def fake_open(path, *args, **kwargs):
+            calls.append(path)
+            if len(calls) <= first:
+                raise error
+            return open(path, *args, **kwargs)
+        return fake_open
+
+    eio = OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(tasks.images, "open", failing(2, eio), raising=False)
     row = detect_images(bad_inputs, ["good.jpg"], DetectorConfig()).to_pylist()[0]
-    assert row["status"] == "error" and row["error"] == "permission denied"
+    assert row["status"] == "ok" and len(calls) == 3  # two retries inside the task
+    calls.clear()
+    monkeypatch.setattr(tasks.images, "open", failing(3, eio), raising=False)
+    row = detect_images(bad_inputs, ["good.jpg"], DetectorConfig()).to_pylist()[0]
+    assert (row["status"], row["reason"]) == ("unreadable", "io") and len(calls) == 3
+    assert "retried on the next run" in row["error"]
+    calls.clear()
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tasks.images, "open", failing(1, denied), raising=False)
+    row = detect_images(bad_inputs, ["good.jpg"], DetectorConfig()).to_pylist()[0]
+    assert (row["status"], row["reason"], row["error"]) == (
+        "unreadable", "permission", "permission denied") and len(calls) == 1
 
 
 def test_rows_hold_best_face_and_margin(kface_tree):
@@ -80,30 +116,59 @@ def test_rows_hold_best_face_and_margin(kface_tree):
 
 def test_shard_is_reused_and_key_tracks_content(kface_tree, tmp_path):
     manifest, _ = select_images(DataConfig(root=kface_tree), SelectionConfig())
-    shards = plan_shards(manifest, 8)
-    assert [len(s.paths) for s in shards] == [8] * (manifest.num_rows // 8) + (
-        [manifest.num_rows % 8] if manifest.num_rows % 8 else [])
+    shards = plan_shards(manifest, "kface")  # one shard per subject
+    assert [s.name for s in shards] == sorted(set(manifest.column("subject_id").to_pylist()))
+    assert all(p.split("/")[1] == s.name for s in shards for p in s.paths)
+    assert sum(len(s.paths) for s in shards) == manifest.num_rows
     cfg = DetectorConfig()
+    file = tmp_path / f"shard-{shards[1].name}.parquet"
     first = detect_shard(kface_tree, shards[1], cfg, tmp_path)
-    assert not first["reused"] and (tmp_path / "shard-00001.parquet").exists()
-    mtime = (tmp_path / "shard-00001.parquet").stat().st_mtime_ns
+    assert not first["reused"] and file.exists()
+    mtime = file.stat().st_mtime_ns
     again = detect_shard(kface_tree, shards[1], cfg, tmp_path)
     assert again["reused"] and again["status_counts"] == first["status_counts"]
-    assert (tmp_path / "shard-00001.parquet").stat().st_mtime_ns == mtime
+    assert file.stat().st_mtime_ns == mtime
     # the key changes with the threshold, and with one image's mtime, and only for its shard
     assert shard_cache_key(shards[1], cfg) != shard_cache_key(
         shards[1], DetectorConfig(confidence=0.8))
+    # ... but not with where the weights are (their sha256 stands for them)
+    moved = tmp_path / "weights"
+    moved.mkdir()
+    model, config = resolve_weights(cfg)
+    shutil.copy(model, moved / model.name)
+    shutil.copy(config, moved / config.name)
+    assert shard_cache_key(shards[1], cfg) == shard_cache_key(shards[1], DetectorConfig(
+        model_path=moved / model.name, config_path=moved / config.name))
     photo = kface_tree / shards[1].paths[0]
     before = photo.stat()
     os.utime(photo, ns=(1, 1))
     try:
         touched = plan_shards(select_images(DataConfig(root=kface_tree), SelectionConfig())[0],
-                              8)
+                              "kface")
     finally:  # the tree is shared by other tests
         os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
-    changed = [a.index for a, b in zip(shards, touched, strict=True)
+    changed = [a.name for a, b in zip(shards, touched, strict=True)
                if shard_cache_key(a, cfg) != shard_cache_key(b, cfg)]
-    assert changed == [1]
-    table = pq.read_table(tmp_path / "shard-00001.parquet")
+    assert changed == [shards[1].name]
+    table = pq.read_table(file)
     assert table.num_rows == len(shards[1].paths)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_partitions_depend_on_the_subject_only():
+    assert partition_name("19062421", "kface") == "19062421"
+    buckets = {partition_name(f"person-{i}", "labelled") for i in range(5000)}
+    assert len(buckets) == HASH_BUCKETS and all(len(b) == 4 for b in buckets)
+    assert partition_name("person-7", "labelled") == partition_name("person-7", "labelled")
+    table = pa.table({"path": [f"a/{i}.jpg" for i in range(10)],
+                      "subject_id": [str(i) for i in range(10)],
+                      "file_size": [1] * 10, "mtime_ns": [1] * 10})
+    shards = plan_shards(table, "labelled")
+    grown = plan_shards(pa.concat_tables([table, pa.table({
+        "path": ["a/new.jpg"], "subject_id": ["new"], "file_size": [1], "mtime_ns": [1]})]),
+        "labelled")
+    # adding one subject changes exactly one shard (or adds one)
+    assert len({(s.name, s.paths) for s in grown} - {(s.name, s.paths) for s in shards}) == 1
+    sizes = [[len(s.paths) for s in batch] for batch in batch_shards(grown, 3)]
+    assert all(sum(b) >= 3 for b in sizes[:-1]) and sum(map(sum, sizes)) == 11
+    assert [s for b in batch_shards(grown, 3) for s in b] == grown

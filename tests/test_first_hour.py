@@ -35,8 +35,10 @@ def test_demo_runs_quietly_and_writes_readable_files(demo):
         assert noise not in output, noise
     assert output.count("Report:") == 1
     assert "temporary server for this run" in output
-    assert "a validation subject" in output
-    assert (out / "reports" / "report.md").is_file()
+    assert "a test subject" in output
+    head = "\n".join((out / "reports" / "report.md").read_text().splitlines()[:4])
+    assert "the labels of this dataset are SYNTHETIC" in head  # the public-photo sample
+    assert "Scored on **test**" in (out / "reports" / "report.md").read_text()
     assert (out / "predictions" / "predictions.json").is_file()
     modes = {}
     for path in out.rglob("*"):

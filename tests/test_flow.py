@@ -21,7 +21,7 @@ def test_select_and_detect_with_two_workers(full_run):
     out, res = full_run
     assert (out / "manifest.parquet").exists()
     shards = sorted(p.name for p in (out / "detections").glob("shard-*.parquet"))
-    assert shards == [f"shard-{i:05d}.parquet" for i in range(11)]  # 42 images / 4
+    assert shards == [f"shard-{19062400 + i}.parquet" for i in range(20)]  # one per subject
     table = detections_table(out)
     rows = {r["path"]: r for r in table.to_pylist()}
     assert len(rows) == 42
@@ -31,7 +31,8 @@ def test_select_and_detect_with_two_workers(full_run):
     assert sum(r["status"] == "ok" for r in rows.values()) >= 30
     assert not any("/L10/" in p for p in rows)
     detect = json.loads((out / "stages" / "detect.json").read_text())
-    assert detect["shards_computed"] == 11 and detect["workers"] == 2
+    assert detect["shards_computed"] == 20 and detect["workers"] == 2
+    assert detect["tasks"] == 11  # 4 photos a task: the subject with 4, then pairs of 2
     select = json.loads((out / "stages" / "select.json").read_text())
     assert select["unrecognised"] == 1 and select["rows_out"] == 42
     assert "Finished in state Completed" in res.stdout + res.stderr
@@ -45,7 +46,7 @@ def test_rerun_reuses_every_shard(full_run, kface_tree, prefect_env):
                     env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     detect = json.loads((out / "stages" / "detect.json").read_text())
-    assert detect["shards_reused"] == 11 and detect["shards_computed"] == 0
+    assert detect["shards_reused"] == 20 and detect["shards_computed"] == 0
     assert "Cached" in res.stdout + res.stderr
     after = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
     assert after == before
@@ -84,12 +85,12 @@ def test_sigkill_then_resume(full_run, kface_tree, tmp_path, prefect_env):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run: CLI, server, workers
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
-    assert 3 <= len(done) < 42
+    assert 3 <= len(done) < 20
     res = run_kface(*args[3:], env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     detect = json.loads((out / "stages" / "detect.json").read_text())
     assert detect["shards_reused"] >= len(done)
-    assert detect["shards_computed"] == 42 - detect["shards_reused"]
+    assert detect["shards_computed"] == 20 - detect["shards_reused"]
     for name, mtime in done.items():  # finished shards were not recomputed
         assert (out / "detections" / name).stat().st_mtime_ns == mtime
     assert not list((out / "detections").glob(".*.tmp"))
@@ -115,7 +116,7 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     split = json.loads((out / "stages" / "split.json").read_text())
     assert split["subjects"]["in_both"] == 0
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
-    assert metrics["examples"] == split["rows"]["val"]
+    assert metrics["examples"] == split["rows"]["test"] and metrics["scored_split"] == "test"
     model_mtime = (out / "model" / "model.keras").stat().st_mtime_ns
 
     status_args = ["status", *args[1:]]
@@ -128,8 +129,8 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     for stage in STAGES:  # every stage says it was skipped
         assert f"{stage}: cached" in log, stage
         assert json.loads((out / "stages" / f"{stage}.json").read_text())["reused"] is True
-    shards = _summary(out, "detect")["shards"] + _summary(out, "crops")["shards"]
-    assert log.count("Finished in state Cached(") == 5 + shards  # 5 tasks + every shard
+    tasks = _summary(out, "detect")["tasks"] + _summary(out, "crops")["tasks"]
+    assert log.count("Finished in state Cached(") == 5 + tasks  # 5 stages + every shard task
     assert json.loads((out / "stages" / "crops.json").read_text())["shards_computed"] == 0
     assert _mtimes(out) == mtimes  # nothing rewritten
     assert (out / "model" / "model.keras").stat().st_mtime_ns == model_mtime
@@ -152,7 +153,7 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
                     env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _summary(out, "select")["reused"] is True
-    assert _summary(out, "detect")["shards_computed"] == 5
+    assert _summary(out, "detect")["shards_computed"] == 20
 
 
 def _states(args: list[str], env: dict) -> dict[str, str]:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ from tasks.select import (
     DatasetError,
     SelectionConfig,
     age_to_band,
+    is_selected,
     parse_kface_path,
     select_images,
 )
@@ -48,9 +50,24 @@ def test_exact_selection_avoids_the_substring_trap(full_tree):
     assert lights == {"L1", "L2", "L3", "L4", "L8", "L9", "L12", "L13", "L22"}
     assert "L10" not in lights and "L21" not in lights
     assert table.num_rows == 2 * 3 * 9 * 2 * 9  # 400 subjects would give 194,400
-    assert report.images == 2 * 6 * 30 * 3 * 20
-    assert report.annotations == 2 * 6 * 30 * 3 and report.unrecognised == 0
+    # only the selected accessory/light/expression folders are listed
+    assert report.images == 2 * 3 * 9 * 2 * 20
+    assert report.annotations == 2 * 3 * 9 * 2 and report.unrecognised == 0
     assert set(table.column("subject_id").to_pylist()) == {"19062421", "19101513"}
+
+
+def test_pruned_scan_finds_what_a_full_walk_finds(full_tree):
+    sel = SelectionConfig(lights=["L1", "L30"], accessories=["S006"], cameras=["C1", "C20"])
+    table, _ = select_images(DataConfig(root=full_tree), sel)
+    expected = set()
+    res = full_tree / "High_Resolution"
+    for dirpath, _, files in os.walk(res):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), full_tree)
+            attrs = parse_kface_path(tuple(rel.split(os.sep)[1:]))
+            if attrs and is_selected(attrs, rel, sel):
+                expected.add(rel)
+    assert set(table.column("path").to_pylist()) == expected and len(expected) == 2 * 1 * 2 * 2 * 2
 
 
 def test_legacy_substring_match_reproduces_27_lights(full_tree):
@@ -73,7 +90,7 @@ def test_files_outside_the_layout_are_reported(tmp_path):
                                   SelectionConfig(cameras=["C1", "C2", "C3", "C4"]))
     assert table.num_rows == 4
     assert report.unrecognised == 2
-    assert "High_Resolution/abc/C1.jpg" in report.unrecognised_examples
+    assert "High_Resolution/abc/" in report.unrecognised_examples  # the folder, unread
 
 
 def test_manifest_columns(kface_tree):

@@ -19,19 +19,28 @@ def synthetic_faces(n_subjects=120, per_subject=10, seed=0):
 
 
 def test_subject_split_is_person_disjoint_and_stratified():
-    faces = synthetic_faces()
+    faces = synthetic_faces(n_subjects=300)
     split, report = split_faces(faces, SplitConfig())
     merged = faces.assign(split=split.split.to_numpy())
-    train_s = set(merged[merged.split == "train"].subject_id)
-    val_s = set(merged[merged.split == "val"].subject_id)
-    assert not train_s & val_s and report["subjects"]["in_both"] == 0
-    assert abs((merged.split == "val").mean() - 0.25) < 0.05
+    people = {p: set(merged[merged.split == p].subject_id) for p in ("train", "val", "test")}
+    assert not people["train"] & people["val"] and not people["train"] & people["test"]
+    assert not people["val"] & people["test"] and report["subjects"]["in_both"] == 0
+    for part in ("val", "test"):  # 70 / 15 / 15 by default
+        assert abs((merged.split == part).mean() - 0.15) < 0.03, part
+    assert report["rows"]["train"] + report["rows"]["val"] + report["rows"]["test"] == len(faces)
     overall = merged.joint_class.value_counts(normalize=True)
-    for part in ("train", "val"):
+    for part in ("train", "val", "test"):
         share = merged[merged.split == part].joint_class.value_counts(normalize=True)
         for cls in overall.index:
             if overall[cls] > 0.05:
-                assert abs(share.get(cls, 0) - overall[cls]) < 0.02 + 0.5 / len(val_s), cls
+                assert abs(share.get(cls, 0) - overall[cls]) < 0.02 + 0.5 / len(people[part]), (
+                    part, cls)
+
+
+def test_no_test_split_when_test_fraction_is_zero():
+    faces = synthetic_faces()
+    split, report = split_faces(faces, SplitConfig(val_fraction=0.25, test_fraction=0))
+    assert report["rows"]["test"] == 0 and abs((split.split == "val").mean() - 0.25) < 0.05
 
 
 def test_same_seed_same_split_other_seed_differs():
@@ -48,8 +57,9 @@ def test_image_strategy_reproduces_the_blogs_274254_91418():
     faces["path"] = np.arange(len(faces)).astype(str)
     faces["subject_id"] = (np.arange(len(faces)) % 400).astype(str)
     assert len(faces) == 365672
-    split, report = split_faces(faces, SplitConfig(strategy="image"))
-    assert report["rows"] == {"train": 274254, "val": 91418}
+    split, report = split_faces(faces, SplitConfig(strategy="image", val_fraction=0.25,
+                                                   test_fraction=0))
+    assert report["rows"] == {"train": 274254, "val": 91418, "test": 0}
     assert "warning" in report and report["subjects"]["in_both"] == 400
     # class proportions preserved per split, as stratify promises
     merged = faces.assign(split=split.split.to_numpy())
