@@ -1,5 +1,9 @@
 # Image for the Prefect process worker and the Dask workers.
+# GPU image: docker build --build-arg EXTRAS="[gpu]" -t kface-pipeline:gpu .
+# (TensorFlow with its CUDA libraries from pip; the host needs the NVIDIA driver and the
+# NVIDIA Container Toolkit; docker-compose.yml's gpu-worker builds and reserves it).
 FROM python:3.11-slim
+ARG EXTRAS=""
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY flows flows
@@ -7,5 +11,5 @@ COPY tasks tasks
 COPY models models
 COPY configs configs
 COPY prefect.yaml ./
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e ".${EXTRAS}"
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false TF_CPP_MIN_LOG_LEVEL=2

@@ -80,11 +80,13 @@ def main() -> None:
     seconds = {aspect: run_pipeline(tree, out, aspect) for aspect, out in outs.items()}
 
     from models.classifier import load_classifier
+    from tasks.crop_stream import load_index
     from tasks.evaluate import predict_frame
-    from tasks.train import load_examples
 
-    examples = {a: load_examples(o / "crops", o / "faces.parquet", o / "split.parquet")
-                for a, o in outs.items()}
+    crop_sets = {a: load_index(sorted((o / "crops").glob("shard-*.parquet")),
+                               o / "faces.parquet", o / "split.parquet")
+                 for a, o in outs.items()}
+    examples = {a: c.splits for a, c in crop_sets.items()}
     common = set.intersection(*(set(e["val"].subject_id) for e in examples.values()))
     result = {"subjects": args.subjects, "held_out_people": len(common),
               "same_split": all(set(e["val"].subject_id) == common
@@ -92,9 +94,10 @@ def main() -> None:
     for aspect, out in outs.items():
         val = examples[aspect]["val"]
         val = val[val.subject_id.isin(common)].reset_index(drop=True)
-        labels = json.loads((out / "model" / "labels.json").read_text())
-        probs = predict_frame(load_classifier(out / "model" / "model.keras"), val,
-                              int(labels["input_size"]))
+        model_dir = out / "experiments" / "default" / "model"
+        labels = json.loads((model_dir / "labels.json").read_text())
+        probs = predict_frame(load_classifier(model_dir / "model.keras"), val,
+                              crop_sets[aspect].files, int(labels["input_size"]))
         faces = sum(len(e) for e in examples[aspect].values())
         result[aspect] = {
             "faces_found": faces, "pipeline_seconds": round(seconds[aspect]),

@@ -33,9 +33,12 @@ MERGE_CODE_VERSION = "merge-1"
 SPLIT_CODE_VERSION = "split-1"
 
 
-def stage_paths(out: Path) -> dict[str, Path]:
-    """The one place that says where each stage's output lives in a run folder."""
+def stage_paths(out: Path, experiment: str = "default") -> dict[str, Path]:
+    """The one place that says where each stage's output lives in a run folder. The data
+    stages (select to crops) are shared; each experiment trains and reports in its own
+    ``experiments/<name>/``."""
     out = Path(out)
+    exp = out / "experiments" / experiment
     return {
         "config": out / "config.yaml",
         "manifest": out / "manifest.parquet",
@@ -43,11 +46,26 @@ def stage_paths(out: Path) -> dict[str, Path]:
         "faces": out / "faces.parquet",
         "split": out / "split.parquet",
         "crops": out / "crops",
-        "model": out / "model",
-        "logs": out / "logs",
-        "reports": out / "reports",
         "stages": out / "stages",
+        "experiments": out / "experiments",
+        "experiment": exp,
+        "experiment_config": exp / "config.yaml",
+        "model": exp / "model",
+        "logs": exp / "logs",
+        "reports": exp / "reports",
+        "experiment_stages": exp / "stages",
     }
+
+
+EXPERIMENT_STAGES = ("train", "evaluate")
+
+
+def summary_path(config: PipelineConfig, stage: str) -> Path:
+    """``stages/<stage>.json``: the run folder's for data stages, the experiment's for
+    train and evaluate."""
+    paths = stage_paths(config.out, config.experiment)
+    folder = paths["experiment_stages" if stage in EXPERIMENT_STAGES else "stages"]
+    return folder / f"{stage}.json"
 
 
 def _sha(path: Path) -> str | None:
@@ -68,7 +86,7 @@ def select_key(config: PipelineConfig, manifest: pa.Table) -> str:
 
 
 def merge_key(config: PipelineConfig) -> str:
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     metadata = config.data.metadata if config.data.layout == "kface" else None
     return fingerprint(content_digest(paths["manifest"]),
                        _shard_keys(paths["detections"], detect_shards(config)),
@@ -76,7 +94,7 @@ def merge_key(config: PipelineConfig) -> str:
 
 
 def split_key(config: PipelineConfig) -> str:
-    return fingerprint(content_digest(stage_paths(config.out)["faces"]),
+    return fingerprint(content_digest(stage_paths(config.out, config.experiment)["faces"]),
                        config.split.model_dump(mode="json"), SPLIT_CODE_VERSION)
 
 
@@ -89,7 +107,7 @@ def model_settings(config: PipelineConfig) -> dict:
 
 
 def train_key(config: PipelineConfig) -> str:
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     return fingerprint(_shard_keys(paths["crops"], crop_plan(config)[0]),
                        content_digest(paths["faces"]), content_digest(paths["split"]),
                        config.crops.model_dump(), model_settings(config),
@@ -106,7 +124,7 @@ def evaluate_key(train_cache_key: str | None) -> str:
 
 def detect_shards(config: PipelineConfig) -> list[Shard]:
     """The detection shards of the run folder's manifest (empty before select ran)."""
-    path = stage_paths(config.out)["manifest"]
+    path = stage_paths(config.out, config.experiment)["manifest"]
     if not path.exists():
         return []
     manifest = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns"])
@@ -116,7 +134,7 @@ def detect_shards(config: PipelineConfig) -> list[Shard]:
 def crop_plan(config: PipelineConfig) -> tuple[list[Shard], dict[str, list[int]]]:
     """The crop shards (same partition as detection, over ``faces.parquet``) and each
     face's box."""
-    path = stage_paths(config.out)["faces"]
+    path = stage_paths(config.out, config.experiment)["faces"]
     if not path.exists():
         return [], {}
     table = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns",
@@ -130,7 +148,7 @@ def crop_plan(config: PipelineConfig) -> tuple[list[Shard], dict[str, list[int]]
 def detection_errors(config: PipelineConfig) -> dict[str, dict[str, int]]:
     """Counts of the planned detection shards' failed rows: ``{status: {reason: n}}`` for
     the statuses ``error`` (final) and ``unreadable`` (retried by the next run)."""
-    folder = stage_paths(config.out)["detections"]
+    folder = stage_paths(config.out, config.experiment)["detections"]
     files = [str(folder / s.filename) for s in detect_shards(config)
              if (folder / s.filename).exists()]
     counts: dict[str, dict[str, int]] = {}
@@ -147,8 +165,14 @@ def detection_errors(config: PipelineConfig) -> dict[str, dict[str, int]]:
     return counts
 
 
+def crop_files(config: PipelineConfig) -> list[Path]:
+    """The planned crop shard files (what train and evaluate read; never leftovers)."""
+    folder = stage_paths(config.out, config.experiment)["crops"]
+    return [folder / s.filename for s in crop_plan(config)[0]]
+
+
 def stored_summary(config: PipelineConfig, stage: str) -> dict | None:
-    path = stage_paths(config.out)["stages"] / f"{stage}.json"
+    path = summary_path(config, stage)
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -189,7 +213,7 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     """
     from tasks.select import select_images
 
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     result: list[StageStatus] = []
     upstream_ok = True
 
@@ -251,3 +275,47 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     add("evaluate", (paths["reports"] / "report.md").exists(), current,
         "" if current else "the model changed")
     return result
+
+
+def list_experiments(out: Path) -> list[dict]:
+    """One summary per ``OUT/experiments/<name>/``: its recipe (from its config.yaml),
+    the scored metrics, training time and state (evaluated / trained / training
+    unfinished / not trained)."""
+    import yaml
+
+    rows = []
+    for folder in sorted(Path(out, "experiments").glob("*")):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        config_file = folder / "config.yaml"
+        cfg = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        train = _json(folder / "stages" / "train.json")
+        evaluate = _json(folder / "stages" / "evaluate.json")
+        scored = evaluate.get("scored_split", "")
+        if evaluate and (folder / "model" / "model.keras").exists():
+            state = "evaluated"
+        elif (folder / "model" / "model.keras").exists():
+            state = "trained"
+        else:
+            state = "not trained"
+        if any(folder.glob(".training-*")):  # killed, or running now
+            state = ("training unfinished" if state == "not trained"
+                     else f"{state}; a newer training unfinished")
+        metric = {name: evaluate.get(f"{scored}_{name}") for name in (
+            "gender_accuracy", "age_band_accuracy", "age_band_within_one")}
+        metric = {k: f"{v:.3f}" if isinstance(v, float) else "-" for k, v in metric.items()}
+        rows.append({
+            "name": folder.name, "backbone": cfg.get("model", {}).get("backbone", "-"),
+            "input_size": cfg.get("crops", {}).get("size", "-"),
+            "epochs": (f"{train['epochs_run']}/{cfg.get('train', {}).get('epochs', '?')}"
+                       if train else "-"),
+            "gender": metric["gender_accuracy"], "age_band": metric["age_band_accuracy"],
+            "within_one": metric["age_band_within_one"], "scored": scored or "-",
+            "training": f"{train['seconds'] / 60:.1f} min" if train else "-", "state": state,
+            "model": str(folder / "model"),
+        })
+    return rows
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}

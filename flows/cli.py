@@ -31,6 +31,8 @@ ShardSizeOpt = typer.Option(None, help="Images per shard (sharding.shard_size)."
 ThresholdOpt = typer.Option(None, help="Face score (detector.confidence).")
 DaskOpt = typer.Option(None, help="Run detect/crops tasks on this Dask cluster, e.g. "
                        "tcp://host:8786 (sharding.dask_address).")
+ExperimentOpt = typer.Option(None, help="Train and report into OUT/experiments/NAME/, "
+                             "reusing OUT's prepared data (experiment; default 'default').")
 
 
 def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
@@ -58,6 +60,9 @@ def main(
         os.environ["KFACE_VERBOSE"] = "1"  # read by models.runtime, here and in workers
     if debug:
         os.environ["KFACE_DEBUG"] = "1"
+    # the stage modules' own warnings (a long CPU training, a split too small to
+    # stratify) go to the terminal and the Prefect UI with the run's logs
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
 
 
 def _debug() -> bool:
@@ -105,6 +110,7 @@ def run(
     shard_size: int | None = ShardSizeOpt,
     threshold: float | None = ThresholdOpt,
     dask_address: str | None = DaskOpt,
+    experiment: str | None = ExperimentOpt,
     allow_stale: bool = typer.Option(
         False, "--allow-stale", help="With --stages: use inputs that are out of date (by "
         "default such a run is refused, naming the stages to add)."),
@@ -115,7 +121,7 @@ def run(
     from flows.preflight import InputError, check_inputs_current, check_run, parse_stages
 
     cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
-                threshold, dask_address, set_)
+                threshold, dask_address, set_, experiment)
     try:  # before the server starts and before any photo is read
         stage_list = parse_stages(stages)
         check_run(cfg, stage_list)
@@ -163,7 +169,8 @@ def _api_line(url: str, temporary: bool) -> str:
 
 
 def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=None,
-          workers=None, shard_size=None, threshold=None, dask_address=None, sets=None):
+          workers=None, shard_size=None, threshold=None, dask_address=None, sets=None,
+          experiment=None):
     try:
         if labels is not None and layout is None:
             layout = "labelled"
@@ -171,7 +178,7 @@ def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=N
             "data.root": data_root, "out": out, "data.layout": layout,
             "data.metadata": metadata, "data.labels": labels, "sharding.workers": workers,
             "sharding.shard_size": shard_size, "detector.confidence": threshold,
-            "sharding.dask_address": dask_address,
+            "sharding.dask_address": dask_address, "experiment": experiment,
         }, sets))
     except ConfigError as exc:
         _fail(str(exc))
@@ -189,6 +196,7 @@ def status(
     shard_size: int | None = ShardSizeOpt,
     threshold: float | None = ThresholdOpt,
     dask_address: str | None = DaskOpt,
+    experiment: str | None = ExperimentOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Per stage, what 'kface run' with the same options would do: done / cached (up to
@@ -200,8 +208,11 @@ def status(
 
     if config is None and out is not None and (out / "config.yaml").is_file():
         config = out / "config.yaml"  # the run folder's own settings; flags still override
+    if experiment and config is not None and out is not None and (
+            out / "experiments" / experiment / "config.yaml").is_file():
+        config = out / "experiments" / experiment / "config.yaml"  # that recipe's settings
     cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
-                threshold, dask_address, set_)
+                threshold, dask_address, set_, experiment)
     try:
         rows = pipeline_status(cfg)
     except DatasetError as exc:
@@ -278,6 +289,33 @@ def serve(
     deployments = build_deployments(cfg, cron, full_cron,
                                      [s.strip() for s in reprocess_stages.split(",")])
     prefect_serve(*deployments)
+
+
+@app.command("experiments")
+def experiments_cmd(
+    out: Path = typer.Option(..., help="Run folder (out)."),
+) -> None:
+    """One row per experiment of a run folder: recipe, metrics, training time, state."""
+    from rich.table import Table
+
+    from flows.cache import list_experiments
+
+    rows = list_experiments(out)
+    if not rows:
+        _fail(f"{out}/experiments/ holds no experiment yet: kface run --out {out} "
+              "[--experiment NAME] trains one")
+    table = Table(title=f"kface experiments: {out}", caption=(
+        "scored: the split the report's numbers are on (test: held-out people); "
+        "model: OUT/experiments/NAME/model"))
+    for col in ("experiment", "backbone", "input", "epochs", "gender", "age band",
+                "within one", "scored", "training", "state"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r[k]) for k in ("name", "backbone", "input_size", "epochs",
+                                             "gender", "age_band", "within_one", "scored",
+                                             "training", "state")))
+    # a pipe or file gets the whole table on one line per experiment (no 80-column wrap)
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @app.command("sample-data")

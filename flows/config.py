@@ -35,6 +35,11 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(Path("artifacts/run"), description="Run folder for all stage outputs.")
+    experiment: str = Field(
+        "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Training recipe name: train and evaluate write to "
+        "OUT/experiments/<name>/ (model/, logs/, reports/), reusing OUT's prepared data; "
+        "other experiments' models are never touched.")
     data: DataConfig = Field(default_factory=DataConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flows.cache import stage_paths
 from flows.config import PipelineConfig
 
 DATA_STAGES = ["select", "detect", "merge", "split", "crops"]
@@ -56,7 +57,8 @@ def build_deployments(cfg: PipelineConfig, cron: str | None = None,
             "(unchanged shards are reused).", tags=["kface"], entrypoint_type=module,
             concurrency_limit=1),
         kface_predict.to_deployment(
-            name="batch", parameters={"model": str(cfg.out / "model"), "inputs": [],
+            name="batch", parameters={"model": str(stage_paths(cfg.out, cfg.experiment)["model"]),
+                                      "inputs": [],
                                       "out": str(cfg.out / "predictions"),
                                       "workers": cfg.sharding.workers},
             description="Detect faces and predict gender + age band for image folders.",

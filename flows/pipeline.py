@@ -31,6 +31,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from flows.cache import (
+    crop_files,
     crop_plan,
     detect_shards,
     evaluate_key,
@@ -39,6 +40,7 @@ from flows.cache import (
     split_key,
     stage_paths,
     stored_summary,
+    summary_path,
     train_key,
 )
 from flows.config import PipelineConfig, dump_config
@@ -58,6 +60,7 @@ from tasks.split import split_faces
 from tasks.storage import (
     folder_lock,
     read_cache_key,
+    replace_folder,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -69,7 +72,7 @@ class MissingInputError(RuntimeError):
 
 
 def _require_inputs(config: PipelineConfig, stage: str) -> None:
-    problem = missing_input(config.out, stage)
+    problem = missing_input(config, stage)
     if problem:
         raise MissingInputError(problem)
 
@@ -77,7 +80,7 @@ def _require_inputs(config: PipelineConfig, stage: str) -> None:
 def _record(config: PipelineConfig, summary: dict) -> dict:
     """Write ``stages/<stage>.json`` and the stage's summary table artifact."""
     stage = summary["stage"]
-    write_json_atomic(stage_paths(config.out)["stages"] / f"{stage}.json", summary)
+    write_json_atomic(summary_path(config, stage), summary)
     create_table_artifact(
         key=f"{stage}-summary",
         table=[{"stage": stage, "rows_in": summary["rows_in"], "rows_out": summary["rows_out"],
@@ -104,7 +107,7 @@ def select_task(config: PipelineConfig):
     logger = get_run_logger()
     start = time.perf_counter()
     table, report = select_images(config.data, config.selection)
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     key = select_key(config, table)
     if read_cache_key(paths["manifest"]) == key:
         return _reused(config, "select", key, "the dataset and selection are unchanged")
@@ -208,7 +211,7 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], sharding: Shardi
 @flow(name="detect")
 def detect_flow(config: PipelineConfig) -> dict:
     """Detect faces in every manifest image, one task run per shard, in worker processes."""
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "detect")
     shards = detect_shards(config)
     summary = _run_shards("detect", paths["detections"], shards, config.sharding, lambda b: (
@@ -221,7 +224,7 @@ def detect_flow(config: PipelineConfig) -> dict:
 @flow(name="crops")
 def crops_flow(config: PipelineConfig) -> dict:
     """Cut every labelled face once into the crop cache, one task run per shard."""
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "crops")
     shards, boxes = crop_plan(config)
     summary = _run_shards("crops", paths["crops"], shards, config.sharding, lambda b: (
@@ -234,7 +237,7 @@ def crops_flow(config: PipelineConfig) -> dict:
 @task(name="merge", cache_policy=NO_CACHE)
 def merge_task(config: PipelineConfig):
     """Join ok detections with the subject labels into ``faces.parquet``."""
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "merge")
     key = merge_key(config)
     if read_cache_key(paths["faces"]) == key:
@@ -276,7 +279,7 @@ def merge_task(config: PipelineConfig):
 @task(name="split", cache_policy=NO_CACHE)
 def split_task(config: PipelineConfig):
     """Assign faces to train/val into ``split.parquet``."""
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "split")
     key = split_key(config)
     if read_cache_key(paths["split"]) == key:
@@ -300,25 +303,30 @@ def split_task(config: PipelineConfig):
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(config: PipelineConfig):
     """Train the classifier from the crop cache; skipped when its inputs are unchanged."""
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "train")
-    from tasks.train import load_examples, train_model
+    from tasks.crop_stream import load_index
+    from tasks.train import train_model
 
     key = train_key(config)
     model_dir = paths["model"]
     if (model_dir / "model.keras").exists() and (
             (stored_summary(config, "train") or {}).get("cache_key") == key):
         return _reused(config, "train", key, "the model is up to date")
-    marker = model_dir / ".train_key"
-    if model_dir.exists() and (not marker.exists() or marker.read_text() != key):
-        shutil.rmtree(model_dir)  # a different training's leftovers: never resume those
-    model_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    # train beside the current model; it is replaced only once the new one is complete,
+    # and a killed training of the same settings resumes from its own folder
+    work = paths["experiment"] / f".training-{key[:16]}"
+    for other in paths["experiment"].glob(".training-*"):
+        if other != work:
+            shutil.rmtree(other)  # an unfinished training of other settings
+    work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    examples = load_examples(paths["crops"], paths["faces"], paths["split"])
+    crops = load_index(crop_files(config), paths["faces"], paths["split"])
     crop_spec = {"margin": config.detector.margin, "margin_mode": config.detector.margin_mode}
-    result = train_model(examples, config.crops.size, config.model, config.train, model_dir,
+    result = train_model(crops, config.crops.size, config.model, config.train, work,
                          paths["logs"], crop_spec)
+    write_bytes_atomic(paths["experiment_config"], dump_config(config).encode())
+    replace_folder(work, model_dir)
     summary = {"stage": "train",
                "rows_in": result["train_examples"] + result["val_examples"],
                "rows_out": result["train_examples"],
@@ -336,19 +344,20 @@ def train_task(config: PipelineConfig):
 def evaluate_task(config: PipelineConfig):
     """Score the model on the test split (validation apart) and write ``reports/``."""
     from models.classifier import load_classifier
+    from tasks.crop_stream import load_index
     from tasks.evaluate import evaluation_metrics, write_report
-    from tasks.train import load_examples, load_history
+    from tasks.train import load_history
 
-    paths = stage_paths(config.out)
+    paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "evaluate")
     key = evaluate_key((stored_summary(config, "train") or {}).get("cache_key"))
     if (paths["reports"] / "report.md").exists() and (
             (stored_summary(config, "evaluate") or {}).get("cache_key") == key):
         return _reused(config, "evaluate", key, "the report is up to date")
     start = time.perf_counter()
-    examples = load_examples(paths["crops"], paths["faces"], paths["split"])
+    crops = load_index(crop_files(config), paths["faces"], paths["split"])
     model = load_classifier(paths["model"] / "model.keras")
-    metrics = evaluation_metrics(model, examples, config.crops.size,
+    metrics = evaluation_metrics(model, crops, config.crops.size,
                                  synthetic_labels=labels_are_synthetic(config))
     stages = paths["stages"]
     report_path = write_report(metrics, load_history(paths["model"]),

@@ -39,16 +39,17 @@ class InputError(ValueError):
     """A run's input or setting is unusable; the message says which and what to do."""
 
 
-def stage_input_path(out: Path, name: str) -> Path:
-    paths = stage_paths(out)
+def stage_input_path(config: PipelineConfig, name: str) -> Path:
+    paths = stage_paths(config.out, config.experiment)
     return paths["model"] / "model.keras" if name == "model_file" else paths[name]
 
 
-def missing_input(out: Path, stage: str, available: set[str] = frozenset()) -> str | None:
+def missing_input(config: PipelineConfig, stage: str, available: set[str] = frozenset()
+                  ) -> str | None:
     """The first input of ``stage`` that is not on disk and that no stage in ``available``
     produces, as a one-line message; None when the stage can run."""
     for name, producer in STAGE_INPUTS.get(stage, ()):
-        path = stage_input_path(out, name)
+        path = stage_input_path(config, name)
         if producer not in available and not path.exists():
             return (f"stage '{stage}' needs {path}, which stage '{producer}' writes: run "
                     f"with --stages {producer},{stage} (or without --stages)")
@@ -98,7 +99,7 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
         raise InputError(f"model.weights: file {weights} not found (a Keras no-top weights "
                          "file, 'imagenet' or 'none')")
     for stage in stages:
-        problem = missing_input(config.out, stage, set(stages))
+        problem = missing_input(config, stage, set(stages))
         if problem:
             raise InputError(problem)
     check_writable(Path(config.out))
@@ -123,7 +124,7 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
             last = max(STAGES.index(s) for s in stages)
             rebuild = ",".join(s for s in STAGES[STAGES.index(first):last + 1])
             raise InputError(
-                f"stage '{stage}' reads {stage_input_path(config.out, name)}, which is "
+                f"stage '{stage}' reads {stage_input_path(config, name)}, which is "
                 f"{row.state} ({row.detail or 'not up to date'}): run with --stages "
                 f"{rebuild} (or --allow-stale to use it as it is)")
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.runtime import load_tensorflow
+from models.runtime import load_keras
 
 GENDER_CLASSES = ("M", "F")
 AGE_CLASSES = ("20s", "30s", "40s", "50s")
@@ -59,8 +59,7 @@ class WeightsError(RuntimeError):
 
 
 def _backbone(cfg: ModelConfig, size: int):
-    load_tensorflow()
-    import keras
+    keras = load_keras()
     from keras import layers
 
     shape = (size, size, 3)
@@ -107,8 +106,7 @@ def build_classifier(cfg: ModelConfig, size: int):
     """Build the two-headed classifier (a ``keras.Model``) for ``size x size`` RGB input
     (0..255). Keras is imported here, not at module import, so that the config and the
     worker processes of other stages do not pay TensorFlow's start-up."""
-    load_tensorflow()
-    import keras
+    keras = load_keras()
     from keras import layers
 
     from models.preprocess import BackbonePreprocess
@@ -133,8 +131,7 @@ def build_classifier(cfg: ModelConfig, size: int):
 
 def load_classifier(path: Path):
     """Load a saved classifier in Keras safe mode (our one custom layer is registered)."""
-    load_tensorflow()
-    import keras
+    keras = load_keras()
 
     import models.preprocess  # noqa: F401  registers BackbonePreprocess
 

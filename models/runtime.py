@@ -1,4 +1,7 @@
-"""Loading TensorFlow quietly: one place that imports it for every stage and command.
+"""Loading Keras and its backend quietly: one place that imports them for every stage.
+
+``load_keras`` imports Keras on the backend that ``KERAS_BACKEND`` names (``tensorflow``,
+the default; ``jax``; ``torch``); ``accelerators`` lists the GPUs that backend sees.
 
 TensorFlow 2.21 prints its C++ start-up lines (oneDNN notice, "Could not find cuda
 drivers", "failed call to cuInit: ... (303)") straight to file descriptor 2, before its
@@ -56,3 +59,38 @@ def load_tensorflow() -> ModuleType:
     if kept:
         print("\n".join(kept), file=sys.stderr)
     return tf
+
+
+def keras_backend() -> str:
+    """The Keras backend this process uses (``KERAS_BACKEND``, default tensorflow)."""
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+@functools.cache
+def load_keras() -> ModuleType:
+    """Import Keras once, on ``keras_backend()``. TensorFlow, when installed, is imported
+    first through ``load_tensorflow`` (Keras imports it on every backend for its data
+    adapters), so its start-up notices stay hidden."""
+    import importlib.util
+
+    if keras_backend() == "tensorflow" or importlib.util.find_spec("tensorflow"):
+        load_tensorflow()
+    import keras
+
+    return keras
+
+
+def accelerators() -> list[str]:
+    """The GPUs the Keras backend will use (names), empty on a CPU-only machine."""
+    backend = load_keras().backend.backend()
+    if backend == "tensorflow":
+        return [d.name for d in load_tensorflow().config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []

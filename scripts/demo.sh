@@ -25,4 +25,4 @@ if [ -z "$PHOTO" ]; then  # a photo of a test subject: the model never trained o
   PHOTO="$SAMPLE/$(.venv/bin/python -c "import pandas as pd; s = pd.read_parquet('$OUT/split.parquet'); print(s[s.split == 'test'].path.iloc[0])")"
   echo "sample prediction on $PHOTO (a test subject, not trained on)"
 fi
-.venv/bin/kface predict "$PHOTO" --model "$OUT/model" --out "$OUT/predictions" --annotated
+.venv/bin/kface predict "$PHOTO" --model "$OUT/experiments/default/model" --out "$OUT/predictions" --annotated

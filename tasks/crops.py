@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.crop_stream import CHUNK_ROWS
 from tasks.detect import Shard, worker_id
 from tasks.images import ImageError, load_image
 from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
@@ -92,7 +93,7 @@ def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: Cr
         table = crop_images(root, shard.paths, boxes, cfg)
         errors = [e for e in table.column("error").to_pylist() if e]
         retry = any(e.startswith(TRANSIENT_PREFIX) for e in errors)
-        write_parquet_atomic(final, table, None if retry else key)
+        write_parquet_atomic(final, table, None if retry else key, row_group_size=CHUNK_ROWS)
     ok = table.column("error").null_count  # error is null where the crop succeeded
     return {"shard": shard.name, "file": str(final), "rows": table.num_rows,
             "reused": reused, "status_counts": {"ok": ok, "error": table.num_rows - ok},

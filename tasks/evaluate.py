@@ -17,23 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    ConfusionMatrixDisplay,
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-)
-
-from models.classifier import AGE_CLASSES, GENDER_CLASSES  # noqa: E402
-from tasks.storage import atomic_path, write_bytes_atomic, write_json_atomic  # noqa: E402
+from models.classifier import AGE_CLASSES, GENDER_CLASSES
+from tasks.crop_stream import CropSet
+from tasks.storage import atomic_path, write_bytes_atomic, write_json_atomic
 
 CODE_VERSION = "evaluate-2"  # 2: test split, subject-bootstrap intervals, baselines
 ATTRIBUTES = ("light", "camera", "accessory", "expression")
@@ -41,29 +30,42 @@ BOOTSTRAP_ROUNDS = 2000
 FEW_SUBJECTS = 50  # below this, a 95% interval on accuracy is wider than about +-10 points
 
 
-def predict_frame(model, frame: pd.DataFrame, size: int, batch_size: int = 64
-                  ) -> dict[str, np.ndarray]:
-    """Class probabilities for every crop in ``frame`` (``image`` column of JPEG bytes)."""
-    from tasks.train import make_dataset
+def predict_frame(model, frame: pd.DataFrame, files: list[Path], size: int,
+                  batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Class probabilities for every crop in ``frame`` (a split of the crop index), in
+    ``frame``'s order, streamed from the crop shards ``files``."""
+    from tasks.crop_stream import crop_batches
 
-    data = make_dataset(frame, size, batch_size, training=False).map(lambda x, y, w: x)
+    data = crop_batches(frame, files, size, batch_size, labels=False)
     out = model.predict(data, verbose=0)
     return {"gender": np.asarray(out["gender"]), "age_band": np.asarray(out["age_band"])}
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """``k x k`` counts, rows true class, columns predicted."""
+    return np.bincount(np.asarray(y_true) * k + np.asarray(y_pred),
+                       minlength=k * k).reshape(k, k)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(np.shape(num)), where=den > 0)
+
+
 def head_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
-    labels = list(range(len(classes)))
-    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                       zero_division=0)
+    """Accuracy, macro-F1, per-class precision/recall/F1 (0 where undefined, as
+    scikit-learn's ``zero_division=0``) and the confusion matrix, all from the matrix
+    (the bootstrap computes the same quantities from resampled matrices)."""
+    cm = confusion(y_true, y_pred, len(classes))
+    tp = np.diagonal(cm).astype(np.float64)
+    precision, recall = _ratio(tp, cm.sum(0)), _ratio(tp, cm.sum(1))
+    f1 = _ratio(2 * tp, cm.sum(0) + cm.sum(1))
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
-                                   zero_division=0)),
-        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
-        "confusion_matrix": {"labels": list(classes),
-                             "rows_true_cols_pred": confusion_matrix(
-                                 y_true, y_pred, labels=labels).tolist()},
+        "accuracy": float(tp.sum() / max(1, cm.sum())),
+        "macro_f1": float(_f1_macro(cm)),
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]),
+                          "f1": float(f1[i]), "support": int(cm[i].sum())}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": {"labels": list(classes), "rows_true_cols_pred": cm.tolist()},
     }
 
 
@@ -170,16 +172,18 @@ def score_split(frame: pd.DataFrame, probs: dict[str, np.ndarray], train_counts:
     return metrics
 
 
-def evaluation_metrics(model, examples: dict[str, pd.DataFrame], size: int,
-                       synthetic_labels: bool = False) -> dict:
+def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool = False
+                       ) -> dict:
     """The report's metrics: the test split scored (validation when there is none), with
-    intervals and baselines; validation summarised apart; the report's warnings."""
+    intervals and baselines; validation summarised apart; the report's warnings. Reads
+    the crops of the scored splits only."""
+    examples = crops.splits
     scored = "test" if len(examples.get("test", ())) else "val"
     train = examples["train"]
     train_counts = {"gender": np.bincount(train.gender_idx, minlength=len(GENDER_CLASSES)),
                     "age_band": np.bincount(train.age_idx, minlength=len(AGE_CLASSES))}
     frame = examples[scored]
-    metrics = score_split(frame, predict_frame(model, frame, size), train_counts)
+    metrics = score_split(frame, predict_frame(model, frame, crops.files, size), train_counts)
     metrics["scored_split"] = scored
     warnings = []
     if synthetic_labels:
@@ -196,7 +200,7 @@ def evaluation_metrics(model, examples: dict[str, pd.DataFrame], size: int,
     metrics["warnings"] = warnings
     if scored == "test" and len(examples["val"]):
         val = examples["val"]
-        val_metrics = compute_metrics(val, predict_frame(model, val, size))
+        val_metrics = compute_metrics(val, predict_frame(model, val, crops.files, size))
         metrics["validation"] = {
             "examples": val_metrics["examples"], "subjects": val_metrics["subjects"],
             "gender_accuracy": val_metrics["gender"]["accuracy"],
@@ -205,14 +209,28 @@ def evaluation_metrics(model, examples: dict[str, pd.DataFrame], size: int,
     return metrics
 
 
+def _pyplot():
+    """matplotlib, imported for the PNGs only (the metrics need numpy alone, so they run
+    on a GPU machine without matplotlib or scikit-learn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save_png(fig, path: Path) -> None:
+    plt = _pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
 def plot_confusion(cm: list[list[int]], labels: list[str], title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
     ConfusionMatrixDisplay(np.array(cm), display_labels=labels).plot(ax=ax, colorbar=False)
     ax.set_title(title)
     _save_png(fig, path)
@@ -220,6 +238,9 @@ def plot_confusion(cm: list[list[int]], labels: list[str], title: str, path: Pat
 
 def plot_curves(history: dict, reports: Path) -> list[str]:
     """The original's three plots: gender accuracy, age-band accuracy, loss (train vs val)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
     names = []
     for key, title, fname in (("gender_accuracy", "Gender accuracy", "curve_gender.png"),
                               ("age_band_accuracy", "Age band accuracy", "curve_age_band.png"),

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -71,7 +72,8 @@ def write_json_atomic(final: Path, obj: Any) -> None:
     write_bytes_atomic(final, text.encode("utf-8"))
 
 
-def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = None) -> None:
+def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = None,
+                         row_group_size: int | None = None) -> None:
     """Write ``table`` to ``final`` atomically. The schema metadata gets ``cache_key``
     (what the file was computed from) and the table's ``table_digest`` (what it holds),
     which downstream keys use instead of the file's bytes."""
@@ -81,7 +83,8 @@ def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = N
     if cache_key is not None:
         meta[CACHE_KEY_META] = cache_key.encode()
     with atomic_path(final) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd",
+                       row_group_size=row_group_size)
 
 
 def _meta(path: Path, name: bytes) -> str | None:
@@ -128,6 +131,20 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the finished folder ``new`` at ``final``: the previous ``final`` is renamed
+    aside first and deleted only after ``new`` is in place (two renames on one file
+    system; the previous folder is never deleted before its replacement exists)."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.previous")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class FolderBusyError(RuntimeError):

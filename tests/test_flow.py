@@ -106,18 +106,20 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
             "--set", "train.epochs=1"]
     res = run_kface(*args, env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
-    for rel in ("manifest.parquet", "faces.parquet", "split.parquet", "model/model.keras",
-                "model/labels.json", "model/history.json", "reports/report.md",
-                "reports/metrics.json", "reports/curve_loss.png"):
+    exp = "experiments/default/"
+    for rel in ("manifest.parquet", "faces.parquet", "split.parquet", exp + "model/model.keras",
+                exp + "model/labels.json", exp + "model/history.json", exp + "reports/report.md",
+                exp + "reports/metrics.json", exp + "reports/curve_loss.png",
+                exp + "config.yaml"):
         assert (out / rel).exists(), rel
     assert list((out / "crops").glob("shard-*.parquet"))
     merge = json.loads((out / "stages" / "merge.json").read_text())
     assert merge["faces"] >= 30 and merge["subjects"] >= 17
     split = json.loads((out / "stages" / "split.json").read_text())
     assert split["subjects"]["in_both"] == 0
-    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    metrics = json.loads((out / exp / "reports" / "metrics.json").read_text())
     assert metrics["examples"] == split["rows"]["test"] and metrics["scored_split"] == "test"
-    model_mtime = (out / "model" / "model.keras").stat().st_mtime_ns
+    model_mtime = (out / exp / "model" / "model.keras").stat().st_mtime_ns
 
     status_args = ["status", *args[1:]]
     assert _states(status_args, prefect_env) == dict.fromkeys(STAGES, "done")
@@ -128,12 +130,12 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     log = res.stdout + res.stderr
     for stage in STAGES:  # every stage says it was skipped
         assert f"{stage}: cached" in log, stage
-        assert json.loads((out / "stages" / f"{stage}.json").read_text())["reused"] is True
+        assert _summary(out, stage)["reused"] is True
     tasks = _summary(out, "detect")["tasks"] + _summary(out, "crops")["tasks"]
     assert log.count("Finished in state Cached(") == 5 + tasks  # 5 stages + every shard task
     assert json.loads((out / "stages" / "crops.json").read_text())["shards_computed"] == 0
     assert _mtimes(out) == mtimes  # nothing rewritten
-    assert (out / "model" / "model.keras").stat().st_mtime_ns == model_mtime
+    assert (out / exp / "model" / "model.keras").stat().st_mtime_ns == model_mtime
     assert _states(status_args, prefect_env) == dict.fromkeys(STAGES, "cached")
 
     # a training hyper-parameter: only train and evaluate are redone
@@ -143,7 +145,7 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     res = run_kface(*changed, env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [s for s in STAGES if not _summary(out, s)["reused"]] == ["train", "evaluate"]
-    assert (out / "model" / "model.keras").stat().st_mtime_ns != model_mtime
+    assert (out / exp / "model" / "model.keras").stat().st_mtime_ns != model_mtime
 
     # the detector threshold: detect and everything after it
     changed = [*changed, "--threshold", "0.95"]
@@ -164,7 +166,8 @@ def _states(args: list[str], env: dict) -> dict[str, str]:
 
 
 def _summary(out, stage: str) -> dict:
-    return json.loads((out / "stages" / f"{stage}.json").read_text())
+    folder = out / "experiments" / "default" if stage in ("train", "evaluate") else out
+    return json.loads((folder / "stages" / f"{stage}.json").read_text())
 
 
 def _mtimes(out) -> dict[str, int]:

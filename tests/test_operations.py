@@ -31,7 +31,8 @@ def small_tree(tmp_path_factory, aaf_dir):
 
 
 def _summary(out, stage: str) -> dict:
-    return json.loads((out / "stages" / f"{stage}.json").read_text())
+    folder = out / "experiments" / "default" if stage in ("train", "evaluate") else out
+    return json.loads((folder / "stages" / f"{stage}.json").read_text())
 
 
 def _shard_mtimes(folder) -> dict[str, int]:

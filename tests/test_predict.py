@@ -8,6 +8,7 @@ import pytest
 from conftest import run_kface
 
 from models.analyzer import FaceAnalyzer, ModelFolderError
+from tasks.crop_stream import crop_jpegs
 from tasks.crops import crop_face
 from tasks.predict import predict_images
 
@@ -29,9 +30,8 @@ def test_analyzer_input_is_the_training_crop(tiny_run):
     assert faces[0].box_margin == box  # same detector box and margin as training
     np.testing.assert_array_equal(batch[0], crop_face(image, box, 64).astype(np.float32))
     # and the crop cache's JPEG of that face differs only by JPEG loss
-    cached = tiny_run["examples"]["train"].set_index("path").image.get(row.path)
-    if cached is None:
-        cached = tiny_run["examples"]["val"].set_index("path").image[row.path]
+    split = next(f for f in tiny_run["examples"].values() if row.path in set(f.path))
+    cached = crop_jpegs(split[split.path == row.path], tiny_run["crops"].files)[0]
     decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(cached, np.uint8), cv2.IMREAD_COLOR),
                            cv2.COLOR_BGR2RGB)
     assert np.abs(decoded.astype(float) - batch[0]).mean() < 3.0  # q95, 4:2:0, 64 px
@@ -185,7 +185,7 @@ def test_export_gives_the_same_outputs(tiny_run, tmp_path, fmt):
     frame = tiny_run["examples"]["val"].head(4)
     images = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8),
                                                  cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-                       for b in frame.image]).astype(np.float32)
+                       for b in crop_jpegs(frame, tiny_run["crops"].files)]).astype(np.float32)
     expected = load_classifier(tiny_run["model_dir"] / "model.keras").predict(images,
                                                                               verbose=0)
     got = run_exported(path, images)

@@ -1,0 +1,146 @@
+"""Quality of a training recipe on All-Age-Faces people it never saw, with the real CLI.
+
+A fixed fifth of ../shared/data/faces/aaf, chosen by person (sha256 of the file name,
+never by looking at results), is held out: no recipe is trained or tuned on it. The rest
+is a labelled folder (optionally with the UTKFace faces, padded so that the detector
+finds them) that ``kface run`` prepares, splits 70/15/15, trains on and reports on. Then
+the trained model scores the held-out people: their faces detected and cropped with the
+run's own settings, accuracy with 95% intervals by bootstrap over people.
+
+``python bench/aaf_quality.py [-c configs/aaf-pretrained.yaml] [--utkface]
+[--experiment NAME] [--set key=value ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
+WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+
+
+def held_out(name: str) -> bool:
+    """The fixed held-out fifth of the AAF people (one photo each)."""
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0
+
+
+def dev_folder(work: Path, utkface: bool) -> Path:
+    """Symlinks to the AAF photos not held out (+ padded UTKFace faces) and labels.csv."""
+    import cv2
+    import pandas as pd
+
+    folder = work / ("dev-utk" if utkface else "dev")
+    if (folder / "labels.csv").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    aaf = pd.read_csv(SHARED / "faces" / "aaf" / "labels.csv")
+    aaf = aaf[~aaf.file.map(held_out)]
+    for file in aaf.file:
+        link = folder / file
+        if not link.exists():
+            link.symlink_to(SHARED / "faces" / "aaf" / file)
+    rows = aaf.assign(subject_id="aaf-" + aaf.file.str.replace(".jpg", ""))
+    if utkface:
+        utk = pd.read_csv(SHARED / "faces" / "utkface" / "labels.csv")
+        (folder / "utk").mkdir(exist_ok=True)
+        for file in utk.file:
+            image = cv2.imread(str(SHARED / "faces" / "utkface" / file))
+            pad = image.shape[0] // 2  # tight 200 px crops: the detector needs context
+            cv2.imwrite(str(folder / "utk" / file), cv2.copyMakeBorder(
+                image, pad, pad, pad, pad, cv2.BORDER_REPLICATE), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        utk = utk.assign(file="utk/" + utk.file, subject_id="utk-" + utk.file)
+        rows = pd.concat([rows, utk[["file", "age", "gender", "subject_id"]]])
+    rows[["file", "age", "gender", "subject_id"]].to_csv(folder / "labels.csv", index=False)
+    return folder
+
+
+def holdout_scores(out: Path, experiment: str) -> dict:
+    """Detect and crop the held-out AAF people with the run's settings; score the
+    experiment's model on them (bootstrap over people)."""
+    import numpy as np
+    import pandas as pd
+
+    from flows.config import load_config
+    from models.classifier import AGE_CLASSES, GENDER_CLASSES, load_classifier
+    from tasks.crops import crop_face
+    from tasks.detect import detect_images
+    from tasks.evaluate import compute_metrics, subject_bootstrap
+    from tasks.images import load_image
+    from tasks.select import age_to_band
+
+    cfg = load_config(out / "experiments" / experiment / "config.yaml")
+    aaf_dir = SHARED / "faces" / "aaf"
+    labels = pd.read_csv(aaf_dir / "labels.csv")
+    labels = labels[labels.file.map(held_out)].reset_index(drop=True)
+    det = detect_images(aaf_dir, labels.file.tolist(), cfg.detector).to_pandas()
+    found = labels.merge(det[det.status == "ok"], left_on="file", right_on="path")
+    crops = np.stack([crop_face(load_image(aaf_dir / r.file)[0],
+                                (r.left, r.top, r.right, r.bottom), cfg.crops.size)
+                      for r in found.itertuples()]).astype(np.float32)
+    model = load_classifier(out / "experiments" / experiment / "model" / "model.keras")
+    probs = model.predict(crops, batch_size=64, verbose=0)
+    mirrored = model.predict(crops[:, :, ::-1], batch_size=64, verbose=0)
+    averaged = {h: (np.asarray(probs[h]) + np.asarray(mirrored[h])) / 2 for h in probs}
+    frame = found.assign(
+        subject_id=found.file, age_band=found.age.map(age_to_band),
+        gender_idx=found.gender.map(GENDER_CLASSES.index),
+        age_idx=found.age.map(age_to_band).map(AGE_CLASSES.index),
+        joint_class=found.age.map(age_to_band) + "_" + found.gender)
+    metrics = compute_metrics(frame, {h: np.asarray(probs[h]) for h in ("gender", "age_band")})
+    ci = subject_bootstrap(frame.subject_id.to_numpy(), {
+        "gender": (frame.gender_idx.to_numpy(), np.asarray(probs["gender"]).argmax(1), 2),
+        "age_band": (frame.age_idx.to_numpy(), np.asarray(probs["age_band"]).argmax(1), 4)})
+    flip = compute_metrics(frame, averaged)
+    return {"held_out_people": len(labels), "faces_found": len(found),
+            "flip_averaged": {"gender": round(flip["gender"]["accuracy"], 4),
+                              "age_band": round(flip["age_band"]["accuracy"], 4)},
+            "gender": round(metrics["gender"]["accuracy"], 4),
+            "gender_ci95": [round(x, 3) for x in ci["gender"]["accuracy"]],
+            "age_band": round(metrics["age_band"]["accuracy"], 4),
+            "age_band_ci95": [round(x, 3) for x in ci["age_band"]["accuracy"]],
+            "age_band_within_one": round(metrics["age_band"]["accuracy_within_one_band"], 4),
+            "age_band_macro_f1": round(metrics["age_band"]["macro_f1"], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-c", "--config", type=Path, default=REPO / "configs" / "aaf-pretrained.yaml")
+    ap.add_argument("--utkface", action="store_true", help="add the padded UTKFace faces")
+    ap.add_argument("--experiment", default="default")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "aaf-quality")
+    args = ap.parse_args()
+    data = dev_folder(args.work, args.utkface)
+    out = args.work / ("run-utk" if args.utkface else "run")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-c", str(args.config), "--data-root",
+           str(data), "--layout", "labelled", "--out", str(out), "--experiment",
+           args.experiment, "--set", f"model.weights={WEIGHTS}"]
+    for item in args.sets:
+        cmd += ["--set", item]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    if res.returncode:
+        raise SystemExit(res.stdout[-2000:] + res.stderr[-4000:])
+    exp = out / "experiments" / args.experiment
+    train = json.loads((exp / "stages" / "train.json").read_text())
+    evaluate = json.loads((exp / "stages" / "evaluate.json").read_text())
+    result = {"config": str(args.config), "sets": args.sets, "utkface": args.utkface,
+              "experiment": args.experiment, "train_faces": train["train_examples"],
+              "training_minutes": round(train["seconds"] / 60, 1),
+              "epochs_run": train["epochs_run"], "best_epoch": train["best_epoch"],
+              "dev_test": {k: round(v, 4) for k, v in evaluate.items()
+                           if k.startswith("test_") and isinstance(v, float)},
+              "held_out": holdout_scores(out, args.experiment)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Training and evaluation input: face crops streamed from the crop shards in bounded chunks.
+
+Memory holds the *index* (each face's path, labels, split and where its crop is: shard
+file, row group, row) and at most ``2 x buffer_chunks`` row groups of crop bytes, never
+all crops: K-Face's 365,000 faces at 224 px (~6 GB of JPEG) train with an index of a few
+tens of MB. Crop shards are written in row groups of ``CHUNK_ROWS`` crops.
+
+Order: each training epoch shuffles the list of chunks (row groups, spread over every
+shard and so over every subject), takes them ``buffer_chunks`` at a time and shuffles the
+faces inside that window; batches are consecutive slices of that order. Evaluation reads
+only the rows of the split it scores, in file order. Decoding (OpenCV, which releases the
+GIL) and augmentation run in ``keras.utils.PyDataset`` worker threads. No ``tf.data``:
+the same pipeline feeds TensorFlow, JAX and PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from models.classifier import AGE_CLASSES, GENDER_CLASSES
+from models.runtime import load_keras
+
+if TYPE_CHECKING:
+    from tasks.train import AugmentConfig
+
+CHUNK_ROWS = 64  # crops per Parquet row group in the crop shards
+SPLITS = ("train", "val", "test")
+
+
+class CropSet(NamedTuple):
+    """The crop shard files and, per split, the index of their usable crops."""
+
+    files: list[Path]
+    splits: dict[str, pd.DataFrame]
+
+
+def load_index(crop_files: list[Path], faces_path: Path, split_path: Path) -> CropSet:
+    """Per split, one row per usable crop: the labels and attributes from ``faces``, the
+    split, ``gender_idx``/``age_idx``, and ``file`` (index into ``crop_files``), ``rg``,
+    ``row`` (its place in the shard). Reads no image bytes."""
+    parts = []
+    for file_idx, path in enumerate(crop_files):
+        shard = pq.ParquetFile(path)
+        sizes = [shard.metadata.row_group(i).num_rows for i in range(shard.num_row_groups)]
+        table = shard.read(columns=["path", "error"])
+        parts.append(pd.DataFrame({
+            "path": table.column("path").to_numpy(zero_copy_only=False),
+            "ok": table.column("error").is_null().to_numpy(zero_copy_only=False),
+            "file": np.int32(file_idx),
+            "rg": np.repeat(np.arange(len(sizes), dtype=np.int32), sizes),
+            "row": np.concatenate([np.arange(n, dtype=np.int32) for n in sizes] or [[]]),
+        }))
+    crops = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["path", "ok", "file", "rg", "row"])
+    crops = crops[crops.ok.astype(bool)].drop(columns="ok")
+    faces = pq.read_table(faces_path).to_pandas()
+    split = pq.read_table(split_path).to_pandas()
+    rows = faces.merge(split, on="path").merge(crops, on="path")
+    rows["gender_idx"] = rows.gender.map(GENDER_CLASSES.index).astype("int32")
+    rows["age_idx"] = rows.age_band.map(AGE_CLASSES.index).astype("int32")
+    rows = rows.sort_values(["file", "rg", "row"], kind="stable")
+    return CropSet([Path(f) for f in crop_files],
+                   {s: rows[rows.split == s].reset_index(drop=True) for s in SPLITS})
+
+
+def epoch_order(chunk: np.ndarray, rng: np.random.Generator | None, buffer_chunks: int
+                ) -> np.ndarray:
+    """Row positions in the order one epoch reads them. ``chunk``: each row's chunk id.
+    With ``rng``: chunks shuffled, then rows shuffled within windows of ``buffer_chunks``
+    chunks; without: file order."""
+    if rng is None:
+        return np.arange(len(chunk))
+    ids, inverse = np.unique(chunk, return_inverse=True)
+    rows_of = np.split(np.argsort(inverse, kind="stable"),
+                       np.cumsum(np.bincount(inverse, minlength=len(ids)))[:-1])
+    shuffled = rng.permutation(len(ids))
+    order = []
+    for start in range(0, len(ids), buffer_chunks):
+        window = np.concatenate([rows_of[c] for c in shuffled[start:start + buffer_chunks]])
+        order.append(rng.permutation(window))
+    return np.concatenate(order) if order else np.arange(0)
+
+
+class ChunkCache:
+    """The crop bytes of the most recently used row groups (at most ``capacity``)."""
+
+    def __init__(self, files: list[Path], capacity: int):
+        self.files = [str(f) for f in files]
+        self.capacity = capacity
+        self._chunks: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file: int, rg: int) -> list[bytes]:
+        key = (file, rg)
+        with self._lock:
+            if key in self._chunks:
+                self._chunks.move_to_end(key)
+                return self._chunks[key]
+        images = (pq.ParquetFile(self.files[file]).read_row_group(rg, columns=["image"])
+                  .column(0).to_pylist())
+        with self._lock:
+            self._chunks[key] = images
+            while len(self._chunks) > self.capacity:
+                self._chunks.popitem(last=False)
+        return images
+
+
+def crop_jpegs(frame: pd.DataFrame, files: list[Path]) -> list[bytes]:
+    """The JPEG bytes of the crops of ``frame``'s rows (for inspection and tests)."""
+    cache = ChunkCache(files, 4)
+    return [cache.get(int(f), int(g))[int(r)] for f, g, r in zip(frame.file, frame.rg,
+                                                                frame.row, strict=True)]
+
+
+def decode(jpeg: bytes, size: int) -> np.ndarray:
+    """RGB uint8 ``size x size x 3`` from a crop's JPEG bytes."""
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape != (size, size, 3):
+        raise ValueError(f"a crop is not a {size}x{size} JPEG (got "
+                         f"{None if image is None else image.shape}): rebuild the crops stage")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal flip, rotation (``cfg.rotation`` turns), zoom and brightness, as
+    Keras' Random* layers do (edges repeated), with OpenCV on one image."""
+    if cfg.flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    if cfg.rotation or cfg.zoom:
+        size = image.shape[0]
+        angle = rng.uniform(-cfg.rotation, cfg.rotation) * 360.0
+        scale = 1.0 / rng.uniform(1 - cfg.zoom, 1 + cfg.zoom)
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+        image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if cfg.brightness:
+        delta = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
+        image = np.clip(image.astype(np.float32) + delta, 0, 255)
+    return image
+
+
+def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: int, *,
+                 labels: bool = True, weights: np.ndarray | None = None,
+                 augment_cfg: AugmentConfig | None = None, seed: int | None = None,
+                 buffer_chunks: int = 64, workers: int = 2):
+    """A ``keras.utils.PyDataset`` over ``index`` (one split of ``load_index``).
+
+    Yields ``(images float32 0..255, {"gender", "age_band"}, weights)`` batches, or only
+    the images with ``labels=False``. With ``seed`` the order is shuffled every epoch
+    (see ``epoch_order``) and ``augment_cfg`` applies; without, rows come in ``index``
+    order (what evaluation needs to line predictions up with rows)."""
+    keras = load_keras()
+    chunk = index.file.to_numpy(np.int64) * 1_000_000 + index.rg.to_numpy(np.int64)
+    targets = {"gender": index.gender_idx.to_numpy(np.int32),
+               "age_band": index.age_idx.to_numpy(np.int32)}
+    weight = (np.ones(len(index), np.float32) if weights is None
+              else np.asarray(weights, np.float32))
+    where = index[["file", "rg", "row"]].to_numpy(np.int64)
+    cache = ChunkCache(files, 2 * buffer_chunks)
+
+    class CropBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
+            self.epoch = 0
+            self.order = self._order()
+
+        def _order(self) -> np.ndarray:
+            rng = None if seed is None else np.random.default_rng([seed, self.epoch])
+            return epoch_order(chunk, rng, buffer_chunks)
+
+        def __len__(self) -> int:
+            return math.ceil(len(index) / batch_size)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = self._order()
+
+        def __getitem__(self, i: int):
+            rows = self.order[i * batch_size:(i + 1) * batch_size]
+            rng = (np.random.default_rng([seed, self.epoch, i])
+                   if augment_cfg is not None and seed is not None else None)
+            images = np.empty((len(rows), size, size, 3), np.float32)
+            for k, r in enumerate(rows):
+                file, rg, row = where[r]
+                image = decode(cache.get(int(file), int(rg))[row], size)
+                images[k] = augment(image, augment_cfg, rng) if rng is not None else image
+            if not labels:
+                return images
+            return (images, {h: t[rows] for h, t in targets.items()}, weight[rows])
+
+    return CropBatches()
