@@ -8,8 +8,9 @@ with crop shards written as the crops stage writes them. Then, each in its own p
 * input throughput: images/s of the streamed crop batches (``tasks.crop_stream``,
   decode only, and with augmentation) vs the in-memory pipeline the train stage used
   before (every crop's bytes in memory, ``tf.data`` ``decode_jpeg``), same crops, same run;
-* the real train stage function (``train_model``: ``small_cnn``, one epoch of ``--steps``
-  batches, the whole validation split) and evaluate (``evaluation_metrics`` on the test
+* the real train stage function (``train_model``: ``--backbone``, default
+  ``mobilenet_v3_small`` from scratch, one epoch of ``--steps`` batches, the whole
+  validation split) and evaluate (``evaluation_metrics`` on the test
   split), reporting that process's peak RSS.
 
 ``python bench/bench_train_scale.py --faces 120000 [--size 224] [--steps 30]``; the last
@@ -147,7 +148,7 @@ def throughput(folder: Path, size: int, batches: int) -> dict:
             "ratio_streamed_2_threads_vs_in_memory": round(threaded / in_memory, 2)}
 
 
-def train_and_evaluate(folder: Path, size: int, steps: int) -> dict:
+def train_and_evaluate(folder: Path, size: int, steps: int, backbone: str) -> dict:
     import shutil
 
     from models.classifier import ModelConfig, load_classifier
@@ -157,7 +158,7 @@ def train_and_evaluate(folder: Path, size: int, steps: int) -> dict:
     shutil.rmtree(folder / "model", ignore_errors=True)  # never resume an earlier run
     crops = _crops(folder)
     start = time.perf_counter()
-    result = train_model(crops, size, ModelConfig(backbone="small_cnn"),
+    result = train_model(crops, size, ModelConfig(backbone=backbone),
                          TrainConfig(epochs=1, steps_per_epoch=steps, batch_size=32),
                          folder / "model", folder / "logs")
     trained = time.perf_counter() - start
@@ -173,7 +174,8 @@ def train_and_evaluate(folder: Path, size: int, steps: int) -> dict:
 def _child(step: str, folder: Path, args) -> dict:
     res = subprocess.run([sys.executable, __file__, "--child", step, "--folder", str(folder),
                           "--faces", str(args.faces), "--size", str(args.size), "--steps",
-                          str(args.steps), "--batches", str(args.batches)],
+                          str(args.steps), "--batches", str(args.batches), "--backbone",
+                          args.backbone],
                          capture_output=True, text=True,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if res.returncode:
@@ -187,6 +189,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=30, help="training batches (one epoch)")
     ap.add_argument("--batches", type=int, default=150, help="batches timed for throughput")
+    ap.add_argument("--backbone", default="mobilenet_v3_small")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "train-scale")
     ap.add_argument("--child", choices=["build", "throughput", "train"])
     ap.add_argument("--folder", type=Path)
@@ -198,14 +201,16 @@ def main() -> None:
         elif args.child == "throughput":
             print(json.dumps(throughput(args.folder, args.size, args.batches)))
         else:
-            print(json.dumps(train_and_evaluate(args.folder, args.size, args.steps)))
+            print(json.dumps(train_and_evaluate(args.folder, args.size, args.steps,
+                                                args.backbone)))
         return
     folder = args.work / f"{args.faces}-{args.size}"
     start = time.perf_counter()
     _child("build", folder, args)
     built = time.perf_counter() - start
     crop_bytes = sum(p.stat().st_size for p in (folder / "crops").glob("*.parquet"))
-    result = {"faces": args.faces, "size": args.size, "crop_shards_gb": round(
+    result = {"faces": args.faces, "size": args.size, "backbone": args.backbone,
+              "crop_shards_gb": round(
         crop_bytes / 1024 ** 3, 2), "build_s": round(built, 1)}
     result.update(_child("throughput", folder, args))
     train = _child("train", folder, args)

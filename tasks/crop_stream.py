@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.classifier import AGE_CLASSES, GENDER_CLASSES
@@ -68,6 +69,7 @@ def load_index(crop_files: list[Path], faces_path: Path, split_path: Path) -> Cr
     rows["gender_idx"] = rows.gender.map(GENDER_CLASSES.index).astype("int32")
     rows["age_idx"] = rows.age_band.map(AGE_CLASSES.index).astype("int32")
     rows = rows.sort_values(["file", "rg", "row"], kind="stable")
+    pa.default_memory_pool().release_unused()  # the column reads' buffers, now in pandas
     return CropSet([Path(f) for f in crop_files],
                    {s: rows[rows.split == s].reset_index(drop=True) for s in SPLITS})
 
@@ -169,7 +171,7 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
 
     class CropBatches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4)
             self.epoch = 0
             self.order = self._order()
 

@@ -31,7 +31,7 @@ FEW_SUBJECTS = 50  # below this, a 95% interval on accuracy is wider than about 
 
 
 def predict_frame(model, frame: pd.DataFrame, files: list[Path], size: int,
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
+                  batch_size: int = 32) -> dict[str, np.ndarray]:
     """Class probabilities for every crop in ``frame`` (a split of the crop index), in
     ``frame``'s order, streamed from the crop shards ``files``."""
     from tasks.crop_stream import crop_batches

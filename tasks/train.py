@@ -188,6 +188,8 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
             monitor="val_age_band_loss", mode="min", patience=cfg.early_stopping_patience))
     model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=callbacks,
               steps_per_epoch=cfg.steps_per_epoch, verbose=2)
+    del model, train_data, val_data  # the saved checkpoint is the result: free the
+    keras.backend.clear_session()    # training graphs before evaluation loads the model
     history = pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
     best.replace(model_dir / "model.keras")  # atomic rename of the best checkpoint
     chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
