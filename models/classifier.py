@@ -48,6 +48,9 @@ class ModelConfig(BaseModel):
         "('frozen': its ImageNet statistics are kept, as Keras' fine-tuning guide advises) "
         "or train it. 'auto': frozen with pretrained weights, trained from scratch."
     )
+    flip_average: bool = Field(
+        False, description="The saved model averages its predictions on the face and on "
+        "its mirror image (test-time flip averaging: twice the inference work).")
     bn_momentum: float = Field(
         0.99, gt=0, lt=1, description="BatchNormalization momentum of the head (and of "
         "small_cnn). Keras' 0.99 (the original) adapts slowly on small data sets: 0.9 there."
@@ -127,6 +130,19 @@ def build_classifier(cfg: ModelConfig, size: int):
     age = layers.Dense(len(AGE_CLASSES), activation="softmax", name="age_band",
                        dtype="float32")(x)
     return keras.Model(inputs, {"gender": gender, "age_band": age}, name="kface_classifier")
+
+
+def flip_averaged(model):
+    """A model whose outputs average ``model``'s on the image and on its mirror image
+    (the trained model is a layer inside it; saved and reloaded like any classifier)."""
+    keras = load_keras()
+    from models.preprocess import HorizontalFlip
+
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    direct, mirrored = model(inputs), model(HorizontalFlip(name="mirror")(inputs))
+    outputs = {head: keras.layers.Average(name=head, dtype="float32")(
+        [direct[head], mirrored[head]]) for head in ("gender", "age_band")}
+    return keras.Model(inputs, outputs, name="kface_classifier_flip_averaged")
 
 
 def load_classifier(path: Path):

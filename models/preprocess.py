@@ -33,3 +33,11 @@ class BackbonePreprocess(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="kface")
+class HorizontalFlip(layers.Layer):
+    """Mirror images left-right (NHWC): the second view of ``flip_averaged``."""
+
+    def call(self, x):
+        return keras.ops.flip(x, axis=-2)

@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.classifier import AGE_CLASSES, GENDER_CLASSES, ModelConfig, build_classifier
+from models.classifier import (
+    AGE_CLASSES,
+    GENDER_CLASSES,
+    ModelConfig,
+    build_classifier,
+    flip_averaged,
+    load_classifier,
+)
 from models.runtime import accelerators, keras_backend, load_keras
 from tasks.crop_stream import CropSet, crop_batches
 from tasks.storage import write_json_atomic
@@ -191,7 +198,13 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     del model, train_data, val_data  # the saved checkpoint is the result: free the
     keras.backend.clear_session()    # training graphs before evaluation loads the model
     history = pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
-    best.replace(model_dir / "model.keras")  # atomic rename of the best checkpoint
+    if model_cfg.flip_average:  # the best checkpoint, wrapped to average with its mirror
+        wrapped = model_dir / ".flip_averaged.tmp.keras"
+        flip_averaged(load_classifier(best)).save(wrapped)
+        wrapped.replace(model_dir / "model.keras")
+        best.unlink()
+    else:
+        best.replace(model_dir / "model.keras")  # atomic rename of the best checkpoint
     chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
     speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     write_json_atomic(model_dir / "history.json",
@@ -200,6 +213,7 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
         "gender": list(GENDER_CLASSES), "age_band": list(AGE_CLASSES), "input_size": size,
         "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
         "backbone": model_cfg.backbone, "outputs": ["gender", "age_band"],
+        "flip_average": model_cfg.flip_average,
         "crop": {"size": size, **(crop_spec or {})},
     })
     return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
