@@ -24,8 +24,8 @@ import pandas as pd  # noqa: E402
 from bench_detect import make_tree  # noqa: E402
 
 from models.detector import DetectorConfig  # noqa: E402
-from tasks.crop_stream import CHUNK_ROWS, crop_batches  # noqa: E402
-from tasks.crops import CropConfig, crop_images  # noqa: E402
+from tasks.crop_stream import crop_batches  # noqa: E402
+from tasks.crops import CHUNK_ROWS, CropConfig, crop_images  # noqa: E402
 from tasks.detect import detect_images  # noqa: E402
 from tasks.storage import write_parquet_atomic  # noqa: E402
 
@@ -89,7 +89,7 @@ def main() -> None:
                         CropConfig(size=224))
     crops = table.to_pandas()
     shard = args.work / "input-crops" / "shard-bench.parquet"
-    write_parquet_atomic(shard, table, row_group_size=CHUNK_ROWS)  # as the crops stage
+    write_parquet_atomic(shard, table, row_group_size=CHUNK_ROWS, digest=False)  # as crops
     index = faces.assign(file=0, rg=np.arange(len(faces)) // CHUNK_ROWS,
                          row=np.arange(len(faces)) % CHUNK_ROWS, gender_idx=0, age_idx=0)
     ours = crop_batches(index, [shard], 224, 32, seed=1)  # streamed, as the train stage

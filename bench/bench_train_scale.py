@@ -59,8 +59,7 @@ def build(folder: Path, faces: int, size: int, seeds=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.crop_stream import CHUNK_ROWS
-    from tasks.crops import CROPS_SCHEMA
+    from tasks.crops import CHUNK_ROWS, CROPS_SCHEMA
     from tasks.split import SplitConfig, split_faces
     from tasks.storage import write_parquet_atomic
 
@@ -79,7 +78,7 @@ def build(folder: Path, faces: int, size: int, seeds=None) -> None:
         table = pa.table({"path": paths, "image": images, "error": [None] * len(paths)},
                          schema=CROPS_SCHEMA)
         write_parquet_atomic(folder / "crops" / f"shard-{sid}.parquet", table,
-                             row_group_size=CHUNK_ROWS)
+                             row_group_size=CHUNK_ROWS, digest=False)
     frame = pd.DataFrame(rows, columns=["path", "subject_id", "age_band", "gender"])
     frame["joint_class"] = frame.age_band + "_" + frame.gender
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False),

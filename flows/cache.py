@@ -85,11 +85,14 @@ def select_key(config: PipelineConfig, manifest: pa.Table) -> str:
                        SELECT_CODE_VERSION)
 
 
-def merge_key(config: PipelineConfig) -> str:
+def merge_key(config: PipelineConfig, shards: list[Shard] | None = None) -> str:
+    """``shards``: ``detect_shards(config)`` when the caller has it already."""
     paths = stage_paths(config.out, config.experiment)
     metadata = config.data.metadata if config.data.layout == "kface" else None
+    if shards is None:
+        shards = detect_shards(config)
     return fingerprint(content_digest(paths["manifest"]),
-                       _shard_keys(paths["detections"], detect_shards(config)),
+                       _shard_keys(paths["detections"], shards),
                        _sha(Path(metadata)) if metadata else None, MERGE_CODE_VERSION)
 
 
@@ -106,9 +109,12 @@ def model_settings(config: PipelineConfig) -> dict:
     return settings
 
 
-def train_key(config: PipelineConfig) -> str:
+def train_key(config: PipelineConfig, crop_shards: list[Shard] | None = None) -> str:
+    """``crop_shards``: ``crop_plan(config)[0]`` when the caller has it already."""
     paths = stage_paths(config.out, config.experiment)
-    return fingerprint(_shard_keys(paths["crops"], crop_plan(config)[0]),
+    if crop_shards is None:
+        crop_shards = crop_plan(config)[0]
+    return fingerprint(_shard_keys(paths["crops"], crop_shards),
                        content_digest(paths["faces"]), content_digest(paths["split"]),
                        config.crops.model_dump(), model_settings(config),
                        config.train.model_dump(), TRAIN_CODE_VERSION)
@@ -145,18 +151,18 @@ def crop_plan(config: PipelineConfig) -> tuple[list[Shard], dict[str, list[int]]
     return plan_shards(table, config.data.layout), boxes
 
 
-def detection_errors(config: PipelineConfig) -> dict[str, dict[str, int]]:
+def detection_errors(config: PipelineConfig, shards: list[Shard]) -> dict[str, dict[str, int]]:
     """Counts of the planned detection shards' failed rows: ``{status: {reason: n}}`` for
     the statuses ``error`` (final) and ``unreadable`` (retried by the next run)."""
     folder = stage_paths(config.out, config.experiment)["detections"]
-    files = [str(folder / s.filename) for s in detect_shards(config)
-             if (folder / s.filename).exists()]
     counts: dict[str, dict[str, int]] = {}
-    for file in files:
-        schema = pq.read_schema(file)
-        if "reason" not in schema.names:
+    for shard in shards:
+        if not (folder / shard.filename).exists():
+            continue
+        file = pq.ParquetFile(folder / shard.filename)
+        if "reason" not in file.schema_arrow.names:
             continue  # written before reasons were recorded; recomputed by the next run
-        table = pq.read_table(file, columns=["status", "reason"])
+        table = file.read(columns=["status", "reason"])
         for status, reason in zip(table.column("status").to_pylist(),
                                   table.column("reason").to_pylist(), strict=True):
             if status in ("error", "unreadable"):
@@ -165,15 +171,16 @@ def detection_errors(config: PipelineConfig) -> dict[str, dict[str, int]]:
     return counts
 
 
-def crop_files(config: PipelineConfig) -> list[Path]:
+def crop_files(config: PipelineConfig, crop_shards: list[Shard] | None = None) -> list[Path]:
     """The planned crop shard files (what train and evaluate read; never leftovers)."""
     folder = stage_paths(config.out, config.experiment)["crops"]
-    return [folder / s.filename for s in crop_plan(config)[0]]
+    if crop_shards is None:
+        crop_shards = crop_plan(config)[0]
+    return [folder / s.filename for s in crop_shards]
 
 
 def stored_summary(config: PipelineConfig, stage: str) -> dict | None:
-    path = summary_path(config, stage)
-    return json.loads(path.read_text()) if path.exists() else None
+    return _json(summary_path(config, stage)) or None
 
 
 # ---------------------------------------------------------------------------- status
@@ -185,6 +192,7 @@ class StageStatus:
     stage: str
     state: str
     detail: str
+    errors: dict[str, dict[str, int]] | None = None  # detect: ``detection_errors``
 
 
 def _shard_state(folder: Path, expected: dict[str, str]) -> tuple[bool, bool, str]:
@@ -239,11 +247,12 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     else:
         add("select", False, False)
 
+    shards = detect_shards(config)  # each plan is read once here
+    errors = detection_errors(config, shards)
     if upstream_ok:
-        shards = detect_shards(config)
         exists, current, detail = _shard_state(paths["detections"], {
             s.filename: shard_cache_key(s, config.detector) for s in shards})
-        unreadable = detection_errors(config).get("unreadable", {})
+        unreadable = errors.get("unreadable", {})
         if current and unreadable:
             current = False
             detail += (f", {sum(unreadable.values())} photo(s) could not be read last time "
@@ -251,21 +260,23 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
         add("detect", exists, current, detail)
     else:
         add("detect", any(paths["detections"].glob("shard-*.parquet")), False)
+    result[-1].errors = errors
 
-    for stage, key_fn in (("merge", merge_key), ("split", split_key)):
+    for stage, key in (("merge", lambda: merge_key(config, shards)),
+                       ("split", lambda: split_key(config))):
         file = paths["faces" if stage == "merge" else "split"]
-        current = file.exists() and upstream_ok and read_cache_key(file) == key_fn(config)
+        current = file.exists() and upstream_ok and read_cache_key(file) == key()
         add(stage, file.exists(), current, "" if current else "inputs or settings changed")
 
+    crop_shards, boxes = crop_plan(config)
     if upstream_ok:
-        shards, boxes = crop_plan(config)
         add("crops", *_shard_state(paths["crops"], {
             s.filename: crop_shard_key(s, [boxes[p] for p in s.paths], config.crops)
-            for s in shards}))
+            for s in crop_shards}))
     else:
         add("crops", any(paths["crops"].glob("shard-*.parquet")), False)
 
-    expected_train = train_key(config)
+    expected_train = train_key(config, crop_shards)
     train = stored_summary(config, "train") or {}
     current = train.get("cache_key") == expected_train
     add("train", (paths["model"] / "model.keras").exists(), current,

@@ -206,11 +206,9 @@ def status(
     from flows.cache import pipeline_status
     from tasks.select import DatasetError
 
-    if config is None and out is not None and (out / "config.yaml").is_file():
-        config = out / "config.yaml"  # the run folder's own settings; flags still override
-    if experiment and config is not None and out is not None and (
-            out / "experiments" / experiment / "config.yaml").is_file():
-        config = out / "experiments" / experiment / "config.yaml"  # that recipe's settings
+    if config is None and out is not None:  # the run folder's (or the experiment's) own
+        saved = [out / "experiments" / experiment / "config.yaml"] if experiment else []
+        config = next((f for f in [*saved, out / "config.yaml"] if f.is_file()), None)
     cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
                 threshold, dask_address, set_, experiment)
     try:
@@ -228,9 +226,8 @@ def status(
         table.add_row(row.stage, f"[{colour[row.state]}]{row.state}[/]", row.detail)
     out_console = Console(soft_wrap=True)
     out_console.print(table)
-    from flows.cache import detection_errors
-
-    for state, by_reason in sorted(detection_errors(cfg).items()):
+    errors = next(row.errors for row in rows if row.stage == "detect") or {}
+    for state, by_reason in sorted(errors.items()):
         what = ("final errors (the file is not a usable image)" if state == "error" else
                 "unreadable (a passing read error: the next run retries them)")
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))

@@ -239,12 +239,12 @@ def merge_task(config: PipelineConfig):
     """Join ok detections with the subject labels into ``faces.parquet``."""
     paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "merge")
-    key = merge_key(config)
+    shards = detect_shards(config)
+    key = merge_key(config, shards)
     if read_cache_key(paths["faces"]) == key:
         return _reused(config, "merge", key, "detections and labels are unchanged")
     start = time.perf_counter()
     manifest = pq.read_table(paths["manifest"]).to_pandas()
-    shards = detect_shards(config)
     missing = [s.filename for s in shards if not (paths["detections"] / s.filename).exists()]
     if missing:  # (a --stages merge run after subjects were added)
         raise MissingInputError(
@@ -308,7 +308,8 @@ def train_task(config: PipelineConfig):
     from tasks.crop_stream import load_index
     from tasks.train import train_model
 
-    key = train_key(config)
+    crop_shards = crop_plan(config)[0]
+    key = train_key(config, crop_shards)
     model_dir = paths["model"]
     if (model_dir / "model.keras").exists() and (
             (stored_summary(config, "train") or {}).get("cache_key") == key):
@@ -321,7 +322,7 @@ def train_task(config: PipelineConfig):
             shutil.rmtree(other)  # an unfinished training of other settings
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    crops = load_index(crop_files(config), paths["faces"], paths["split"])
+    crops = load_index(crop_files(config, crop_shards), paths["faces"], paths["split"])
     crop_spec = {"margin": config.detector.margin, "margin_mode": config.detector.margin_mode}
     result = train_model(crops, config.crops.size, config.model, config.train, work,
                          paths["logs"], crop_spec)

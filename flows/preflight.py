@@ -109,12 +109,16 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
     """Raise InputError when a requested stage would read an output of a stage that is not
     requested and is not up to date (``kface status`` says stale)."""
     from flows.cache import pipeline_status
+    from tasks.select import DatasetError
 
     wanted = set(stages)
     needed = {producer for stage in stages for _, producer in STAGE_INPUTS.get(stage, ())}
     if needed <= wanted:
         return
-    states = {row.stage: row for row in pipeline_status(config)}
+    try:
+        states = {row.stage: row for row in pipeline_status(config)}
+    except DatasetError as exc:  # e.g. the rescan now selects no photo
+        raise InputError(str(exc)) from exc
     for stage in stages:
         for name, producer in STAGE_INPUTS.get(stage, ()):
             row = states[producer]

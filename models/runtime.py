@@ -69,8 +69,9 @@ def keras_backend() -> str:
 @functools.cache
 def load_keras() -> ModuleType:
     """Import Keras once, on ``keras_backend()``. TensorFlow, when installed, is imported
-    first through ``load_tensorflow`` (Keras imports it on every backend for its data
-    adapters), so its start-up notices stay hidden."""
+    first through ``load_tensorflow``: on other backends too, Keras' TensorBoard callback
+    (which the train stage uses where TensorFlow exists) imports it, and its start-up
+    notices must stay hidden there as well."""
     import importlib.util
 
     if keras_backend() == "tensorflow" or importlib.util.find_spec("tensorflow"):

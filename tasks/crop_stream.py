@@ -3,7 +3,7 @@
 Memory holds the *index* (each face's path, labels, split and where its crop is: shard
 file, row group, row) and at most ``2 x buffer_chunks`` row groups of crop bytes, never
 all crops: K-Face's 365,000 faces at 224 px (~6 GB of JPEG) train with an index of a few
-tens of MB. Crop shards are written in row groups of ``CHUNK_ROWS`` crops.
+tens of MB. Crop shards are written in row groups of ``tasks.crops.CHUNK_ROWS`` crops.
 
 Order: each training epoch shuffles the list of chunks (row groups, spread over every
 shard and so over every subject), takes them ``buffer_chunks`` at a time and shuffles the
@@ -33,7 +33,6 @@ from models.runtime import load_keras
 if TYPE_CHECKING:
     from tasks.train import AugmentConfig
 
-CHUNK_ROWS = 64  # crops per Parquet row group in the crop shards
 SPLITS = ("train", "val", "test")
 
 

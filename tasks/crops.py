@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.crop_stream import CHUNK_ROWS
 from tasks.detect import Shard, worker_id
 from tasks.images import ImageError, load_image
 from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
 
 CODE_VERSION = "crops-1"
+CHUNK_ROWS = 64  # crops per Parquet row group: the unit the training input reads
 TRANSIENT_PREFIX = "unreadable: "  # an error that the next run retries
 CROPS_SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()),
                           ("error", pa.string())])
@@ -93,7 +93,8 @@ def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: Cr
         table = crop_images(root, shard.paths, boxes, cfg)
         errors = [e for e in table.column("error").to_pylist() if e]
         retry = any(e.startswith(TRANSIENT_PREFIX) for e in errors)
-        write_parquet_atomic(final, table, None if retry else key, row_group_size=CHUNK_ROWS)
+        write_parquet_atomic(final, table, None if retry else key, row_group_size=CHUNK_ROWS,
+                             digest=False)
     ok = table.column("error").null_count  # error is null where the crop succeeded
     return {"shard": shard.name, "file": str(final), "rows": table.num_rows,
             "reused": reused, "status_counts": {"ok": ok, "error": table.num_rows - ok},

@@ -205,11 +205,11 @@ def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
             paths = table.filter(redo).column("path").to_pylist()
             table = pa.concat_tables([table.filter(pc.invert(redo)),
                                       detect_images(root, paths, cfg)]).sort_by("path")
-            write_parquet_atomic(final, table, key)
+            write_parquet_atomic(final, table, key, digest=False)
         reused = not retried
     else:
         table = detect_images(root, shard.paths, cfg)
-        write_parquet_atomic(final, table, key)
+        write_parquet_atomic(final, table, key, digest=False)
     counts = pc.value_counts(table.column("status")).to_pylist()
     return {
         "shard": shard.name,

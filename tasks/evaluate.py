@@ -100,6 +100,11 @@ def compute_metrics(frame: pd.DataFrame, probs: dict[str, np.ndarray]) -> dict:
     return metrics
 
 
+def _near(k: int) -> np.ndarray:
+    """``k x k`` mask of (true, predicted) bands at most one band apart."""
+    return np.abs(np.arange(k)[:, None] - np.arange(k)[None, :]) <= 1
+
+
 def _f1_macro(cm: np.ndarray) -> np.ndarray:
     """Macro-F1 of confusion matrices ``(..., K, K)`` (rows true, columns predicted); a
     class with no true and no predicted example counts 0, as in ``head_metrics``."""
@@ -116,19 +121,26 @@ def subject_bootstrap(subjects: np.ndarray, heads: dict[str, tuple[np.ndarray, n
     Returns ``{head: {"accuracy": [lo, hi], "macro_f1": [...], ...}}``; the age band
     also gets ``accuracy_within_one_band``."""
     ids, inverse = np.unique(subjects, return_inverse=True)
-    draws = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1 / len(ids)),
-                                                    size=rounds).astype(np.float64)
-    out = {}
+    per_subject = {}
     for head, (true, pred, k) in heads.items():
-        per_subject = np.zeros((len(ids), k * k))
-        np.add.at(per_subject, (inverse, true * k + pred), 1)
-        cm = (draws @ per_subject).reshape(rounds, k, k)
+        per_subject[head] = np.zeros((len(ids), k * k))
+        np.add.at(per_subject[head], (inverse, true * k + pred), 1)
+    # the resampled confusion matrices, 250 resamples at a time: the draws are a
+    # resamples x subjects matrix (a 55,000-person test split would make it 880 MB at once)
+    rng, chunks = np.random.default_rng(seed), {head: [] for head in heads}
+    for start in range(0, rounds, 250):
+        draws = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)),
+                                size=min(250, rounds - start)).astype(np.float64)
+        for head, counts in per_subject.items():
+            chunks[head].append(draws @ counts)
+    out = {}
+    for head, (_, _, k) in heads.items():
+        cm = np.concatenate(chunks[head]).reshape(rounds, k, k)
         total = cm.sum((1, 2))
         values = {"accuracy": np.trace(cm, axis1=1, axis2=2) / total,
                   "macro_f1": _f1_macro(cm)}
         if head == "age_band":
-            near = np.abs(np.arange(k)[:, None] - np.arange(k)[None, :]) <= 1
-            values["accuracy_within_one_band"] = (cm * near).sum((1, 2)) / total
+            values["accuracy_within_one_band"] = (cm * _near(k)).sum((1, 2)) / total
         out[head] = {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
                      for m, v in values.items()}
     return out
@@ -150,8 +162,7 @@ def baselines(train_counts: np.ndarray, true: np.ndarray, head: str) -> dict:
     for name, cm in (("majority_class", cm_majority), ("class_prior", cm_prior)):
         out[name] = {"accuracy": float(np.trace(cm) / n), "macro_f1": float(_f1_macro(cm))}
         if head == "age_band":
-            near = np.abs(np.arange(k)[:, None] - np.arange(k)[None, :]) <= 1
-            out[name]["accuracy_within_one_band"] = float((cm * near).sum() / n)
+            out[name]["accuracy_within_one_band"] = float((cm * _near(k)).sum() / n)
     out["majority_class"]["class"] = majority
     return out
 

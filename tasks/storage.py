@@ -73,13 +73,17 @@ def write_json_atomic(final: Path, obj: Any) -> None:
 
 
 def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = None,
-                         row_group_size: int | None = None) -> None:
+                         row_group_size: int | None = None, digest: bool = True) -> None:
     """Write ``table`` to ``final`` atomically. The schema metadata gets ``cache_key``
-    (what the file was computed from) and the table's ``table_digest`` (what it holds),
-    which downstream keys use instead of the file's bytes."""
+    (what the file was computed from) and, with ``digest``, the table's ``table_digest``
+    (what it holds), which downstream keys use instead of the file's bytes. Shard files
+    pass ``digest=False``: their own keys stand for them, and hashing every crop's bytes
+    again would cost a copy of the shard."""
     meta = dict(table.schema.metadata or {})
     meta.pop(CACHE_KEY_META, None)
-    meta[DIGEST_META] = table_digest(table).encode()
+    meta.pop(DIGEST_META, None)
+    if digest:
+        meta[DIGEST_META] = table_digest(table).encode()
     if cache_key is not None:
         meta[CACHE_KEY_META] = cache_key.encode()
     with atomic_path(final) as tmp:
