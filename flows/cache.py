@@ -28,8 +28,8 @@ from tasks.detect import Shard, plan_shards, shard_cache_key
 from tasks.storage import content_digest, file_sha256, fingerprint, read_cache_key, table_digest
 from tasks.train import CODE_VERSION as TRAIN_CODE_VERSION
 
-SELECT_CODE_VERSION = "select-1"
-MERGE_CODE_VERSION = "merge-1"
+SELECT_CODE_VERSION = "select-2"  # 2: exact ages kept
+MERGE_CODE_VERSION = "merge-2"  # 2: exact ages kept
 SPLIT_CODE_VERSION = "split-1"
 
 

@@ -2,7 +2,10 @@
 
 ``build_classifier`` reproduces the notebook layer for layer on top of the backbone:
 GAP -> Dropout(0.2) -> BN -> Dense(128, relu) -> Dropout(0.2) -> BN -> softmax heads
-``gender`` (2) and ``age_band`` (4). The model takes RGB uint8-range pixels
+``gender`` (2) and ``age_band`` (4). With ``exact_age`` (labels with exact ages) the age
+head is a softmax over the ages 20..59 (output ``age``, trained on a Gaussian around the
+true age) and ``age_band`` is its sum over each band's ten years (a fixed layer), so the
+band is read from the predicted age distribution. The model takes RGB uint8-range pixels
 (0..255, ``size x size x 3``); the backbone's own preprocessing is a layer inside the
 model (``models.preprocess.BackbonePreprocess``), so training, evaluation and inference
 cannot disagree on it, and the saved ``.keras`` file loads in Keras safe mode.
@@ -19,6 +22,7 @@ from models.runtime import load_keras
 
 GENDER_CLASSES = ("M", "F")
 AGE_CLASSES = ("20s", "30s", "40s", "50s")
+AGES = tuple(range(20, 60))  # the exact-age head's classes (ten per band)
 # backbone -> keras preprocessing mode applied by BackbonePreprocess
 PREPROCESS_MODE = {"resnet50": "caffe", "mobilenet_v3_small": "none", "mobilenet": "tf",
                    "small_cnn": "unit"}
@@ -51,6 +55,10 @@ class ModelConfig(BaseModel):
     flip_average: bool = Field(
         False, description="The saved model averages its predictions on the face and on "
         "its mirror image (test-time flip averaging: twice the inference work).")
+    exact_age: bool = Field(
+        False, description="When the labels have exact ages (a labelled folder's 'age' "
+        "column), the age head predicts the age (20-59) and the band is read from it; "
+        "without them (K-Face gives bands) the band head is trained alone.")
     bn_momentum: float = Field(
         0.99, gt=0, lt=1, description="BatchNormalization momentum of the head (and of "
         "small_cnn). Keras' 0.99 (the original) adapts slowly on small data sets: 0.9 there."
@@ -105,10 +113,12 @@ def _backbone(cfg: ModelConfig, size: int):
         raise
 
 
-def build_classifier(cfg: ModelConfig, size: int):
-    """Build the two-headed classifier (a ``keras.Model``) for ``size x size`` RGB input
-    (0..255). Keras is imported here, not at module import, so that the config and the
-    worker processes of other stages do not pay TensorFlow's start-up."""
+def build_classifier(cfg: ModelConfig, size: int, exact_age: bool = False):
+    """Build the classifier (a ``keras.Model``) for ``size x size`` RGB input (0..255):
+    outputs ``gender`` and ``age_band``, and with ``exact_age`` also ``age`` (the band
+    then sums the age distribution). Keras is imported here, not at module import, so
+    that the config and the worker processes of other stages do not pay TensorFlow's
+    start-up."""
     keras = load_keras()
     from keras import layers
 
@@ -127,9 +137,36 @@ def build_classifier(cfg: ModelConfig, size: int):
     x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
     gender = layers.Dense(len(GENDER_CLASSES), activation="softmax", name="gender",
                           dtype="float32")(x)
-    age = layers.Dense(len(AGE_CLASSES), activation="softmax", name="age_band",
-                       dtype="float32")(x)
-    return keras.Model(inputs, {"gender": gender, "age_band": age}, name="kface_classifier")
+    if not exact_age:
+        band = layers.Dense(len(AGE_CLASSES), activation="softmax", name="age_band",
+                            dtype="float32")(x)
+        return keras.Model(inputs, {"gender": gender, "age_band": band},
+                           name="kface_classifier")
+    age = layers.Dense(len(AGES), activation="softmax", name="age", dtype="float32")(x)
+    to_band = layers.Dense(len(AGE_CLASSES), use_bias=False, trainable=False,
+                           name="age_band", dtype="float32")
+    band = to_band(age)
+    to_band.set_weights([band_matrix()])
+    return keras.Model(inputs, {"gender": gender, "age_band": band, "age": age},
+                       name="kface_classifier")
+
+
+def band_matrix():
+    """``len(AGES) x len(AGE_CLASSES)``: 1 where the age lies in the band."""
+    import numpy as np
+
+    return np.equal.outer(np.asarray(AGES) // 10 - 2, np.arange(len(AGE_CLASSES))
+                          ).astype("float32")
+
+
+def age_targets(ages, sigma: float):
+    """Soft targets over ``AGES``: a Gaussian of ``sigma`` years around each age,
+    normalised to sum 1 (nearby ages are near misses, not plain errors)."""
+    import numpy as np
+
+    diff = np.asarray(AGES, np.float32)[None, :] - np.asarray(ages, np.float32)[:, None]
+    weights = np.exp(-0.5 * (diff / sigma) ** 2)
+    return (weights / weights.sum(1, keepdims=True)).astype(np.float32)
 
 
 def flip_averaged(model):
@@ -141,7 +178,7 @@ def flip_averaged(model):
     inputs = keras.Input(model.input_shape[1:], name="image")
     direct, mirrored = model(inputs), model(HorizontalFlip(name="mirror")(inputs))
     outputs = {head: keras.layers.Average(name=head, dtype="float32")(
-        [direct[head], mirrored[head]]) for head in ("gender", "age_band")}
+        [direct[head], mirrored[head]]) for head in direct}
     return keras.Model(inputs, outputs, name="kface_classifier_flip_averaged")
 
 

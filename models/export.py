@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from models.classifier import load_classifier
+from models.classifier import AGE_CLASSES, AGES, GENDER_CLASSES, load_classifier
 from models.runtime import load_tensorflow
 from tasks.storage import write_bytes_atomic
 
@@ -27,6 +27,7 @@ class ExportError(RuntimeError):
 
 
 FORMATS = ("savedmodel", "tflite", "onnx")
+HEAD_WIDTHS = {len(GENDER_CLASSES): "gender", len(AGE_CLASSES): "age_band", len(AGES): "age"}
 
 
 def check_format(fmt: str) -> None:
@@ -86,7 +87,7 @@ def run_exported(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
             interp.set_tensor(inp["index"], image[None])
             interp.invoke()
             for d in interp.get_output_details():  # names are opaque: tell heads by width
-                head = "gender" if d["shape"][-1] == 2 else "age_band"
+                head = HEAD_WIDTHS[int(d["shape"][-1])]
                 outs.setdefault(head, []).append(interp.get_tensor(d["index"])[0])
         return {k: np.stack(v) for k, v in outs.items()}
     loaded = tf.saved_model.load(str(path))  # keep a reference: serve() uses its variables

@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.classifier import AGE_CLASSES, GENDER_CLASSES
+from models.classifier import AGE_CLASSES, GENDER_CLASSES, age_targets
 from models.runtime import load_keras
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ def load_index(crop_files: list[Path], faces_path: Path, split_path: Path) -> Cr
     faces = pq.read_table(faces_path).to_pandas()
     split = pq.read_table(split_path).to_pandas()
     rows = faces.merge(split, on="path").merge(crops, on="path")
+    if "age" not in rows:  # faces.parquet written before exact ages were kept
+        rows["age"] = np.nan
     rows["gender_idx"] = rows.gender.map(GENDER_CLASSES.index).astype("int32")
     rows["age_idx"] = rows.age_band.map(AGE_CLASSES.index).astype("int32")
     rows = rows.sort_values(["file", "rg", "row"], kind="stable")
@@ -152,17 +154,19 @@ def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> 
 def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: int, *,
                  labels: bool = True, weights: np.ndarray | None = None,
                  augment_cfg: AugmentConfig | None = None, seed: int | None = None,
-                 buffer_chunks: int = 64, workers: int = 2):
+                 buffer_chunks: int = 64, workers: int = 2, age_sigma: float | None = None):
     """A ``keras.utils.PyDataset`` over ``index`` (one split of ``load_index``).
 
     Yields ``(images float32 0..255, {"gender", "age_band"}, weights)`` batches, or only
-    the images with ``labels=False``. With ``seed`` the order is shuffled every epoch
-    (see ``epoch_order``) and ``augment_cfg`` applies; without, rows come in ``index``
-    order (what evaluation needs to line predictions up with rows)."""
+    the images with ``labels=False``; with ``age_sigma`` the targets also hold ``age``
+    (``models.classifier.age_targets`` of the exact ages). With ``seed`` the order is
+    shuffled every epoch (see ``epoch_order``) and ``augment_cfg`` applies; without, rows
+    come in ``index`` order (what evaluation needs to line predictions up with rows)."""
     keras = load_keras()
     chunk = index.file.to_numpy(np.int64) * 1_000_000 + index.rg.to_numpy(np.int64)
     targets = {"gender": index.gender_idx.to_numpy(np.int32),
                "age_band": index.age_idx.to_numpy(np.int32)}
+    ages = index.age.to_numpy(np.float32) if age_sigma is not None else None
     weight = (np.ones(len(index), np.float32) if weights is None
               else np.asarray(weights, np.float32))
     where = index[["file", "rg", "row"]].to_numpy(np.int64)
@@ -196,6 +200,9 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
                 images[k] = augment(image, augment_cfg, rng) if rng is not None else image
             if not labels:
                 return images
-            return (images, {h: t[rows] for h, t in targets.items()}, weight[rows])
+            batch = {h: t[rows] for h, t in targets.items()}
+            if age_sigma is not None:
+                batch["age"] = age_targets(ages[rows], age_sigma)
+            return (images, batch, weight[rows])
 
     return CropBatches()

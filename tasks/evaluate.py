@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.classifier import AGE_CLASSES, GENDER_CLASSES
+from models.classifier import AGE_CLASSES, AGES, GENDER_CLASSES
 from tasks.crop_stream import CropSet
 from tasks.storage import atomic_path, write_bytes_atomic, write_json_atomic
 
-CODE_VERSION = "evaluate-2"  # 2: test split, subject-bootstrap intervals, baselines
+CODE_VERSION = "evaluate-3"  # 3: the exact-age head scored
 ATTRIBUTES = ("light", "camera", "accessory", "expression")
 BOOTSTRAP_ROUNDS = 2000
 FEW_SUBJECTS = 50  # below this, a 95% interval on accuracy is wider than about +-10 points
@@ -32,13 +32,22 @@ FEW_SUBJECTS = 50  # below this, a 95% interval on accuracy is wider than about 
 
 def predict_frame(model, frame: pd.DataFrame, files: list[Path], size: int,
                   batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Class probabilities for every crop in ``frame`` (a split of the crop index), in
-    ``frame``'s order, streamed from the crop shards ``files``."""
+    """Class probabilities of every head of the model (``gender``, ``age_band`` and, from
+    an exact-age model, ``age``) for every crop in ``frame`` (a split of the crop index),
+    in ``frame``'s order, streamed from the crop shards ``files``."""
     from tasks.crop_stream import crop_batches
 
     data = crop_batches(frame, files, size, batch_size, labels=False)
-    out = model.predict(data, verbose=0)
-    return {"gender": np.asarray(out["gender"]), "age_band": np.asarray(out["age_band"])}
+    return {head: np.asarray(p) for head, p in model.predict(data, verbose=0).items()}
+
+
+def age_error(frame: pd.DataFrame, age_probs: np.ndarray, train_ages: np.ndarray) -> dict:
+    """Mean absolute error in years of the exact-age head's expected age, beside always
+    answering the training split's median age."""
+    true = frame.age.to_numpy(np.float64)
+    predicted = age_probs @ np.asarray(AGES, np.float64)
+    return {"mae_years": float(np.mean(np.abs(predicted - true))),
+            "baseline_median_mae_years": float(np.mean(np.abs(np.median(train_ages) - true)))}
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
@@ -194,8 +203,12 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     train_counts = {"gender": np.bincount(train.gender_idx, minlength=len(GENDER_CLASSES)),
                     "age_band": np.bincount(train.age_idx, minlength=len(AGE_CLASSES))}
     frame = examples[scored]
-    metrics = score_split(frame, predict_frame(model, frame, crops.files, size), train_counts)
+    probs = predict_frame(model, frame, crops.files, size)
+    metrics = score_split(frame, probs, train_counts)
     metrics["scored_split"] = scored
+    metrics["heads"] = sorted(probs)
+    if "age" in probs and frame.age.notna().all():
+        metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy())
     warnings = []
     if synthetic_labels:
         warnings.append("the labels of this dataset are SYNTHETIC (made up by the sample "
@@ -218,6 +231,20 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
             "age_band_accuracy": val_metrics["age_band"]["accuracy"],
             "age_band_within_one": val_metrics["age_band"]["accuracy_within_one_band"]}
     return metrics
+
+
+def heads_sentence(metrics: dict) -> str:
+    """The report's line on which heads were trained and scored."""
+    text = "Heads trained and scored: gender (M/F) and age band (20s-50s)"
+    if "age" not in metrics.get("heads", ()):
+        return text + " (age bands only: the labels have no exact ages, or model.exact_age " \
+            "is off)."
+    text += ", the band read from an exact-age head (20-59)"
+    age = metrics.get("age")
+    if age:
+        text += (f"; its mean absolute error is {age['mae_years']:.1f} years (always the "
+                 f"training median: {age['baseline_median_mae_years']:.1f})")
+    return text + "."
 
 
 def _pyplot():
@@ -293,8 +320,8 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
     lines += [
         f"Scored on **{scored}**: {metrics['examples']} faces of {metrics['subjects']} "
         f"subjects ({what}). Split strategy **{split_report.get('strategy')}** (subjects in "
-        f"more than one split: {split_report.get('subjects', {}).get('in_both')}). Heads "
-        "trained and scored: gender (M/F) and age band (20s-50s).", "",
+        f"more than one split: {split_report.get('subjects', {}).get('in_both')}). "
+        f"{heads_sentence(metrics)}", "",
         "95% intervals: bootstrap over subjects. Baselines: always the training split's "
         "majority class; guessing with the training split's class shares (expected).", "",
         "| head | metric | score | 95% interval | majority class | class prior |",

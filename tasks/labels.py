@@ -8,7 +8,8 @@ encoding (UTF-8 with BOM, UTF-8, CP949) and accept English aliases (``subject_id
 faces.parquet schema (one row per usable face; see docs/data-contracts.md): ``path``,
 ``subject_id``, ``age_band`` ('20s'..'50s'), ``gender`` ('M'/'F'), ``joint_class``
 (e.g. '30s_M'), ``left, top, right, bottom`` (int32, box with margin), ``image_width``,
-``image_height``, ``score``, the K-Face attributes ``accessory``, ``light``,
+``image_height``, ``score``, ``age`` (exact years from a labelled folder's CSV, else
+null), the K-Face attributes ``accessory``, ``light``,
 ``expression``, ``camera`` (null for a labelled folder), and the photo's ``file_size``
 and ``mtime_ns`` (for the crop cache's fingerprints).
 """
@@ -86,7 +87,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
 
 
 FACES_COLUMNS = ["path", "subject_id", "age_band", "gender", "joint_class", "left", "top",
-                 "right", "bottom", "image_width", "image_height", "score", "accessory",
+                 "right", "bottom", "image_width", "image_height", "score", "age", "accessory",
                  "light", "expression", "camera", "file_size", "mtime_ns"]
 
 
@@ -115,6 +116,7 @@ def merge_faces(manifest: pd.DataFrame, detections: pd.DataFrame,
     rows = rows[FACES_COLUMNS].sort_values("path").reset_index(drop=True)
     for col in ("left", "top", "right", "bottom", "image_width", "image_height"):
         rows[col] = rows[col].astype("int32")
+    rows["age"] = rows["age"].astype("float32")  # all null for K-Face: still a number column
     report["faces"] = len(rows)
     report["subjects"] = int(rows.subject_id.nunique())
     report["joint_class_counts"] = rows.joint_class.value_counts().sort_index().to_dict()

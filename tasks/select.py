@@ -12,7 +12,8 @@ Manifest schema (one row per selected image; see docs/data-contracts.md):
 ``path`` (str, relative to the data root, POSIX separators), ``subject_id`` (str),
 ``resolution``, ``accessory``, ``light``, ``expression``, ``camera`` (str, null for the
 labelled layout), ``age_band``, ``gender`` (str, null for K-Face: they come from the
-metadata CSV later), ``file_size`` (int64 bytes), ``mtime_ns`` (int64).
+metadata CSV later), ``age`` (float32 years: a labelled CSV's exact age, null when it
+gives only bands and always for K-Face), ``file_size`` (int64 bytes), ``mtime_ns`` (int64).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("camera", pa.string()),
         ("age_band", pa.string()),
         ("gender", pa.string()),
+        ("age", pa.float32()),
         ("file_size", pa.int64()),
         ("mtime_ns", pa.int64()),
     ]
@@ -234,7 +236,7 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
         size, mtime = _stat(entry)
         rows.append(
             (rel, attrs["subject_id"], data.resolution, attrs["accessory"], attrs["light"],
-             attrs["expression"], attrs["camera"], None, None, size, mtime)
+             attrs["expression"], attrs["camera"], None, None, None, size, mtime)
         )
     report.selected = len(rows)
     return _frame(rows), report
@@ -245,6 +247,15 @@ def age_to_band(age: float) -> str | None:
     if age != age or age < 20 or age >= 60:  # NaN or out of range
         return None
     return AGE_BANDS[int(age) // 10 - 2]
+
+
+def exact_age(value: str | None) -> float | None:
+    """An age in years from a labels CSV cell; None when empty or not a number."""
+    try:
+        age = float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+    return age if age is not None and age == age else None
 
 
 def normalise_age_band(value: str) -> str | None:
@@ -274,13 +285,13 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
     rows: list[tuple] = []
     for line_no, rec in enumerate(labels.to_dict("records"), start=2):
         rel = rec["file"].replace("\\", "/")
+        age = exact_age(rec.get("age"))
         if "age_band" in rec and rec["age_band"]:
             band = normalise_age_band(rec["age_band"])
+            if age is not None and age_to_band(age) != band:
+                age = None  # an age that contradicts the given band is not used
         else:
-            try:
-                band = age_to_band(float(rec["age"]))
-            except ValueError:
-                band = None
+            band = None if age is None else age_to_band(age)
         gender = normalise_gender(rec["gender"])
         report.images += 1
         if band is None or gender is None:
@@ -301,7 +312,8 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
             report.note_unrecognised(rel)  # listed in the CSV but not on disk
             continue
         subject = rec.get("subject_id") or Path(rel).stem
-        rows.append((rel, subject, None, None, None, None, None, band, gender, size, mtime))
+        rows.append((rel, subject, None, None, None, None, None, band, gender, age, size,
+                     mtime))
     report.selected = len(rows)
     return _frame(rows), report
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.classifier import (
     AGE_CLASSES,
+    AGES,
     GENDER_CLASSES,
     ModelConfig,
     build_classifier,
@@ -34,7 +35,7 @@ from models.runtime import accelerators, keras_backend, load_keras
 from tasks.crop_stream import CropSet, crop_batches
 from tasks.storage import write_json_atomic
 
-CODE_VERSION = "train-5"  # 5: streamed crops, OpenCV augmentation, backend-neutral
+CODE_VERSION = "train-6"  # 6: exact-age head (model.exact_age)
 log = logging.getLogger(__name__)
 
 # training images/s on this project's 2-core CPU machine (measured, see docs/training.md),
@@ -69,8 +70,12 @@ class TrainConfig(BaseModel):
         "cosine", description="'legacy_exp' is the original's 0.01 * exp(-0.1 * epoch), which "
         "replaces learning_rate from the first epoch."
     )
-    loss_weights: dict[Literal["gender", "age_band"], float] = Field(
-        default_factory=lambda: {"gender": 1.0, "age_band": 1.0})
+    loss_weights: dict[Literal["gender", "age_band", "age"], float] = Field(
+        default_factory=lambda: {"gender": 1.0, "age_band": 1.0, "age": 1.0},
+        description="'age': the exact-age head's loss (model.exact_age), when trained.")
+    age_sigma: float = Field(
+        3.0, gt=0, description="model.exact_age: width in years of the Gaussian around the "
+        "true age that the age head is trained to predict.")
     class_weighting: Literal["none", "balanced"] = Field(
         "none", description="'balanced' weights each sample by its inverse age-band frequency.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -97,6 +102,11 @@ def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
     per_class = np.where(counts > 0, len(age_idx) / (len(AGE_CLASSES) * np.maximum(counts, 1)),
                          0.0)
     return per_class[age_idx].astype(np.float32)
+
+
+def has_exact_ages(*splits: pd.DataFrame) -> bool:
+    """Whether every face of the splits has an exact age (a labelled folder's ``age``)."""
+    return all("age" in s and s.age.notna().all() for s in splits)
 
 
 def cpu_time_estimate(n_train: int, size: int, backbone: str, epochs: int) -> float:
@@ -148,6 +158,11 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     if train.empty or val.empty:
         raise ValueError(f"need examples in both splits (train {len(train)}, val {len(val)})")
     gpus = check_device(len(train), size, model_cfg.backbone, cfg)
+    exact = model_cfg.exact_age and has_exact_ages(train, val)
+    if model_cfg.exact_age and not exact:
+        log.info("model.exact_age: the labels give age bands only (no exact age for every "
+                 "face, as with K-Face): training the age-band head alone")
+    heads = ["gender", "age_band", *(["age"] if exact else [])]
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
         keras.mixed_precision.set_global_policy(
@@ -157,13 +172,15 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     train_data = crop_batches(
         train, crops.files, size, cfg.batch_size, seed=cfg.seed, augment_cfg=cfg.augment,
         weights=sample_weights(train.age_idx.to_numpy(), cfg.class_weighting),
-        buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers)
+        buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers,
+        age_sigma=cfg.age_sigma if exact else None)
     val_data = crop_batches(val, crops.files, size, cfg.batch_size, workers=cfg.workers,
-                            buffer_chunks=cfg.shuffle_buffer_chunks)
+                            buffer_chunks=cfg.shuffle_buffer_chunks,
+                            age_sigma=cfg.age_sigma if exact else None)
     steps = cfg.steps_per_epoch or len(train_data)
     model_dir.mkdir(parents=True, exist_ok=True)
     with _strategy(gpus).scope():
-        model = build_classifier(model_cfg, size)
+        model = build_classifier(model_cfg, size, exact_age=exact)
         if cfg.lr_schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps * cfg.epochs,
                                                         alpha=0.01)
@@ -172,8 +189,9 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
         model.compile(
             optimizer=keras.optimizers.Adam(lr),
             loss={"gender": "sparse_categorical_crossentropy",
-                  "age_band": "sparse_categorical_crossentropy"},
-            loss_weights=dict(cfg.loss_weights),
+                  "age_band": "sparse_categorical_crossentropy",
+                  **({"age": "categorical_crossentropy"} if exact else {})},
+            loss_weights={h: cfg.loss_weights.get(h, 1.0) for h in heads},
             metrics={"gender": ["accuracy"], "age_band": ["accuracy"]},
         )
     best = model_dir / "best.keras"
@@ -212,14 +230,15 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     write_json_atomic(model_dir / "labels.json", {
         "gender": list(GENDER_CLASSES), "age_band": list(AGE_CLASSES), "input_size": size,
         "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
-        "backbone": model_cfg.backbone, "outputs": ["gender", "age_band"],
+        "backbone": model_cfg.backbone, "outputs": heads,
+        **({"ages": list(AGES)} if exact else {}),
         "flip_average": model_cfg.flip_average,
         "crop": {"size": size, **(crop_spec or {})},
     })
     return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
             "val_gender_accuracy": chosen["val_gender_accuracy"],
             "val_age_band_accuracy": chosen["val_age_band_accuracy"],
-            "train_examples": len(train), "val_examples": len(val),
+            "train_examples": len(train), "val_examples": len(val), "heads": heads,
             "backend": keras_backend(), "gpus": gpus, "resumed_after_epochs": epochs_before,
             "last_epoch_train_images_per_s": None if speed is None else round(float(speed), 1)}
 

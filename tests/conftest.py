@@ -64,7 +64,8 @@ def run_kface(*args: str, env: dict | None = None, timeout: int = 600
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, aaf_dir):
     """300 real AAF faces through select, detect, merge, split, crops (64 px) and a
-    2-epoch small_cnn training, with the stage functions (no Prefect). Returns a dict of
+    2-epoch small_cnn training with the exact-age head (AAF labels have ages), with the
+    stage functions (no Prefect). Returns a dict of
     the folders and tables."""
     import pandas as pd
     import pyarrow as pa
@@ -102,7 +103,7 @@ def tiny_run(tmp_path_factory, aaf_dir):
     crops = load_index([work / "crops" / s.filename for s in shards], work / "faces.parquet",
                        work / "split.parquet")
     examples = crops.splits
-    result = train_model(crops, 64, ModelConfig(backbone="small_cnn"),
+    result = train_model(crops, 64, ModelConfig(backbone="small_cnn", exact_age=True),
                          TrainConfig(epochs=2, batch_size=32), work / "model", work / "logs",
                          {"margin": 0.2, "margin_mode": "symmetric"})
     return {"root": root, "work": work, "frame": frame, "examples": examples, "crops": crops,

@@ -46,6 +46,11 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
                           64)
     np.testing.assert_allclose(probs["gender"], again["gender"], atol=1e-6)
     np.testing.assert_allclose(probs["age_band"].sum(1), 1.0, atol=1e-4)
+    # the exact-age head: the band is its distribution summed over each band's ten years
+    assert tiny_run["result"]["heads"] == labels["outputs"] == ["gender", "age_band", "age"]
+    assert probs["age"].shape == (len(examples["val"]), 40)
+    np.testing.assert_allclose(probs["age_band"], probs["age"].reshape(-1, 4, 10).sum(2),
+                               atol=1e-5)
     metrics = evaluation_metrics(model, tiny_run["crops"], 64)
     assert metrics["scored_split"] == "test" and metrics["examples"] == len(examples["test"])
     assert metrics["validation"]["examples"] == len(examples["val"])
@@ -65,6 +70,35 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
     assert "| gender |" in text and "within one band" in text
     assert "Scored on **test**" in text and "majority class" in text
     assert f"only {metrics['subjects']} people are scored" in text  # ~45 test people
+    true_ages = examples["test"].age.to_numpy()
+    assert 0 < metrics["age"]["mae_years"] < 40 and np.all((true_ages >= 20) & (true_ages < 60))
+    assert f"mean absolute error is {metrics['age']['mae_years']:.1f} years" in text
+
+
+def test_age_targets_and_labelled_ages(tmp_path, aaf_dir):
+    """Soft age targets peak at the true age and sum to 1; a labelled CSV's ages reach
+    the manifest, an age contradicting the given band is dropped, K-Face has none."""
+    import pandas as pd
+
+    from models.classifier import AGES, age_targets, band_matrix
+
+    targets = age_targets([20, 34.0, 59], sigma=3.0)
+    np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)
+    assert [AGES[i] for i in targets.argmax(1)] == [20, 34, 59]
+    assert targets[1, AGES.index(33)] > targets[1, AGES.index(30)] > 0
+    assert band_matrix()[AGES.index(29)].tolist() == [1, 0, 0, 0]
+    assert band_matrix()[AGES.index(30)].tolist() == [0, 1, 0, 0]
+    labels = pd.read_csv(aaf_dir / "labels.csv").head(3)
+    for f in labels.file:
+        (tmp_path / f).symlink_to(aaf_dir / f)
+    rows = labels.assign(age_band=["40s", "", "20s"], age=["25", str(labels.age[1]), ""])
+    rows.to_csv(tmp_path / "labels.csv", index=False)
+    table, _ = select_images(DataConfig(root=tmp_path, layout="labelled"), SelectionConfig())
+    ages = dict(zip(table.column("path").to_pylist(), table.column("age").to_pylist(),
+                    strict=True))
+    assert ages[labels.file[0]] is None  # 25 contradicts 40s: the band wins, no age
+    assert ages[labels.file[1]] == labels.age[1]
+    assert ages[labels.file[2]] is None  # a band without an age
 
 
 def test_intervals_resample_people_not_photos():

@@ -50,7 +50,8 @@ def test_merge_counts_unlabelled_subjects():
         "path": ["a/1.jpg", "a/2.jpg", "b/1.jpg", "c/1.jpg"],
         "subject_id": ["00000001", "00000001", "00000002", "00000003"],
         "resolution": "High", "accessory": "S001", "light": "L1", "expression": "E01",
-        "camera": "C7", "age_band": None, "gender": None, "file_size": 10, "mtime_ns": 1})
+        "camera": "C7", "age_band": None, "gender": None, "age": None, "file_size": 10,
+        "mtime_ns": 1})
     det = pd.DataFrame({"path": manifest.path, "status": ["ok", "no_face", "ok", "ok"],
                         "left": 1, "top": 2, "right": 30, "bottom": 40, "image_width": 864,
                         "image_height": 576, "score": 0.99})
@@ -60,6 +61,7 @@ def test_merge_counts_unlabelled_subjects():
     faces = table.to_pandas()
     assert faces.path.tolist() == ["a/1.jpg", "c/1.jpg"]
     assert faces.joint_class.tolist() == ["30s_M", "20s_F"]
+    assert table.schema.field("age").type == "float" and faces.age.isna().all()  # K-Face
     assert report["subjects_without_labels"] == 1
     assert report["subjects_without_labels_list"] == ["00000002"]
     assert report["label_rows_without_images"] == 1

@@ -189,7 +189,8 @@ def test_export_gives_the_same_outputs(tiny_run, tmp_path, fmt):
     expected = load_classifier(tiny_run["model_dir"] / "model.keras").predict(images,
                                                                               verbose=0)
     got = run_exported(path, images)
-    for head in ("gender", "age_band"):
+    assert set(got) == set(expected) == {"gender", "age_band", "age"}
+    for head in expected:
         np.testing.assert_allclose(got[head], expected[head], atol=1e-4)
     assert (tmp_path / "labels.json").exists()
 

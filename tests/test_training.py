@@ -34,10 +34,15 @@ def test_experiments_backends_and_a_killed_retraining(kface_tree, tmp_path, pref
     out = tmp_path / "run"
     common = ["--data-root", str(kface_tree), "--metadata",
               str(kface_tree / "KFace_metadata.csv"), "--out", str(out), *TINY]
-    _ok(run_kface("run", *common, "--set", "train.epochs=2", env=prefect_env))
+    # the exact-age recipe on K-Face, which gives bands only: falls back to the band head
+    _ok(run_kface("run", *common, "--set", "train.epochs=2", "--set", "model.exact_age=true",
+                  env=prefect_env))
     default_model = out / "experiments" / "default" / "model" / "model.keras"
     first_mtime = default_model.stat().st_mtime_ns
-    assert _summary(out, "default", "train")["backend"] == "tensorflow"
+    train = _summary(out, "default", "train")
+    assert train["backend"] == "tensorflow" and train["heads"] == ["gender", "age_band"]
+    report = (out / "experiments" / "default" / "reports" / "report.md").read_text()
+    assert "age bands only" in report
 
     # a second recipe on the JAX backend, reusing the prepared data untouched
     data_files = {p: p.stat().st_mtime_ns for p in (out / "crops").glob("*.parquet")}
