@@ -89,7 +89,7 @@ def holdout_scores(out: Path, experiment: str) -> dict:
     import pandas as pd
 
     from flows.config import load_config
-    from models.classifier import AGE_CLASSES, GENDER_CLASSES, load_classifier
+    from models.classifier import AGE_CLASSES, GENDER_CLASSES, expected_age, load_classifier
     from tasks.crops import crop_face
     from tasks.detect import detect_images
     from tasks.evaluate import compute_metrics, subject_bootstrap
@@ -107,7 +107,7 @@ def holdout_scores(out: Path, experiment: str) -> dict:
                       for r in found.itertuples()]).astype(np.float32)
     model = load_classifier(out / "experiments" / experiment / "model" / "model.keras")
     probs = model.predict(crops, batch_size=64, verbose=0)
-    ages = np.asarray(probs["age"]) @ np.arange(20, 60) if "age" in probs else None
+    ages = expected_age(probs["age"]) if "age" in probs else None
     mirrored = model.predict(crops[:, :, ::-1], batch_size=64, verbose=0)
     averaged = {h: (np.asarray(probs[h]) + np.asarray(mirrored[h])) / 2 for h in probs}
     frame = found.assign(

@@ -303,12 +303,8 @@ def list_experiments(out: Path) -> list[dict]:
         train = _json(folder / "stages" / "train.json")
         evaluate = _json(folder / "stages" / "evaluate.json")
         scored = evaluate.get("scored_split", "")
-        if evaluate and (folder / "model" / "model.keras").exists():
-            state = "evaluated"
-        elif (folder / "model" / "model.keras").exists():
-            state = "trained"
-        else:
-            state = "not trained"
+        trained = (folder / "model" / "model.keras").exists()
+        state = ("evaluated" if evaluate else "trained") if trained else "not trained"
         if any(folder.glob(".training-*")):  # killed, or running now
             state = ("training unfinished" if state == "not trained"
                      else f"{state}; a newer training unfinished")

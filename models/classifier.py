@@ -159,6 +159,13 @@ def band_matrix():
                           ).astype("float32")
 
 
+def expected_age(age_probs):
+    """Years: the mean of each row's distribution over ``AGES`` (the ``age`` output)."""
+    import numpy as np
+
+    return np.asarray(age_probs, np.float64) @ np.asarray(AGES, np.float64)
+
+
 def age_targets(ages, sigma: float):
     """Soft targets over ``AGES``: a Gaussian of ``sigma`` years around each age,
     normalised to sum 1 (nearby ages are near misses, not plain errors)."""

@@ -75,6 +75,11 @@ def load_index(crop_files: list[Path], faces_path: Path, split_path: Path) -> Cr
                    {s: rows[rows.split == s].reset_index(drop=True) for s in SPLITS})
 
 
+def has_exact_ages(*splits: pd.DataFrame) -> bool:
+    """Whether every face of the splits (of ``load_index``) has an exact age."""
+    return all(s.age.notna().all() for s in splits)
+
+
 def epoch_order(chunk: np.ndarray, rng: np.random.Generator | None, buffer_chunks: int
                 ) -> np.ndarray:
     """Row positions in the order one epoch reads them. ``chunk``: each row's chunk id.

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.classifier import AGE_CLASSES, AGES, GENDER_CLASSES
-from tasks.crop_stream import CropSet
+from models.classifier import AGE_CLASSES, GENDER_CLASSES, expected_age
+from tasks.crop_stream import CropSet, has_exact_ages
 from tasks.storage import atomic_path, write_bytes_atomic, write_json_atomic
 
 CODE_VERSION = "evaluate-3"  # 3: the exact-age head scored
@@ -45,7 +45,7 @@ def age_error(frame: pd.DataFrame, age_probs: np.ndarray, train_ages: np.ndarray
     """Mean absolute error in years of the exact-age head's expected age, beside always
     answering the training split's median age."""
     true = frame.age.to_numpy(np.float64)
-    predicted = age_probs @ np.asarray(AGES, np.float64)
+    predicted = expected_age(age_probs)
     return {"mae_years": float(np.mean(np.abs(predicted - true))),
             "baseline_median_mae_years": float(np.mean(np.abs(np.median(train_ages) - true)))}
 
@@ -207,7 +207,7 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     metrics = score_split(frame, probs, train_counts)
     metrics["scored_split"] = scored
     metrics["heads"] = sorted(probs)
-    if "age" in probs and frame.age.notna().all():
+    if "age" in probs and has_exact_ages(frame):
         metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy())
     warnings = []
     if synthetic_labels:
@@ -237,8 +237,8 @@ def heads_sentence(metrics: dict) -> str:
     """The report's line on which heads were trained and scored."""
     text = "Heads trained and scored: gender (M/F) and age band (20s-50s)"
     if "age" not in metrics.get("heads", ()):
-        return text + " (age bands only: the labels have no exact ages, or model.exact_age " \
-            "is off)."
+        return text + (" (age bands only: the labels have no exact ages, or "
+                       "model.exact_age is off).")
     text += ", the band read from an exact-age head (20-59)"
     age = metrics.get("age")
     if age:

@@ -18,6 +18,7 @@ gives only bands and always for K-Face), ``file_size`` (int64 bytes), ``mtime_ns
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -251,11 +252,13 @@ def age_to_band(age: float) -> str | None:
 
 def exact_age(value: str | None) -> float | None:
     """An age in years from a labels CSV cell; None when empty or not a number."""
+    if value in (None, ""):
+        return None
     try:
-        age = float(value) if value not in (None, "") else None
+        age = float(value)
     except ValueError:
         return None
-    return age if age is not None and age == age else None
+    return None if math.isnan(age) else age
 
 
 def normalise_age_band(value: str) -> str | None:

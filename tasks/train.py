@@ -32,7 +32,7 @@ from models.classifier import (
     load_classifier,
 )
 from models.runtime import accelerators, keras_backend, load_keras
-from tasks.crop_stream import CropSet, crop_batches
+from tasks.crop_stream import CropSet, crop_batches, has_exact_ages
 from tasks.storage import write_json_atomic
 
 CODE_VERSION = "train-6"  # 6: exact-age head (model.exact_age)
@@ -102,11 +102,6 @@ def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
     per_class = np.where(counts > 0, len(age_idx) / (len(AGE_CLASSES) * np.maximum(counts, 1)),
                          0.0)
     return per_class[age_idx].astype(np.float32)
-
-
-def has_exact_ages(*splits: pd.DataFrame) -> bool:
-    """Whether every face of the splits has an exact age (a labelled folder's ``age``)."""
-    return all("age" in s and s.age.notna().all() for s in splits)
 
 
 def cpu_time_estimate(n_train: int, size: int, backbone: str, epochs: int) -> float:
