@@ -90,7 +90,8 @@ def holdout_scores(out: Path, experiment: str) -> dict:
 
     from flows.config import load_config
     from models.classifier import AGE_CLASSES, GENDER_CLASSES, expected_age, load_classifier
-    from tasks.crops import crop_face
+    from models.detector import LANDMARK_COLUMNS
+    from models.face_crop import face_crop
     from tasks.detect import detect_images
     from tasks.evaluate import compute_metrics, subject_bootstrap
     from tasks.images import load_image
@@ -102,9 +103,13 @@ def holdout_scores(out: Path, experiment: str) -> dict:
     labels = labels[labels.file.map(held_out)].reset_index(drop=True)
     det = detect_images(aaf_dir, labels.file.tolist(), cfg.detector).to_pandas()
     found = labels.merge(det[det.status == "ok"], left_on="file", right_on="path")
-    crops = np.stack([crop_face(load_image(aaf_dir / r.file)[0],
-                                (r.left, r.top, r.right, r.bottom), cfg.crops.size)
-                      for r in found.itertuples()]).astype(np.float32)
+    spec = cfg.crops.spec(cfg.detector.margin)  # cut as the run's crop stage cut them
+    points = found[list(LANDMARK_COLUMNS)].to_numpy(dtype=float).reshape(-1, 5, 2)
+    crops = np.stack([face_crop(load_image(aaf_dir / r.file)[0],
+                                (r.left, r.top, r.right, r.bottom),
+                                pts if np.isfinite(pts).all() else None, spec)[0]
+                      for r, pts in zip(found.itertuples(), points, strict=True)]
+                     ).astype(np.float32)
     model = load_classifier(out / "experiments" / experiment / "model" / "model.keras")
     probs = model.predict(crops, batch_size=64, verbose=0)
     ages = expected_age(probs["age"]) if "age" in probs else None

@@ -1,5 +1,9 @@
 """Detection benchmark: the original notebook's serial loop vs our detect stage, same inputs,
-same run. ``python bench/bench_detect.py [--small 500 --large 2000 --big 60]``
+same run. ``python bench/bench_detect.py [--small 6 --large 25 --big 3] [--detector yunet]``
+
+``--detector yunet`` runs our stage with YuNet (the original's loop is res10, as it was),
+and also our stage with res10 on the large tree, so that faces found and the agreement
+with the placed faces compare the two networks in the same run.
 
 Prints, for each approach: total seconds at two sizes, steady-state img/s (from the
 difference of the two sizes, so fixed start-up cancels), fixed overhead, the ratio, and
@@ -68,17 +72,18 @@ def original_loop(root: Path, paths: list[str]) -> tuple[float, dict]:
     return time.perf_counter() - start, boxes
 
 
-def ours(root: Path, paths: list[str], workers: int, work: Path, shard_size: int = 100
-         ) -> tuple[float, dict, float]:
+def ours(root: Path, paths: list[str], workers: int, work: Path, shard_size: int = 100,
+         detector: str = "res10") -> tuple[float, dict, float]:
     """Our stage end to end through the CLI (Prefect, temporary server, spawn workers)."""
-    out = work / f"out-{len(paths)}-{workers}"
+    out = work / f"out-{len(paths)}-{workers}-{detector}"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(work / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     start = time.perf_counter()
     proc = psutil.Popen([sys.executable, "-m", "flows.cli", "run", "--data-root", str(root),
                          "--out", str(out), "--stages", "select,detect", "--workers",
-                         str(workers), "--shard-size", str(shard_size)], cwd=REPO, env=env,
+                         str(workers), "--shard-size", str(shard_size), "--set",
+                         f"detector.kind={detector}"], cwd=REPO, env=env,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:  # peak RSS of the whole process tree (CLI, server, workers)
@@ -123,15 +128,18 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=3,
                     help="subjects at 4000x3000 (timed at 1 and this many; 0 to skip)")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out")
+    ap.add_argument("--detector", choices=("res10", "yunet"), default="res10",
+                    help="our stage's network (the original's loop is res10)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"cpu_count": os.cpu_count(), "opencv": cv2.__version__}
+    kind = args.detector
+    results: dict = {"cpu_count": os.cpu_count(), "opencv": cv2.__version__, "detector": kind}
 
     # warm-up (not timed): creates the Prefect database in PREFECT_HOME, as any earlier run
     # on a user's machine has; the first run ever pays ~5 s more for that
     warm = work / "tree-1"
-    ours(warm, make_tree(warm, 1), 2, work)
+    ours(warm, make_tree(warm, 1), 2, work, detector=kind)
     timings = {}
     sizes = {}
     for subjects in (args.small, args.large):
@@ -139,7 +147,7 @@ def main() -> None:
         paths = make_tree(root, subjects)
         n = sizes[subjects] = len(paths)
         t_orig, b_orig = original_loop(root, paths)
-        t_ours, b_ours, peak = ours(root, paths, 2, work)
+        t_ours, b_ours, peak = ours(root, paths, 2, work, detector=kind)
         same, differ, iou = agreement(b_orig, b_ours)
         timings[n] = (t_orig, t_ours)
         t_o, t_u = truth(root, b_orig), truth(root, b_ours)
@@ -161,9 +169,19 @@ def main() -> None:
 
     root = work / f"tree-{args.large}"
     paths = make_tree(root, args.large)
-    t1, _, _ = ours(root, paths, 1, work)
+    t1, _, _ = ours(root, paths, 1, work, detector=kind)
     results["workers"] = {"1": round(t1, 1), "2": round(timings[n2][1], 1),
                           "speedup_2_vs_1": round(t1 / timings[n2][1], 2)}
+    if kind != "res10":  # the same photos through our stage with res10, for the networks
+        t_res10, b_res10, _ = ours(root, paths, 2, work)
+        t_r, large = truth(root, b_res10), results[f"n{n2}"]
+        results["res10_stage_same_photos"] = {
+            "seconds": round(t_res10, 1), "faces_res10": len(b_res10),
+            f"faces_{kind}": large["faces_ours"], "truth_match_res10": t_r["match_rate"],
+            f"truth_match_{kind}": large["truth_match_ours"],
+            "truth_mean_iou_res10": t_r["mean_iou"],
+            f"truth_mean_iou_{kind}": large["truth_mean_iou_ours"],
+            f"stage_time_res10_over_{kind}": round(t_res10 / timings[n2][1], 2)}
 
     if args.big:
         big = {}
@@ -171,7 +189,7 @@ def main() -> None:
             root = work / f"big-{subjects}"
             paths = make_tree(root, subjects, size=(4000, 3000))
             t_orig, b_orig = original_loop(root, paths)
-            t_ours, b_ours, _ = ours(root, paths, 2, work, shard_size=20)
+            t_ours, b_ours, _ = ours(root, paths, 2, work, shard_size=20, detector=kind)
             same, differ, iou = agreement(b_orig, b_ours)
             big[len(paths)] = (t_orig, t_ours)
             results[f"4000x3000_n{len(paths)}"] = {
@@ -186,7 +204,8 @@ def main() -> None:
                                              "ours": round(rb_ours, 1),
                                              "ratio": round(rb_ours / rb_orig, 2)}
     print(json.dumps(results, indent=2))
-    (work / "bench_detect.json").write_text(json.dumps(results, indent=2))
+    name = "bench_detect.json" if kind == "res10" else f"bench_detect-{kind}.json"
+    (work / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 backbone and ResNet50, ours (`analyze_video`: detect, one batched classifier call per
 frame, tracking, annotated output) vs the original's webcam loop (detect with no mean,
 then one ``model.predict`` call per face) on the same clip, same model, same run.
-``python bench/bench_video.py [--frames 150]``. Models are untrained: speed only.
+``python bench/bench_video.py [--frames 150] [--detector res10|yunet]``: ours detects with
+the given network (the original's loop always uses res10). Models are untrained: speed
+only.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def original_loop(clip: Path, model, size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=150)
+    ap.add_argument("--detector", choices=("res10", "yunet"), default="res10")
     args = ap.parse_args()
     from models.analyzer import FaceAnalyzer
     from tasks.video import analyze_video
@@ -88,13 +91,14 @@ def main() -> None:
                 ("resnet50@224", ModelConfig(), 224)):
             folder = tmp / name
             save_model(folder, cfg, size)
-            analyzer = FaceAnalyzer(folder)
+            analyzer = FaceAnalyzer(folder, detector_kind=args.detector)
             analyzer.analyze(np.full((480, 640, 3), 100, np.uint8))  # warm-up
             start = time.perf_counter()
             summary = analyze_video(analyzer, str(clip), tmp / f"out-{name}")
             ours = summary["frames"] / (time.perf_counter() - start)
             original = original_loop(clip, analyzer.model, size)
-            results[name] = {"ours_fps": round(ours, 1), "original_fps": round(original, 1),
+            results[name] = {"detector": args.detector, "ours_fps": round(ours, 1),
+                             "original_fps": round(original, 1),
                              "ratio": round(ours / original, 2), "frames": summary["frames"]}
             print(json.dumps({name: results[name]}), flush=True)
     print(json.dumps(results, indent=2))

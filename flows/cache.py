@@ -19,10 +19,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.config import PipelineConfig
+from models.detector import LANDMARK_COLUMNS
 from tasks.crops import crop_shard_key
 from tasks.detect import Shard, plan_shards, shard_cache_key
 from tasks.storage import content_digest, file_sha256, fingerprint, read_cache_key, table_digest
@@ -110,10 +112,10 @@ def model_settings(config: PipelineConfig) -> dict:
 
 
 def train_key(config: PipelineConfig, crop_shards: list[Shard] | None = None) -> str:
-    """``crop_shards``: ``crop_plan(config)[0]`` when the caller has it already."""
+    """``crop_shards``: ``crop_plan(config).shards`` when the caller has it already."""
     paths = stage_paths(config.out, config.experiment)
     if crop_shards is None:
-        crop_shards = crop_plan(config)[0]
+        crop_shards = crop_plan(config).shards
     return fingerprint(_shard_keys(paths["crops"], crop_shards),
                        content_digest(paths["faces"]), content_digest(paths["split"]),
                        config.crops.model_dump(), model_settings(config),
@@ -137,23 +139,56 @@ def detect_shards(config: PipelineConfig) -> list[Shard]:
     return plan_shards(manifest, config.data.layout)
 
 
-def crop_plan(config: PipelineConfig) -> tuple[list[Shard], dict[str, list[int]]]:
+@dataclass(frozen=True)
+class CropPlan:
     """The crop shards (same partition as detection, over ``faces.parquet``) and each
-    face's box."""
+    face's box with margin and landmarks (five (x, y) points; None without them)."""
+
+    shards: list[Shard]
+    boxes: dict[str, list[int]]
+    landmarks: dict[str, list[list[float]]]
+
+    def shard_faces(self, shard: Shard) -> tuple[list[list[int]], list | None]:
+        """A shard's boxes and landmarks, in its path order (``landmarks`` None when the
+        faces have none)."""
+        boxes = [self.boxes[p] for p in shard.paths]
+        if not self.landmarks:
+            return boxes, None
+        return boxes, [self.landmarks.get(p) for p in shard.paths]
+
+    def shard_key(self, shard: Shard, config: PipelineConfig) -> str:
+        boxes, landmarks = self.shard_faces(shard)
+        return crop_shard_key(shard, boxes, config.crops, landmarks, config.detector.margin)
+
+
+def crop_plan(config: PipelineConfig) -> CropPlan:
+    """The crop stage's plan, read from ``faces.parquet`` (empty before merge ran)."""
     path = stage_paths(config.out, config.experiment)["faces"]
     if not path.exists():
-        return [], {}
+        return CropPlan([], {}, {})
+    names = pq.read_schema(path).names
+    landmark_columns = [c for c in LANDMARK_COLUMNS if c in names]
     table = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns",
-                                         "left", "top", "right", "bottom"])
+                                         "left", "top", "right", "bottom",
+                                         *landmark_columns])
     faces = table.to_pandas()
     boxes = dict(zip(faces.path, faces[["left", "top", "right", "bottom"]].to_numpy().tolist(),
                      strict=True))
-    return plan_shards(table, config.data.layout), boxes
+    landmarks = {}
+    if len(landmark_columns) == len(LANDMARK_COLUMNS):
+        points = faces[list(LANDMARK_COLUMNS)].to_numpy(dtype=float)
+        landmarks = {path: row.reshape(5, 2).tolist()
+                     for path, row in zip(faces.path, points, strict=True)
+                     if np.isfinite(row).all()}
+    return CropPlan(plan_shards(table, config.data.layout), boxes, landmarks)
 
 
-def detection_errors(config: PipelineConfig, shards: list[Shard]) -> dict[str, dict[str, int]]:
+def detection_errors(config: PipelineConfig, shards: list[Shard],
+                     examples: dict[str, list[str]] | None = None
+                     ) -> dict[str, dict[str, int]]:
     """Counts of the planned detection shards' failed rows: ``{status: {reason: n}}`` for
-    the statuses ``error`` (final) and ``unreadable`` (retried by the next run)."""
+    the statuses ``error`` (final) and ``unreadable`` (retried by the next run). With
+    ``examples``, up to three paths per reason are added to it."""
     folder = stage_paths(config.out, config.experiment)["detections"]
     counts: dict[str, dict[str, int]] = {}
     for shard in shards:
@@ -162,12 +197,15 @@ def detection_errors(config: PipelineConfig, shards: list[Shard]) -> dict[str, d
         file = pq.ParquetFile(folder / shard.filename)
         if "reason" not in file.schema_arrow.names:
             continue  # written before reasons were recorded; recomputed by the next run
-        table = file.read(columns=["status", "reason"])
-        for status, reason in zip(table.column("status").to_pylist(),
-                                  table.column("reason").to_pylist(), strict=True):
+        table = file.read(columns=["path", "status", "reason"])
+        for path, status, reason in zip(table.column("path").to_pylist(),
+                                        table.column("status").to_pylist(),
+                                        table.column("reason").to_pylist(), strict=True):
             if status in ("error", "unreadable"):
                 by_reason = counts.setdefault(status, {})
                 by_reason[reason] = by_reason.get(reason, 0) + 1
+                if examples is not None and len(examples.setdefault(reason, [])) < 3:
+                    examples[reason].append(path)
     return counts
 
 
@@ -175,7 +213,7 @@ def crop_files(config: PipelineConfig, crop_shards: list[Shard] | None = None) -
     """The planned crop shard files (what train and evaluate read; never leftovers)."""
     folder = stage_paths(config.out, config.experiment)["crops"]
     if crop_shards is None:
-        crop_shards = crop_plan(config)[0]
+        crop_shards = crop_plan(config).shards
     return [folder / s.filename for s in crop_shards]
 
 
@@ -268,11 +306,11 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
         current = file.exists() and upstream_ok and read_cache_key(file) == key()
         add(stage, file.exists(), current, "" if current else "inputs or settings changed")
 
-    crop_shards, boxes = crop_plan(config)
+    plan = crop_plan(config)
+    crop_shards = plan.shards
     if upstream_ok:
         add("crops", *_shard_state(paths["crops"], {
-            s.filename: crop_shard_key(s, [boxes[p] for p in s.paths], config.crops)
-            for s in crop_shards}))
+            s.filename: plan.shard_key(s, config) for s in crop_shards}))
     else:
         add("crops", any(paths["crops"].glob("shard-*.parquet")), False)
 

@@ -51,13 +51,19 @@ def _fail(message: str, code: int = 2) -> None:
 @app.callback()
 def main(
     verbose: bool = typer.Option(False, "--verbose", help="Show TensorFlow's start-up "
-                                 "notices (CUDA, oneDNN)."),
+                                 "notices (CUDA, oneDNN), Prefect's routine lines (finished "
+                                 "states, run links) and OpenCV's warnings."),
     debug: bool = typer.Option(False, "--debug", help="Show the traceback of errors that "
                                "are otherwise one line."),
 ) -> None:
     """K-Face age-band + gender pipeline (Prefect)."""
     if verbose:
         os.environ["KFACE_VERBOSE"] = "1"  # read by models.runtime, here and in workers
+    else:  # (inherited by the worker processes; Prefect is not imported yet)
+        from flows.logs import LOGGING_CONFIG
+
+        os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(LOGGING_CONFIG))
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # camera probing warnings
     if debug:
         os.environ["KFACE_DEBUG"] = "1"
     # the stage modules' own warnings (a long CPU training, a split too small to
@@ -160,12 +166,26 @@ def run(
         console.print(f"Report: {summaries['evaluate']['report']}")
 
 
+RUNS = Path("artifacts")  # where the README's commands and the demo put run folders
+
+
+def _latest_run_folder() -> Path:
+    """The run folder a command without --out or -c means: the most recently run one under
+    ``artifacts/`` (each run writes its config.yaml there), said on the terminal."""
+    runs = sorted((f.parent for f in RUNS.glob("*/config.yaml") if (f.parent / "stages").is_dir()),
+                  key=lambda folder: (folder / "config.yaml").stat().st_mtime)
+    if not runs:
+        _fail(f"no run folder under {RUNS}/ yet: give --out OUT (or -c CONFIG)")
+    console.print(f"[yellow]note:[/] run folder {runs[-1]} (the most recent under {RUNS}/; "
+                  "--out chooses another)")
+    return runs[-1]
+
+
 def _api_line(url: str, temporary: bool) -> str:
     if not temporary:
         return f"Prefect API: {url}"
-    return (f"Prefect API: {url} (a temporary server for this run: the 'View at' links "
-            "below stop working when it ends; the run folder keeps everything, and "
-            "'kface server' gives a lasting UI)")
+    return (f"Prefect API: {url} (a temporary server for this run; the run folder keeps "
+            "everything, and 'kface server' gives a lasting UI)")
 
 
 def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=None,
@@ -206,6 +226,8 @@ def status(
     from flows.cache import pipeline_status
     from tasks.select import DatasetError
 
+    if config is None and out is None:
+        out = _latest_run_folder()
     if config is None and out is not None:  # the run folder's (or the experiment's) own
         saved = [out / "experiments" / experiment / "config.yaml"] if experiment else []
         config = next((f for f in [*saved, out / "config.yaml"] if f.is_file()), None)
@@ -290,13 +312,15 @@ def serve(
 
 @app.command("experiments")
 def experiments_cmd(
-    out: Path = typer.Option(..., help="Run folder (out)."),
+    out: Path | None = typer.Option(
+        None, help="Run folder (out). Default: the most recent run folder under artifacts/."),
 ) -> None:
     """One row per experiment of a run folder: recipe, metrics, training time, state."""
     from rich.table import Table
 
     from flows.cache import list_experiments
 
+    out = out or _latest_run_folder()
     rows = list_experiments(out)
     if not rows:
         _fail(f"{out}/experiments/ holds no experiment yet: kface run --out {out} "
@@ -345,25 +369,54 @@ def sample_data(
     spec = TreeSpec(accessories=("S001", "S002"), lights=("L1", "L2", "L10"),
                     expressions=("E01",), cameras=("C4", "C7", "C1"))
     table = build_kface_tree(faces, out, subjects, spec, seed=seed)
-    n = len(table) * 2 * 3 * 3
-    console.print(f"wrote {n} photos of {len(table)} subjects under {out}/High_Resolution "
-                  f"and {out}/KFace_metadata.csv (default selection keeps "
-                  f"{len(table) * 2 * 2 * 2})")
+    console.print(f"wrote {len(table) * 2 * 3 * 3} photos of {len(table)} subjects under "
+                  f"{out}/High_Resolution and {out}/KFace_metadata.csv; the default "
+                  f"selection keeps {len(table) * 2 * 2 * 2} of them (light L10 and camera "
+                  "C1 are outside K-Face's usual selection, written to show that they are "
+                  "left out)")
 
 
 ModelOpt = typer.Option(..., "--model", "-m",
                         help="Trained model folder (model.keras + labels.json).")
-ConfOpt = typer.Option(0.8, "--threshold", help="Face detection threshold for inference "
-                       "(docs/detection.md: why 0.8).")
+ConfOpt = typer.Option(None, "--threshold", help="Face detection threshold for inference "
+                       "(default 0.8 for res10, 0.7 for yunet; docs/detection.md: why).")
 
 
-def _analyzer(model: Path, threshold: float):
+DetectorKindOpt = typer.Option(
+    None, "--detector", help="Face detector: res10 or yunet (default: the one the model "
+    "was trained on, recorded in its labels.json).")
+
+
+def _analyzer(model: Path, threshold: float | None, detector: str | None = None):
     from models.analyzer import FaceAnalyzer, ModelFolderError
 
+    _check_detector_kind(detector)
     try:
-        return FaceAnalyzer(model, confidence=threshold)
+        analyzer = FaceAnalyzer(model, confidence=threshold, detector_kind=detector)
     except ModelFolderError as exc:
         _fail(str(exc))
+    for note in analyzer.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    return analyzer
+
+
+def _model_dir(model: Path) -> Path:
+    """The model folder ``--model`` means (a run, experiment or model folder, or its
+    model.keras), said when it is not the path itself; one error line otherwise."""
+    from models.analyzer import ModelFolderError, resolve_model_dir
+
+    try:
+        model, note = resolve_model_dir(model)
+    except ModelFolderError as exc:
+        _fail(str(exc))
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
+    return model
+
+
+def _check_detector_kind(detector: str | None) -> None:
+    if detector not in (None, "res10", "yunet"):
+        _fail(f"--detector {detector!r}: expected res10 or yunet")
 
 
 @app.command()
@@ -373,7 +426,8 @@ def predict(
     out: Path = typer.Option(Path("artifacts/predictions"), help="Output folder."),
     csv: bool = typer.Option(False, "--csv", help="Also write predictions.csv."),
     annotated: bool = typer.Option(False, "--annotated", help="Also write annotated images."),
-    threshold: float = ConfOpt,
+    threshold: float | None = ConfOpt,
+    detector: str | None = DetectorKindOpt,
     workers: int = typer.Option(1, help="Worker processes; > 1 runs the kface-predict "
                                 "Prefect flow, sharded like detection."),
     shard_size: int = typer.Option(200, help="Images per shard with --workers > 1."),
@@ -387,22 +441,21 @@ def predict(
     if missing:
         _fail(f"not found: {', '.join(missing)}")
     if workers > 1:  # the workers load the model; here only check the folder up front
-        from models.analyzer import ModelFolderError, check_model_folder
-
-        try:
-            check_model_folder(model)
-        except ModelFolderError as exc:
-            _fail(str(exc))
+        _check_detector_kind(detector)
+        model = _model_dir(model)
         from flows.predict import kface_predict
         from flows.server import prefect_api
 
         with prefect_api():
-            kface_predict(model, paths, out, shard_size, threshold, csv, annotated, workers)
+            kface_predict(model, paths, out, shard_size, threshold, csv, annotated, workers,
+                          detector)
         entries = json.loads((out / "predictions.json").read_text())
     else:
-        entries = predict_images(_analyzer(model, threshold), paths, out, csv, annotated)
+        entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,
+                                 annotated)
     errors = [e for e in entries if e["error"]]
     faces = sum(len(e["faces"]) for e in entries)
+    _print_faces(entries)
     for e in errors:
         console.print(f"[yellow]skipped[/] {e['path']}: {e['error']}")
     read = len(entries) - len(errors)
@@ -412,6 +465,24 @@ def predict(
     if not read:
         _fail("no input image could be read (see the skipped lines above)" if entries
               else "no image found in the given paths")
+
+
+def _print_faces(entries: list[dict], limit: int = 20) -> None:
+    """The answer on the terminal: one row per face (the first ``limit``)."""
+    from rich.table import Table
+
+    rows = [(e["path"], i, f) for e in entries for i, f in enumerate(e["faces"], 1)]
+    if not rows:
+        return
+    table = Table("image", "face", "gender", "age band", "box (left, top, right, bottom)")
+    for path, i, f in rows[:limit]:
+        table.add_row(Path(path).name, str(i),
+                      f"{f['gender']} {f['gender_probs'][f['gender']]:.0%}",
+                      f"{f['age_band']} {f['age_band_probs'][f['age_band']]:.0%}",
+                      ", ".join(map(str, f["box"])))
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(table)
+    if len(rows) > limit:
+        console.print(f"... and {len(rows) - limit} more faces in predictions.json")
 
 
 def _plural(n: int, word: str) -> str:
@@ -426,7 +497,8 @@ def video(
     stats: bool = typer.Option(False, "--stats", help="People per age band x gender, "
                                "per-minute timeline CSV and bar chart."),
     max_frames: int | None = typer.Option(None, help="Stop after this many frames."),
-    threshold: float = ConfOpt,
+    threshold: float | None = ConfOpt,
+    detector: str | None = DetectorKindOpt,
 ) -> None:
     """Annotate a video (or camera) with tracked, smoothed predictions."""
     from tasks.video import VideoError, analyze_video
@@ -434,7 +506,8 @@ def video(
     if not source.isdigit() and not Path(source).exists():
         _fail(f"video {source} not found")
     try:
-        summary = analyze_video(_analyzer(model, threshold), source, out, stats, max_frames)
+        summary = analyze_video(_analyzer(model, threshold, detector), source, out, stats,
+                                max_frames)
     except VideoError as exc:
         _fail(str(exc))
     console.print(f"{summary['frames']} frames, {summary['tracks']} tracks -> {out}")
@@ -444,7 +517,7 @@ def video(
 
 @app.command()
 def webcam(model: Path = ModelOpt, camera: int = typer.Option(0, help="Camera index."),
-           threshold: float = ConfOpt) -> None:
+           threshold: float | None = ConfOpt, detector: str | None = DetectorKindOpt) -> None:
     """Live window with labelled faces (needs a display and OpenCV's GUI build, see the
     README: pip uninstall opencv-python-headless; pip install 'opencv-python<5'). Press q
     to quit."""
@@ -461,7 +534,7 @@ def webcam(model: Path = ModelOpt, camera: int = typer.Option(0, help="Camera in
     from tasks.predict import annotate
     from tasks.video import VideoError, open_capture
 
-    analyzer = _analyzer(model, threshold)
+    analyzer = _analyzer(model, threshold, detector)
     try:
         cap = open_capture(str(camera))
     except VideoError as exc:
@@ -499,8 +572,7 @@ def export(
         check_format(format)  # before TensorFlow loads (seconds)
     except ExportError as exc:
         _fail(str(exc))
-    if not (model / "model.keras").is_file():
-        _fail(f"{model}/model.keras not found: --model must be a trained model folder")
+    model = _model_dir(model)
     try:
         path = export_model(model, out, format)  # type: ignore[arg-type]
     except ExportError as exc:

@@ -34,6 +34,7 @@ from flows.cache import (
     crop_files,
     crop_plan,
     detect_shards,
+    detection_errors,
     evaluate_key,
     merge_key,
     select_key,
@@ -48,6 +49,7 @@ from flows.preflight import STAGES, check_inputs_current, check_stage_names, mis
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_shard
 from tasks.detect import (
+    DETECTIONS_SCHEMA,
     Shard,
     ShardingConfig,
     batch_shards,
@@ -56,7 +58,7 @@ from tasks.detect import (
 )
 from tasks.labels import LabelsError, merge_faces, read_metadata
 from tasks.select import select_images
-from tasks.split import split_faces
+from tasks.split import SplitError, split_faces
 from tasks.storage import (
     folder_lock,
     read_cache_key,
@@ -119,10 +121,13 @@ def select_task(config: PipelineConfig):
         **report.as_dict(),
     }
     _record(config, summary)
+    scanned = ("of the photos in the selected accessory, light and expression folders, "
+               "the others not read; cameras chosen by file name"
+               if config.data.layout == "kface" else "of the labelled photos")
     logger.info(
-        "select: %d of %d images selected (%d subjects) in %.1fs; %d files not in the "
-        "layout%s", table.num_rows, report.images, summary["subjects"], summary["seconds"],
-        report.unrecognised,
+        "select: %d of %d images selected (%d subjects; %s) in %.1fs; %d files not in "
+        "the layout%s", table.num_rows, report.images, summary["subjects"], scanned,
+        summary["seconds"], report.unrecognised,
         f", e.g. {report.unrecognised_examples[:3]}" if report.unrecognised else "",
     )
     if report.excluded_labels:
@@ -140,11 +145,13 @@ def detect_shards_task(root: Path, shards: list[Shard], detector: DetectorConfig
 
 
 @task(name="crop-shards", cache_policy=NO_CACHE, retries=1)
-def crop_shards_task(root: Path, shards: list[Shard], boxes: list[list], crops: CropConfig,
-                     out_dir: Path, opencv_threads: int):
-    """Thin wrapper: crop a batch of shards of faces into the crop cache."""
-    return _batch_state([crop_shard(root, shard, shard_boxes, crops, out_dir, opencv_threads)
-                         for shard, shard_boxes in zip(shards, boxes, strict=True)])
+def crop_shards_task(root: Path, shards: list[Shard], faces: list[tuple], crops: CropConfig,
+                     margin: float, out_dir: Path, opencv_threads: int):
+    """Thin wrapper: crop a batch of shards of faces (each shard's boxes and landmarks)
+    into the crop cache."""
+    return _batch_state([crop_shard(root, shard, boxes, crops, out_dir, opencv_threads,
+                                    landmarks, margin)
+                         for shard, (boxes, landmarks) in zip(shards, faces, strict=True)])
 
 
 def _batch_state(summaries: list[dict]):
@@ -218,6 +225,17 @@ def detect_flow(config: PipelineConfig) -> dict:
         detect_shards_task.submit(config.data.root, b, config.detector, paths["detections"],
                                   config.sharding.opencv_threads)))
     summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
+    examples: dict[str, list[str]] = {}
+    errors = detection_errors(config, shards, examples)
+    if errors:  # why, per kind, with example paths (the counts alone say nothing)
+        summary.update(errors=errors, error_examples=examples)
+        for status, by_reason in sorted(errors.items()):
+            get_run_logger().warning(
+                "detect: %d photo(s) %s: %s", sum(by_reason.values()),
+                "could not be used (not a usable image)" if status == "error" else
+                "could not be read this time (the next run retries them)",
+                "; ".join(f"{reason} {n} (e.g. {', '.join(examples[reason])})"
+                          for reason, n in sorted(by_reason.items())))
     return _record(config, summary)
 
 
@@ -226,11 +244,17 @@ def crops_flow(config: PipelineConfig) -> dict:
     """Cut every labelled face once into the crop cache, one task run per shard."""
     paths = stage_paths(config.out, config.experiment)
     _require_inputs(config, "crops")
-    shards, boxes = crop_plan(config)
-    summary = _run_shards("crops", paths["crops"], shards, config.sharding, lambda b: (
-        crop_shards_task.submit(config.data.root, b, [[boxes[p] for p in s.paths] for s in b],
-                                config.crops, paths["crops"], config.sharding.opencv_threads)))
+    plan = crop_plan(config)
+    summary = _run_shards("crops", paths["crops"], plan.shards, config.sharding, lambda b: (
+        crop_shards_task.submit(config.data.root, b, [plan.shard_faces(s) for s in b],
+                                config.crops, config.detector.margin, paths["crops"],
+                                config.sharding.opencv_threads)))
     summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
+    unaligned = summary["status_counts"].get("unaligned", 0)
+    if unaligned:
+        get_run_logger().warning(
+            "crops: %d faces have no landmarks (detector.kind %s finds none): cut as box "
+            "crops; set detector.kind: yunet to align them", unaligned, config.detector.kind)
     return _record(config, summary)
 
 
@@ -252,7 +276,8 @@ def merge_task(config: PipelineConfig):
             f"{paths['detections'] / missing[0]}): run with --stages detect,merge")
     # only the planned shards: files of an earlier plan are never merged
     detections = pads.dataset([str(paths["detections"] / s.filename) for s in shards],
-                              format="parquet").to_table().to_pandas()
+                              schema=DETECTIONS_SCHEMA, format="parquet"
+                              ).to_table().to_pandas()
     labels = None
     if config.data.layout == "kface":
         if config.data.metadata is None:
@@ -286,6 +311,8 @@ def split_task(config: PipelineConfig):
         return _reused(config, "split", key, "faces and split settings are unchanged")
     start = time.perf_counter()
     faces = pq.read_table(paths["faces"]).to_pandas()
+    if faces.empty:
+        raise SplitError(_no_faces_message(config))
     table, report = split_faces(faces, config.split)
     write_parquet_atomic(paths["split"], pa.Table.from_pandas(table, preserve_index=False), key)
     summary = {"stage": "split", "rows_in": len(faces), "rows_out": len(table),
@@ -300,6 +327,23 @@ def split_task(config: PipelineConfig):
     return summary
 
 
+def _no_faces_message(config: PipelineConfig) -> str:
+    """Why no face reached the split, from the detect and merge summaries' counts."""
+    detect = stored_summary(config, "detect") or {}
+    merge = stored_summary(config, "merge") or {}
+    counts = detect.get("status_counts", {})
+    problems = "; ".join(f"{reason} {n}" for by_reason in detect.get("errors", {}).values()
+                         for reason, n in sorted(by_reason.items()))
+    return (f"no faces to split: of {detect.get('rows_in', 0)} photos, detection found a face "
+            f"in {counts.get('ok', 0)}, none in {counts.get('no_face', 0)}, and "
+            f"{counts.get('error', 0) + counts.get('unreadable', 0)} could not be used"
+            + (f" ({problems}; examples in {summary_path(config, 'detect')})" if problems
+               else "")
+            + f"; {merge.get('faces', 0)} of the faces have labels"
+            + (" (check that the labels' subject IDs match the photos)"
+               if counts.get("ok") and not merge.get("faces") else ""))
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(config: PipelineConfig):
     """Train the classifier from the crop cache; skipped when its inputs are unchanged."""
@@ -308,7 +352,7 @@ def train_task(config: PipelineConfig):
     from tasks.crop_stream import load_index
     from tasks.train import train_model
 
-    crop_shards = crop_plan(config)[0]
+    crop_shards = crop_plan(config).shards
     key = train_key(config, crop_shards)
     model_dir = paths["model"]
     if (model_dir / "model.keras").exists() and (
@@ -323,7 +367,9 @@ def train_task(config: PipelineConfig):
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     crops = load_index(crop_files(config, crop_shards), paths["faces"], paths["split"])
-    crop_spec = {"margin": config.detector.margin, "margin_mode": config.detector.margin_mode}
+    crop_spec = {"margin": config.detector.margin, "margin_mode": config.detector.margin_mode,
+                 "detector": config.detector.kind,
+                 "align": config.crops.align and config.detector.kind == "yunet"}
     result = train_model(crops, config.crops.size, config.model, config.train, work,
                          paths["logs"], crop_spec)
     write_bytes_atomic(paths["experiment_config"], dump_config(config).encode())

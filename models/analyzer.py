@@ -1,12 +1,16 @@
 """FaceAnalyzer: detector + trained classifier, for images, folders and video frames.
 
-Built from a trained model folder (``model.keras`` + ``labels.json``). Faces are cut
-exactly as the training crops were (the margin settings recorded in labels.json,
-``tasks.crops.crop_face``), and all faces of an image go through the classifier as one
-batch. Its detector settings are its own (``inference_detector_config``): threshold 0.8
-(training data keeps 0.9; between 0.5 and 0.8 the detector's extra boxes on single-person
-photos are mostly toys, signs and decorations, which would inflate visitor counts) and
-the square 300x300 input (wide camera frames keep more pixels on the short side, where
+Built from a trained model folder (``model.keras`` + ``labels.json``). Faces are found by
+the detector kind the model was trained on and cut exactly as the training crops were
+(the settings recorded in labels.json' ``crop``: margin, aligned or not, by the one crop
+function ``models.face_crop.face_crop``), and all faces of an image go through the
+classifier as one batch. Another detector kind can be asked for; the analyser then says,
+in ``notes``, that the faces differ from the training crops. Its other detector settings
+are its own (``inference_detector_config``): threshold 0.8 for res10, 0.7 for YuNet
+(training data keeps 0.9 and 0.8; with res10, between 0.5 and 0.8 the detector's extra
+boxes on single-person photos are mostly toys, signs and decorations, which would inflate
+visitor counts; YuNet scores faces lower, and cut ones lower still) and the square
+300x300 input (wide camera frames keep more pixels on the short side, where
 small faces are); phantoms and overlapping boxes are removed by the detector.
 """
 
@@ -18,34 +22,71 @@ from pathlib import Path
 
 import numpy as np
 
-from models.detector import DetectorConfig, get_detector
-from tasks.crops import crop_face
+from models.detector import INFERENCE_CONFIDENCE, DetectorConfig, get_detector
+from models.face_crop import CropSpec, face_crop
 
 MODEL_FILES = ("model.keras", "labels.json")
-INFERENCE_CONFIDENCE = 0.8
 
 
-def inference_detector_config(confidence: float = INFERENCE_CONFIDENCE,
-                              base: DetectorConfig | None = None) -> DetectorConfig:
-    """Detector settings for predict, video and webcam: ``base`` with ``confidence``; without
-    ``base``, the default settings with the square input (see the module docstring)."""
-    base = base or DetectorConfig(input_aspect="square")
-    return base.model_copy(update={"confidence": confidence})
+def inference_detector_config(confidence: float | None = None,
+                              base: DetectorConfig | None = None,
+                              kind: str = "res10") -> DetectorConfig:
+    """Detector settings for predict, video and webcam: ``base`` with ``confidence``
+    (default: the network's ``INFERENCE_CONFIDENCE``); without ``base``, the default
+    settings of ``kind`` with the square input (see the module docstring)."""
+    base = base or DetectorConfig(kind=kind, input_aspect="square")
+    return base.model_copy(update={
+        "confidence": confidence or INFERENCE_CONFIDENCE[base.kind]})
 
 
 class ModelFolderError(FileNotFoundError):
     """The model folder lacks a file the analyser needs."""
 
 
+def _is_model_folder(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in MODEL_FILES)
+
+
+def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
+    """The model folder that ``path`` means, and a note when it is not ``path`` itself.
+
+    Accepted: a model folder (``model.keras`` + ``labels.json``); its ``model.keras``;
+    an experiment folder (``OUT/experiments/NAME``); a run folder (``OUT``) with one
+    trained experiment, or with several of which one is ``default``. Anything else raises
+    ModelFolderError naming what was looked for and where the models are."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFolderError(f"--model {path} not found: give a trained model folder, "
+                               "e.g. OUT/experiments/default/model")
+    if path.is_file():
+        if path.name in MODEL_FILES and _is_model_folder(path.parent):
+            return path.parent, f"using the model folder {path.parent}"
+        raise ModelFolderError(f"--model {path} is a file: give the folder that holds "
+                               "model.keras and labels.json")
+    if _is_model_folder(path):
+        return path, None
+    if _is_model_folder(path / "model"):  # an experiment folder
+        return path / "model", f"using {path / 'model'}"
+    trained = sorted(folder.parent for folder in path.glob("experiments/*/model")
+                     if _is_model_folder(folder))
+    if len(trained) == 1 or (path / "experiments" / "default") in trained:
+        chosen = trained[0] if len(trained) == 1 else path / "experiments" / "default"
+        return chosen / "model", (f"{path} is a run folder: using experiment "
+                                  f"{chosen.name!r}, {chosen / 'model'}")
+    if trained:
+        names = ", ".join(str(t / "model") for t in trained)
+        raise ModelFolderError(f"{path} is a run folder with several trained experiments: "
+                               f"give one of {names}")
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    raise ModelFolderError(
+        f"model folder {path} lacks {', '.join(missing)}: point --model at the 'model' "
+        "folder of a finished run, OUT/experiments/NAME/model (kface run ... trains it)")
+
+
 def check_model_folder(model_dir: Path) -> Path:
-    """Raise ModelFolderError naming the missing files unless ``model_dir`` is usable."""
-    model_dir = Path(model_dir)
-    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
-    if missing:
-        raise ModelFolderError(
-            f"model folder {model_dir} lacks {', '.join(missing)}: point --model at the "
-            "'model' folder of a finished run (kface run ... --stages train)")
-    return model_dir
+    """The usable model folder ``model_dir`` means (``resolve_model_dir``), or raise
+    ModelFolderError naming what is missing."""
+    return resolve_model_dir(model_dir)[0]
 
 
 @dataclass
@@ -56,36 +97,54 @@ class FacePrediction:
     gender_probs: dict[str, float]
     age_band: str
     age_band_probs: dict[str, float]
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     def as_dict(self) -> dict:
         return {"box": list(self.box), "score": round(self.score, 4), "gender": self.gender,
                 "gender_probs": self.gender_probs, "age_band": self.age_band,
-                "age_band_probs": self.age_band_probs}
+                "age_band_probs": self.age_band_probs,
+                "landmarks": [list(p) for p in self.landmarks] if self.landmarks else None}
 
 
 class FaceAnalyzer:
     """``analyze(bgr_image) -> list[FacePrediction]`` (best detector score first)."""
 
-    def __init__(self, model_dir: Path, confidence: float = INFERENCE_CONFIDENCE,
-                 detector: DetectorConfig | None = None):
-        model_dir = check_model_folder(model_dir)
+    def __init__(self, model_dir: Path, confidence: float | None = None,
+                 detector: DetectorConfig | None = None, detector_kind: str | None = None):
+        model_dir, note = resolve_model_dir(model_dir)
+        self.model_dir = model_dir
         self.labels = json.loads((model_dir / "labels.json").read_text())
         crop = self.labels.get("crop", {})
-        self.size = int(crop.get("size", self.labels["input_size"]))
-        base = inference_detector_config(confidence, detector)
+        trained_kind = crop.get("detector", "res10")  # models from before YuNet: res10
+        kind = detector_kind or (detector.kind if detector else trained_kind)
+        base = inference_detector_config(
+            confidence, detector.model_copy(update={"kind": kind}) if detector else None, kind)
         self.detector_cfg = base.model_copy(update={
             "margin": crop.get("margin", base.margin),
             "margin_mode": crop.get("margin_mode", base.margin_mode)})
+        self.spec = CropSpec(int(crop.get("size", self.labels["input_size"])),
+                             bool(crop.get("align", False)), self.detector_cfg.margin)
+        self.size = self.spec.size
+        self.notes: list[str] = [note] if note else []  # one line each: what it chose
+        if kind != trained_kind:
+            self.notes.append(
+                f"the model was trained on {trained_kind} detections; detecting with {kind} "
+                "gives faces cut somewhat differently (accuracy may drop)")
+        if self.spec.align and kind == "res10":
+            self.notes.append(
+                "the model expects landmark-aligned faces; res10 finds no landmarks, so "
+                "faces are box-cropped (accuracy may drop): use the yunet detector")
         self.detector = get_detector(self.detector_cfg)
         from models.classifier import load_classifier
 
         self.model = load_classifier(model_dir / "model.keras")
 
     def crops(self, image: np.ndarray) -> tuple[list, np.ndarray]:
-        """Detected faces and their classifier inputs (RGB, size x size, float32)."""
+        """Detected faces and their classifier inputs (RGB, size x size, float32), cut by
+        the one crop function the training crops were cut by."""
         faces = self.detector.detect(image)
-        batch = np.stack([crop_face(image, f.box_margin, self.size) for f in faces]
-                         ) if faces else np.zeros((0, self.size, self.size, 3))
+        batch = np.stack([face_crop(image, f.box_margin, f.landmarks, self.spec)[0]
+                          for f in faces]) if faces else np.zeros((0, self.size, self.size, 3))
         return faces, batch.astype(np.float32)
 
     def classify(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -98,14 +157,15 @@ class FaceAnalyzer:
     def analyze(self, image: np.ndarray) -> list[FacePrediction]:
         faces, batch = self.crops(image)
         probs = self.classify(batch)
-        return [self._prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i])
-                for i, f in enumerate(faces)]
+        return [self._prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i],
+                                 f.landmarks) for i, f in enumerate(faces)]
 
-    def _prediction(self, box, score, gender_p, age_p) -> FacePrediction:
+    def _prediction(self, box, score, gender_p, age_p, landmarks=None) -> FacePrediction:
         g_names, a_names = self.labels["gender"], self.labels["age_band"]
         return FacePrediction(
             tuple(int(v) for v in box), float(score),
             g_names[int(np.argmax(gender_p))],
             {n: round(float(p), 4) for n, p in zip(g_names, gender_p, strict=True)},
             a_names[int(np.argmax(age_p))],
-            {n: round(float(p), 4) for n, p in zip(a_names, age_p, strict=True)})
+            {n: round(float(p), 4) for n, p in zip(a_names, age_p, strict=True)},
+            landmarks)

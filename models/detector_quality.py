@@ -31,8 +31,8 @@ MATCH_IOU = 0.5
 
 def count_faces(paths: Sequence[Path], configs: dict[str, DetectorConfig]
                 ) -> dict[str, np.ndarray]:
-    """Faces found per photo under each named config. Configs that share the network
-    input (size and aspect) share one forward pass per photo."""
+    """Faces found per photo under each named config. Configs that share the network and
+    its input (kind, size, aspect, mean) share one forward pass per photo."""
     counts: dict[str, list[int]] = {name: [] for name in configs}
     for path in paths:
         image = cv2.imread(str(path))
@@ -41,11 +41,24 @@ def count_faces(paths: Sequence[Path], configs: dict[str, DetectorConfig]
         h, w = image.shape[:2]
         rows_by_input: dict[tuple, np.ndarray] = {}
         for name, cfg in configs.items():
-            key = (cfg.input_size, cfg.input_aspect, cfg.mean)
+            key = (cfg.kind, cfg.input_size, cfg.input_aspect, cfg.mean)
             if key not in rows_by_input:
                 rows_by_input[key] = get_detector(cfg).raw_detections(image)
             counts[name].append(len(faces_from_rows(rows_by_input[key], w, h, cfg)))
     return {name: np.asarray(v) for name, v in counts.items()}
+
+
+def turned_photo(image: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The photo turned by ``degrees`` (counter-clockwise) about its centre, on a square
+    canvas that keeps all of it (edges replicated), and the 2x3 matrix that carries points
+    of the canvas before the turn (``turned_photo(image, 0)``) to their place after it."""
+    h, w = image.shape[:2]
+    side = int(np.hypot(h, w)) + 2
+    canvas = cv2.copyMakeBorder(image, (side - h) // 2, side - h - (side - h) // 2,
+                                (side - w) // 2, side - w - (side - w) // 2,
+                                cv2.BORDER_REPLICATE)
+    matrix = cv2.getRotationMatrix2D((side / 2, side / 2), degrees, 1.0)
+    return cv2.warpAffine(canvas, matrix, (side, side), borderMode=cv2.BORDER_REPLICATE), matrix
 
 
 def single_face_summary(counts: np.ndarray) -> dict:

@@ -1,11 +1,14 @@
 """Crops stage: cut every face once -> ``crops/shard-NNNNN.parquet`` (``path``, ``image``).
 
-Each face is cropped to its box with margin, resized to ``crops.size`` (INTER_AREA),
-converted to RGB and stored as JPEG bytes. Training decodes these small crops instead of
-re-reading and decoding every full photo in every epoch, as the original did. Shards are
-planned, cached and written exactly like detection shards; the key adds the boxes and
-the crop settings. A shard in which a photo could not be read for a passing reason is
-written without its key, so the next run builds it again.
+Each face is cut by ``models.face_crop.face_crop`` (the function every inference path
+uses too): its box with margin resized to ``crops.size`` (INTER_AREA), or with
+``crops.align`` the landmark-aligned crop (faces without landmarks, as res10 finds them,
+fall back to the box crop and are counted as ``unaligned``), converted to RGB and stored
+as JPEG bytes. Training decodes these small crops instead of re-reading and decoding
+every full photo in every epoch, as the original did. Shards are planned, cached and
+written exactly like detection shards; the key adds the boxes and the crop settings (and,
+for aligned crops, the landmarks and the margin). A shard in which a photo could not be
+read for a passing reason is written without its key, so the next run builds it again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.face_crop import CropError, CropSpec, face_crop
 from tasks.detect import Shard, worker_id
 from tasks.images import ImageError, load_image
 from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
@@ -28,6 +32,7 @@ CHUNK_ROWS = 64  # crops per Parquet row group: the unit the training input read
 TRANSIENT_PREFIX = "unreadable: "  # an error that the next run retries
 CROPS_SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()),
                           ("error", pa.string())])
+Landmarks = Sequence[Sequence[float]] | None  # five (x, y) points, or None
 
 
 class CropConfig(BaseModel):
@@ -37,17 +42,16 @@ class CropConfig(BaseModel):
 
     size: int = Field(224, ge=32, le=1024, description="Crop side in pixels = model input.")
     jpeg_quality: int = Field(95, ge=50, le=100)
+    align: bool = Field(
+        False, description="Align each face by its five landmarks (a similarity transform "
+        "to a fixed template: eyes level, same place in every crop) instead of cutting "
+        "its box. Needs detector.kind: yunet (res10 finds no landmarks: its faces are "
+        "box-cropped, and the run says so). The model records it; inference cuts faces "
+        "the same way.")
 
-
-def crop_face(image_bgr: np.ndarray, box: Sequence[int], size: int) -> np.ndarray:
-    """Crop ``box`` = (left, top, right, bottom) from a BGR image; return RGB size x size."""
-    left, top, right, bottom = (int(v) for v in box)
-    face = image_bgr[top:bottom, left:right]
-    if face.size == 0:
-        raise ImageError(f"empty crop box {tuple(box)} for a {image_bgr.shape[1]}x"
-                         f"{image_bgr.shape[0]} image")
-    face = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(face, cv2.COLOR_BGR2RGB)
+    def spec(self, margin: float) -> CropSpec:
+        """The crop function's settings; ``margin`` is the detector's."""
+        return CropSpec(self.size, self.align, margin)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -59,43 +63,65 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def crop_images(root: Path, paths: Sequence[str], boxes: Sequence[Sequence[int]],
-                cfg: CropConfig) -> pa.Table:
-    """Crop each ``root / path`` at its box; a photo that fails gets ``error`` set."""
+                cfg: CropConfig, landmarks: Sequence[Landmarks] | None = None,
+                margin: float = 0.2) -> pa.Table:
+    """Cut each ``root / path``'s face (box, or landmarks with ``cfg.align``); a photo
+    that fails gets ``error`` set."""
+    spec = cfg.spec(margin)
     images, errors = [], []
-    for rel, box in zip(paths, boxes, strict=True):
+    for rel, box, points in zip(paths, boxes, landmarks or [None] * len(paths), strict=True):
         try:
             image, *_ = load_image(Path(root) / rel)
-            images.append(encode_jpeg(crop_face(image, box, cfg.size), cfg.jpeg_quality))
+            images.append(encode_jpeg(face_crop(image, box, points, spec)[0],
+                                      cfg.jpeg_quality))
             errors.append(None)
         except ImageError as exc:
             images.append(None)
             errors.append(f"{TRANSIENT_PREFIX}{exc}" if exc.transient else str(exc))
+        except CropError as exc:
+            images.append(None)
+            errors.append(str(exc))
     return pa.table({"path": list(paths), "image": images, "error": errors},
                     schema=CROPS_SCHEMA)
 
 
-def crop_shard_key(shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig) -> str:
-    """Content fingerprint of the shard's photos + their boxes + crop settings + code."""
+def aligns(cfg: CropConfig, landmarks: Sequence[Landmarks] | None) -> bool:
+    """Whether any face of these is cut aligned (``align`` on and landmarks known)."""
+    return cfg.align and any(p is not None for p in landmarks or ())
+
+
+def crop_shard_key(shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig,
+                   landmarks: Sequence[Landmarks] | None = None, margin: float = 0.2) -> str:
+    """Content fingerprint of the shard's photos + their boxes + crop settings + code;
+    aligned crops add the landmarks and the margin. Box crops (``align`` off, or no
+    landmarks) keep the key they had before alignment existed."""
+    if not aligns(cfg, landmarks):
+        return fingerprint(shard.content_fingerprint(), [list(b) for b in boxes],
+                           cfg.model_dump(exclude={"align"}), CODE_VERSION)
     return fingerprint(shard.content_fingerprint(), [list(b) for b in boxes],
-                       cfg.model_dump(), CODE_VERSION)
+                       cfg.model_dump(), [None if p is None else np.asarray(p).ravel().tolist()
+                                          for p in landmarks], margin, CODE_VERSION)
 
 
 def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig,
-               out_dir: Path, opencv_threads: int = 1) -> dict:
+               out_dir: Path, opencv_threads: int = 1,
+               landmarks: Sequence[Landmarks] | None = None, margin: float = 0.2) -> dict:
     """Build one crop shard file unless it already holds this content's key."""
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
-    key = crop_shard_key(shard, boxes, cfg)
+    key = crop_shard_key(shard, boxes, cfg, landmarks, margin)
     reused = final.exists() and read_cache_key(final) == key
     if reused:
         table = pq.read_table(final, columns=["error"])
     else:
-        table = crop_images(root, shard.paths, boxes, cfg)
+        table = crop_images(root, shard.paths, boxes, cfg, landmarks, margin)
         errors = [e for e in table.column("error").to_pylist() if e]
         retry = any(e.startswith(TRANSIENT_PREFIX) for e in errors)
         write_parquet_atomic(final, table, None if retry else key, row_group_size=CHUNK_ROWS,
                              digest=False)
     ok = table.column("error").null_count  # error is null where the crop succeeded
+    counts = {"ok": ok, "error": table.num_rows - ok}
+    if cfg.align:  # faces without landmarks were box-cropped
+        counts["unaligned"] = sum(p is None for p in landmarks or [None] * len(shard.paths))
     return {"shard": shard.name, "file": str(final), "rows": table.num_rows,
-            "reused": reused, "status_counts": {"ok": ok, "error": table.num_rows - ok},
-            "ran_on": worker_id()}
+            "reused": reused, "status_counts": counts, "ran_on": worker_id()}

@@ -22,7 +22,10 @@ Detections schema (one row per manifest image; see docs/data-contracts.md):
 (float32, best face), ``x1, y1, x2, y2`` (int32, best face's raw box in pixels),
 ``left, top, right, bottom`` (int32, best box with margin, clipped to the image),
 ``status`` (``ok`` / ``no_face`` / ``error`` / ``unreadable``), ``error`` (str, the
-message, else null), ``reason`` (str, the error's short code, see ``ImageError``).
+message, else null), ``reason`` (str, the error's short code, see ``ImageError``), and the
+best face's five landmarks in pixels, ``eye_r_x, eye_r_y, eye_l_x, ..., mouth_l_y``
+(float32, ``models.detector.LANDMARK_COLUMNS``; null for res10, which finds none; shards
+written before landmarks existed lack the columns and read as null).
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.detector import DetectorConfig, get_detector, weights_sha256
+from models.detector import (
+    LANDMARK_COLUMNS,
+    DetectorConfig,
+    get_detector,
+    result_settings,
+    weights_sha256,
+)
 from tasks.images import ImageError, load_image
 from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
 
@@ -60,6 +69,7 @@ DETECTIONS_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("reason", pa.string()),
+        *((name, pa.float32()) for name in LANDMARK_COLUMNS),
     ]
 )
 
@@ -140,15 +150,10 @@ def batch_shards(shards: Sequence[Shard], shard_size: int) -> list[list[Shard]]:
     return batches
 
 
-def detector_settings(detector: DetectorConfig) -> dict:
-    """The detector settings that change results: every field but the weight paths (the
-    weights' sha256 stands for them, so moving the files changes nothing)."""
-    return detector.model_dump(mode="json", exclude={"model_path", "config_path"})
-
-
 def shard_cache_key(shard: Shard, detector: DetectorConfig) -> str:
-    """Content fingerprint + detector settings + weights sha256 + code version."""
-    return fingerprint(shard.content_fingerprint(), detector_settings(detector),
+    """Content fingerprint + detector settings (``result_settings``: not the weights' paths,
+    whose sha256 stands for them) + weights sha256 + code version."""
+    return fingerprint(shard.content_fingerprint(), result_settings(detector),
                        weights_sha256(detector), CODE_VERSION)
 
 
@@ -178,11 +183,22 @@ def detect_images(root: Path, paths: Sequence[str], cfg: DetectorConfig) -> pa.T
                 row.update(status="ok", score=best.score)
                 row.update(zip(("x1", "y1", "x2", "y2"), best.box, strict=True))
                 row.update(zip(("left", "top", "right", "bottom"), best.box_margin, strict=True))
+                if best.landmarks is not None:
+                    row.update(zip(LANDMARK_COLUMNS,
+                                   (v for point in best.landmarks for v in point), strict=True))
             else:
                 row["status"] = "no_face"
         for name in cols:
             cols[name].append(row[name])
     return pa.table(cols, schema=DETECTIONS_SCHEMA)
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A detections table in ``DETECTIONS_SCHEMA``: columns missing from a shard written by
+    an earlier version (the landmarks) are added as nulls."""
+    columns = [table.column(f.name) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in DETECTIONS_SCHEMA]
+    return pa.table(columns, schema=DETECTIONS_SCHEMA)
 
 
 def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
@@ -201,7 +217,7 @@ def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
         redo = pc.equal(table.column("status"), "unreadable")
         retried = pc.sum(redo).as_py() or 0
         if retried:
-            table = pq.read_table(final).replace_schema_metadata(None)
+            table = conform(pq.read_table(final).replace_schema_metadata(None))
             paths = table.filter(redo).column("path").to_pylist()
             table = pa.concat_tables([table.filter(pc.invert(redo)),
                                       detect_images(root, paths, cfg)]).sort_by("path")

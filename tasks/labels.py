@@ -10,8 +10,11 @@ faces.parquet schema (one row per usable face; see docs/data-contracts.md): ``pa
 (e.g. '30s_M'), ``left, top, right, bottom`` (int32, box with margin), ``image_width``,
 ``image_height``, ``score``, ``age`` (exact years from a labelled folder's CSV, else
 null), the K-Face attributes ``accessory``, ``light``,
-``expression``, ``camera`` (null for a labelled folder), and the photo's ``file_size``
-and ``mtime_ns`` (for the crop cache's fingerprints).
+``expression``, ``camera`` (null for a labelled folder), the photo's ``file_size``
+and ``mtime_ns`` (for the crop cache's fingerprints), and, only when the detector found
+landmarks (``detector.kind: yunet``), the ten landmark columns ``eye_r_x ... mouth_l_y``
+(float32 pixels). A res10 run's file is exactly as before landmarks existed, so its
+digest, and every cache after it, stays current.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from models.detector import LANDMARK_COLUMNS
 from tasks.select import normalise_age_band, normalise_gender
 
 ID_COLUMNS = ("ID", "subject_id", "id")
@@ -113,10 +117,12 @@ def merge_faces(manifest: pd.DataFrame, detections: pd.DataFrame,
         report["label_rows_without_images"] = int((~labels.subject_id.isin(seen)).sum())
         rows = rows.dropna(subset=["age_band"])
     rows = rows.assign(joint_class=rows.age_band + "_" + rows.gender)
-    rows = rows[FACES_COLUMNS].sort_values("path").reset_index(drop=True)
+    landmarks = [c for c in LANDMARK_COLUMNS if c in rows and rows[c].notna().any()]
+    rows = rows[FACES_COLUMNS + landmarks].sort_values("path").reset_index(drop=True)
     for col in ("left", "top", "right", "bottom", "image_width", "image_height"):
         rows[col] = rows[col].astype("int32")
-    rows["age"] = rows["age"].astype("float32")  # all null for K-Face: still a number column
+    for col in ("age", *landmarks):  # age: all null for K-Face, still a number column
+        rows[col] = rows[col].astype("float32")
     report["faces"] = len(rows)
     report["subjects"] = int(rows.subject_id.nunique())
     report["joint_class_counts"] = rows.joint_class.value_counts().sort_index().to_dict()

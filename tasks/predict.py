@@ -2,8 +2,10 @@
 
 ``predictions.json``: a list with one entry per image: ``path``, ``width``, ``height``,
 ``faces: [{box: [left, top, right, bottom], score, gender, gender_probs: {M, F},
-age_band, age_band_probs: {20s, 30s, 40s, 50s}}]``, and ``error`` (null, or why the image
-could not be read; such an image is skipped, never fatal).
+age_band, age_band_probs: {20s, 30s, 40s, 50s}, landmarks}]``, and ``error`` (null, or why
+the image could not be read; such an image is skipped, never fatal). ``landmarks`` is the
+five ``[x, y]`` points (right eye, left eye, nose tip, right and left mouth corner) with
+the YuNet detector, else null.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import cv2
 import numpy as np
 
 from models.analyzer import FaceAnalyzer, FacePrediction
+from models.detector import LANDMARK_COLUMNS
 from tasks.images import ImageError, load_image
 from tasks.select import IMAGE_SUFFIXES
 from tasks.storage import write_bytes_atomic, write_json_atomic
@@ -43,7 +46,8 @@ def label_text(face: FacePrediction) -> str:
 
 def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
              labels: Iterable[str] | None = None) -> np.ndarray:
-    """Draw each face's box and label (gender + age band with probabilities)."""
+    """Draw each face's box and label (gender + age band with probabilities), and its
+    landmarks when it has them."""
     out = image.copy()
     faces = list(faces)
     texts = list(labels) if labels is not None else [label_text(f) for f in faces]
@@ -52,6 +56,8 @@ def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
         cv2.rectangle(out, (left, top), (right, bottom), (0, 255, 0), 2)
         cv2.putText(out, text, (left, max(12, top - 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (0, 255, 0), 2)
+        for x, y in face.landmarks or ():
+            cv2.circle(out, (int(round(x)), int(round(y))), 2, (0, 255, 255), -1)
     return out
 
 
@@ -98,16 +104,20 @@ def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
 
 
 def predictions_csv(entries: list[dict]) -> str:
-    """One CSV row per face (images without faces or with errors get one empty row)."""
+    """One CSV row per face (images without faces or with errors get one empty row); the
+    landmark columns are empty without landmarks. Unix line endings."""
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "left", "top", "right", "bottom", "score", "gender", "p_M",
-                     "p_F", "age_band", "p_20s", "p_30s", "p_40s", "p_50s", "error"])
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["path", "left", "top", "right", "bottom", "score", "gender", "p_M", "p_F",
+              "age_band", "p_20s", "p_30s", "p_40s", "p_50s", *LANDMARK_COLUMNS, "error"]
+    writer.writerow(header)
     for e in entries:
         if not e["faces"]:
-            writer.writerow([e["path"], *[""] * 13, e["error"] or ""])
+            writer.writerow([e["path"], *[""] * (len(header) - 2), e["error"] or ""])
         for f in e["faces"]:
+            points = ([v for point in f["landmarks"] for v in point] if f.get("landmarks")
+                      else [""] * len(LANDMARK_COLUMNS))
             writer.writerow([e["path"], *f["box"], f["score"], f["gender"],
                              *f["gender_probs"].values(), f["age_band"],
-                             *f["age_band_probs"].values(), ""])
+                             *f["age_band_probs"].values(), *points, ""])
     return buf.getvalue()

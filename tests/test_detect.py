@@ -172,3 +172,34 @@ def test_partitions_depend_on_the_subject_only():
     sizes = [[len(s.paths) for s in batch] for batch in batch_shards(grown, 3)]
     assert all(sum(b) >= 3 for b in sizes[:-1]) and sum(map(sum, sizes)) == 11
     assert [s for b in batch_shards(grown, 3) for s in b] == grown
+
+
+def test_detector_kind_keys_and_shards_of_earlier_versions(kface_tree, tmp_path):
+    """res10's key is made of the settings it had before YuNet existed (run folders keep
+    their detections); YuNet's ignores res10's settings; a shard written before landmarks
+    existed reads with null landmarks, and a retried row is added to it."""
+    from models.detector import LANDMARK_COLUMNS, result_settings
+    from tasks.detect import DETECTIONS_SCHEMA, conform
+
+    assert set(result_settings(DetectorConfig())) == {
+        "confidence", "mean", "edge_rows", "input_size", "input_aspect", "nms_threshold",
+        "margin", "margin_mode", "min_decode_side", "max_pixels"}
+    yunet = DetectorConfig(kind="yunet")
+    assert yunet.confidence == 0.8  # its own default, unless set
+    assert DetectorConfig(kind="yunet", confidence=0.9).confidence == 0.9
+    manifest, _ = select_images(DataConfig(root=kface_tree), SelectionConfig())
+    shard = plan_shards(manifest, "kface")[2]
+    assert shard_cache_key(shard, yunet) != shard_cache_key(shard, DetectorConfig())
+    assert shard_cache_key(shard, yunet) == shard_cache_key(
+        shard, DetectorConfig(kind="yunet", mean=(0, 0, 0), edge_rows="drop"))
+
+    rows = detect_images(kface_tree, shard.paths, DetectorConfig())
+    assert all(rows.column(c).null_count == rows.num_rows for c in LANDMARK_COLUMNS)
+    old = rows.drop_columns(list(LANDMARK_COLUMNS))
+    file = tmp_path / shard.filename
+    pq.write_table(old, file)
+    import pyarrow.dataset as pads
+
+    read = pads.dataset([str(file)], schema=DETECTIONS_SCHEMA, format="parquet").to_table()
+    assert read.schema == DETECTIONS_SCHEMA and read.column("eye_r_x").null_count == len(rows)
+    assert conform(old).equals(rows)

@@ -1,13 +1,20 @@
 """Detection you can trust, measured on real photos: one face per single-person photo, the
 chosen box is the placed face (generator ground truth), phantoms rejected, real faces cut
-by the frame kept, the group photo's 6 faces."""
+by the frame kept, the group photo's 6 faces. Both detectors (res10, YuNet) pass the same
+tests."""
 
 import cv2
 import numpy as np
 import pytest
 
 from models.analyzer import inference_detector_config
-from models.detector import DetectorConfig, FaceDetector, box_iou, phantom_rows
+from models.detector import (
+    LANDMARK_COLUMNS,
+    DetectorConfig,
+    FaceDetector,
+    box_iou,
+    phantom_rows,
+)
 from models.detector_quality import count_faces, single_face_summary, truth_agreement
 from tasks.detect import detect_images
 from tasks.sample_data import TreeSpec, build_kface_tree, read_box_file
@@ -33,6 +40,8 @@ def aaf_counts(aaf_dir):
     photos = sorted(aaf_dir.glob("*.jpg"))[::4]  # 1,222 single-person photos
     return count_faces(photos, {
         "train": DetectorConfig(), "inference": inference_detector_config(),
+        "yunet_train": DetectorConfig(kind="yunet"),
+        "yunet_inference": inference_detector_config(kind="yunet"),
         "clip_all": DetectorConfig(edge_rows="clip", input_aspect="square"),
         "original_drop": DetectorConfig(edge_rows="drop", input_aspect="square")})
 
@@ -40,8 +49,8 @@ def aaf_counts(aaf_dir):
 def test_one_face_per_single_person_photo(aaf_counts):
     summary = {k: single_face_summary(v) for k, v in aaf_counts.items()}
     print(summary)
-    assert summary["train"]["exactly_one_rate"] >= 0.98
-    assert summary["inference"]["exactly_one_rate"] >= 0.98
+    for name in ("train", "inference", "yunet_train", "yunet_inference"):
+        assert summary[name]["exactly_one_rate"] >= 0.98, name
     # clipping every row (the previous behaviour) turns phantoms into faces: the test
     # photos do provoke phantoms, so the rule above is what removes them
     assert summary["clip_all"]["several"] > 0.3 * summary["clip_all"]["photos"]
@@ -49,15 +58,21 @@ def test_one_face_per_single_person_photo(aaf_counts):
     assert summary["train"]["none"] <= summary["original_drop"]["none"]
 
 
-def test_faces_cut_by_the_frame_are_kept(aaf_dir):
-    """A face cut by any edge is still one face (the original's rule drops it)."""
-    ours, original = FaceDetector(DetectorConfig()), FaceDetector(
+@pytest.mark.parametrize("cfg", [DetectorConfig(), inference_detector_config(kind="yunet")],
+                         ids=["res10", "yunet"])
+def test_faces_cut_by_the_frame_are_kept(aaf_dir, cfg):
+    """A face cut by any edge is still one face (the original's rule drops it). Where to
+    cut comes from res10's box on the whole photo, the same for both detectors. YuNet
+    scores a face cut by a quarter lower than res10 does: at the inference threshold
+    (0.8) it keeps 79 of these 80, at the training threshold (0.9) 74 (docs/detection.md)."""
+    ours, original = FaceDetector(cfg), FaceDetector(
         DetectorConfig(edge_rows="drop", input_aspect="square"))
+    reference = FaceDetector(DetectorConfig())
     kept, dropped = 0, 0
     photos = sorted(aaf_dir.glob("*.jpg"))[5:400:20]
     for path in photos:
         image = cv2.imread(str(path))
-        face = ours.detect(image)[0].box
+        face = reference.detect(image)[0].box
         x1, y1, x2, y2 = face
         cut = (x2 - x1) // 4, (y2 - y1) // 4  # a quarter of the face outside the frame
         for part in (image[:, :x2 - cut[0]], image[:y2 - cut[1]], image[:, x1 + cut[0]:],
@@ -95,15 +110,25 @@ def test_generator_writes_the_placed_face(truth_tree):
     assert a[2] - a[0] == b[2] - b[0] and a[3] - a[1] == b[3] - b[1]
 
 
-def test_detect_stage_finds_the_placed_face(truth_tree):
+@pytest.mark.parametrize("kind", ["res10", "yunet"])
+def test_detect_stage_finds_the_placed_face(truth_tree, kind):
     root, paths = truth_tree
-    table = detect_images(root, paths, DetectorConfig()).to_pylist()
+    table = detect_images(root, paths, DetectorConfig(kind=kind)).to_pylist()
     counts = single_face_summary(np.array([r["n_faces"] for r in table]))
     truth = truth_agreement(root, table)
     print(counts, truth)
     assert counts["exactly_one_rate"] >= 0.98
     assert truth["rows_with_truth"] >= 0.97 * len(paths)
     assert truth["match_rate"] >= 0.995
+    if kind == "yunet":  # every face it finds has its five landmarks inside its box
+        for row in table:
+            if row["status"] == "ok":
+                xs, ys = [row[c] for c in LANDMARK_COLUMNS[::2]], [
+                    row[c] for c in LANDMARK_COLUMNS[1::2]]
+                assert row["x1"] <= min(xs) and max(xs) <= row["x2"], row
+                assert row["y1"] <= min(ys) and max(ys) <= row["y2"], row
+        return
+    assert all(row["eye_r_x"] is None for row in table)  # res10 finds no landmarks
     # the reference input (300x300, the original's) finds no more faces than ours
     reference = detect_images(root, paths[::4], DetectorConfig(input_aspect="square"))
     ours = [r for r in table[::4]]
@@ -111,11 +136,12 @@ def test_detect_stage_finds_the_placed_face(truth_tree):
         s == "ok" for s in reference.column("status").to_pylist())
 
 
-def test_group_photo_keeps_its_six_faces(scenes_dir):
+@pytest.mark.parametrize("kind", ["res10", "yunet"])
+def test_group_photo_keeps_its_six_faces(scenes_dir, kind):
     image = cv2.imread(str(scenes_dir / "insightface_t1.jpg"))
-    faces = FaceDetector(inference_detector_config()).detect(image)
+    faces = FaceDetector(inference_detector_config(kind=kind)).detect(image)
     assert len(faces) == 6
-    ours = FaceDetector(DetectorConfig()).detect(image)  # training settings, 0.9
+    ours = FaceDetector(DetectorConfig(kind=kind)).detect(image)  # training settings, 0.9
     assert len(ours) == 6
     for f in faces:
         assert max(box_iou(f.box, g.box) for g in ours) > 0.5

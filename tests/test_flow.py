@@ -35,7 +35,14 @@ def test_select_and_detect_with_two_workers(full_run):
     assert detect["tasks"] == 11  # 4 photos a task: the subject with 4, then pairs of 2
     select = json.loads((out / "stages" / "select.json").read_text())
     assert select["unrecognised"] == 1 and select["rows_out"] == 42
-    assert "Finished in state Completed" in res.stdout + res.stderr
+    log = res.stdout + res.stderr
+    # the terminal is quiet: no routine Prefect lines, no links that die with the server
+    for noise in ("Finished in state", "View at http", "Starting temporary server"):
+        assert noise not in log, noise
+    # the unusable photos are named with their reasons, in the log and the summary
+    assert "detect: 2 photo(s) could not be used" in log and "e.g. High_Resolution/" in log
+    assert detect["errors"]["error"] == {"empty": 1, "not_image": 1}
+    assert detect["error_examples"]["empty"] == [bad + "C8.jpg"]
 
 
 def test_rerun_reuses_every_shard(full_run, kface_tree, prefect_env):
@@ -125,7 +132,7 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     assert _states(status_args, prefect_env) == dict.fromkeys(STAGES, "done")
 
     mtimes = _mtimes(out)
-    res = run_kface(*args, env=prefect_env)
+    res = run_kface("--verbose", *args, env=prefect_env)  # with Prefect's routine lines
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
     for stage in STAGES:  # every stage says it was skipped
@@ -156,6 +163,46 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _summary(out, "select")["reused"] is True
     assert _summary(out, "detect")["shards_computed"] == 20
+
+
+def test_detector_and_alignment_switches_redo_only_what_follows(kface_tree, tmp_path,
+                                                                prefect_env):
+    """YuNet's landmarks reach the detections, faces and crops; aligning recomputes the
+    crops alone (detections reused), switching the detector recomputes from detect."""
+    import pyarrow.parquet as pq
+
+    from models.detector import LANDMARK_COLUMNS
+
+    out = tmp_path / "yunet"
+    args = ["run", "--data-root", str(kface_tree), "--metadata",
+            str(kface_tree / "KFace_metadata.csv"), "--out", str(out), "--workers", "2",
+            "--set", "crops.size=48", "--set", "detector.kind=yunet"]
+    data_stages = ["--stages", "select,detect,merge,split,crops"]
+    res = run_kface(*args, *data_stages, env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    faces = pq.read_table(out / "faces.parquet").to_pandas()
+    assert len(faces) >= 30 and faces[list(LANDMARK_COLUMNS)].notna().all().all()
+    inside = (faces.eye_r_x > faces.left) & (faces.eye_l_x < faces.right)
+    assert inside.all() and (faces.eye_r_x < faces.eye_l_x).all()  # person's right: left
+
+    aligned = [*args, "--set", "crops.align=true"]
+    states = _states(["status", *aligned[1:]], prefect_env)
+    assert states == {"select": "done", "detect": "done", "merge": "done", "split": "done",
+                      "crops": "stale", "train": "missing", "evaluate": "missing"}
+    res = run_kface(*aligned, *data_stages, env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _summary(out, "detect")["shards_computed"] == 0
+    crops = _summary(out, "crops")
+    assert crops["shards_reused"] == 0 and crops["status_counts"]["unaligned"] == 0
+
+    back = [a if a != "detector.kind=yunet" else "detector.kind=res10" for a in aligned]
+    states = _states(["status", *back[1:]], prefect_env)
+    assert states["select"] == "cached" and states["detect"] == "stale"
+    assert {states[s] for s in ("merge", "split", "crops")} == {"stale"}
+    res = run_kface(*back, *data_stages, env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "have no landmarks" in res.stdout + res.stderr  # res10: box crops, said once
+    assert not set(LANDMARK_COLUMNS) & set(pq.read_schema(out / "faces.parquet").names)
 
 
 def _states(args: list[str], env: dict) -> dict[str, str]:
@@ -192,7 +239,7 @@ def test_sigterm_stops_the_temporary_server(kface_tree, tmp_path, prefect_env):
     assert servers, "no temporary Prefect server found"
     proc.terminate()
     proc.wait(60)
-    gone, alive = psutil.wait_procs(servers, timeout=30)
+    gone, alive = psutil.wait_procs(servers, timeout=90)
     for p in alive:
         p.kill()
     assert not alive, "the temporary Prefect server outlived a terminated run"

@@ -8,8 +8,8 @@ import pytest
 from conftest import run_kface
 
 from models.analyzer import FaceAnalyzer, ModelFolderError
+from models.face_crop import crop_face
 from tasks.crop_stream import crop_jpegs
-from tasks.crops import crop_face
 from tasks.predict import predict_images
 
 
@@ -44,7 +44,8 @@ def test_group_photo_six_faces_with_probabilities(analyzer, scenes_dir, tmp_path
     assert len(faces) == 6
     for f in faces:
         assert set(f) == {"box", "score", "gender", "gender_probs", "age_band",
-                          "age_band_probs"}
+                          "age_band_probs", "landmarks"}
+        assert f["landmarks"] is None  # a res10 model: no landmarks
         assert sum(f["gender_probs"].values()) == pytest.approx(1, abs=1e-3)
         assert sum(f["age_band_probs"].values()) == pytest.approx(1, abs=1e-3)
         assert list(f["age_band_probs"]) == ["20s", "30s", "40s", "50s"]
@@ -53,8 +54,53 @@ def test_group_photo_six_faces_with_probabilities(analyzer, scenes_dir, tmp_path
         assert 0 <= left < right <= 1280 and 0 <= top < bottom <= 886 and f["score"] > 0.5
     saved = json.loads((tmp_path / "predictions.json").read_text())
     assert saved == entries and (entries[0]["width"], entries[0]["height"]) == (1280, 886)
-    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 7
+    csv_bytes = (tmp_path / "predictions.csv").read_bytes()
+    assert len(csv_bytes.splitlines()) == 7 and b"\r\n" not in csv_bytes  # Unix endings
+    assert b"eye_r_x" in csv_bytes.splitlines()[0]
     assert len(list((tmp_path / "annotated").glob("*.jpg"))) == 1
+
+
+def test_yunet_inference_gives_landmarks_and_says_it_differs(tiny_run, scenes_dir):
+    """A model trained on res10 crops, run with YuNet: five landmarks per face, inside its
+    box, and one note that the faces are cut differently from the training crops."""
+    analyzer = FaceAnalyzer(tiny_run["model_dir"], detector_kind="yunet")
+    assert analyzer.detector_cfg.kind == "yunet" and analyzer.detector_cfg.confidence == 0.7
+    assert len(analyzer.notes) == 1 and "trained on res10" in analyzer.notes[0]
+    faces = analyzer.analyze(cv2.imread(str(scenes_dir / "insightface_t1.jpg")))
+    assert len(faces) == 6
+    for face in faces:
+        left, top, right, bottom = face.box
+        assert len(face.landmarks) == 5
+        assert all(left <= x <= right and top <= y <= bottom for x, y in face.landmarks)
+        assert face.as_dict()["landmarks"] == [list(p) for p in face.landmarks]
+    assert FaceAnalyzer(tiny_run["model_dir"]).notes == []  # its own detector: nothing
+
+
+def test_model_option_finds_the_model_or_says_where_it_is(tiny_run, tmp_path):
+    """--model given a run folder, an experiment folder or model.keras finds the model and
+    says which; several experiments or a misspelled path name what to give."""
+    import shutil
+
+    from models.analyzer import resolve_model_dir
+
+    run = tmp_path / "run"
+    model = run / "experiments" / "default" / "model"
+    shutil.copytree(tiny_run["model_dir"], model)
+    assert resolve_model_dir(model) == (model, None)
+    for given in (run, run / "experiments" / "default", model / "model.keras"):
+        found, note = resolve_model_dir(given)
+        assert found == model and str(model) in note, given
+    shutil.copytree(model, run / "experiments" / "other" / "model")
+    assert resolve_model_dir(run)[0] == model  # 'default' is the one a plain run trains
+    shutil.move(str(run / "experiments" / "default"), str(run / "experiments" / "first"))
+    with pytest.raises(ModelFolderError, match="several trained experiments"):
+        resolve_model_dir(run)
+    with pytest.raises(ModelFolderError, match="not found"):
+        resolve_model_dir(tmp_path / "rnu")
+    res = run_kface("predict", str(tiny_run["root"] / tiny_run["frame"].path[0]), "--model",
+                    str(run / "experiments" / "first"), "--out", str(tmp_path / "p"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "using " + str(run / "experiments" / "first" / "model") in res.stderr
 
 
 def test_predict_cli_folder_with_a_bad_file(tiny_run, scenes_dir, tmp_path):
@@ -71,6 +117,10 @@ def test_predict_cli_folder_with_a_bad_file(tiny_run, scenes_dir, tmp_path):
     assert len(entries["astronaut.png"]["faces"]) == 1
     assert entries["broken.jpg"]["error"] and entries["broken.jpg"]["faces"] == []
     assert "skipped" in res.stderr
+    face = entries["astronaut.png"]["faces"][0]  # the answer is shown, not only saved
+    shown = f"{face['gender']} {face['gender_probs'][face['gender']]:.0%}"
+    line = next(x for x in res.stdout.splitlines() if "astronaut.png" in x)
+    assert shown in line and face["age_band"] in line
 
 
 def test_model_folder_missing_a_file(tmp_path, tiny_run):
@@ -210,7 +260,7 @@ def test_onnx_export_says_what_is_missing(tiny_run, tmp_path, monkeypatch):
 
 def test_export_cli_rejects_a_missing_model(tmp_path):
     res = run_kface("export", "--model", str(tmp_path), "--format", "tflite")
-    assert res.returncode == 2 and "model.keras not found" in res.stderr
+    assert res.returncode == 2 and "lacks model.keras" in res.stderr
 
 
 def test_sharded_predict_flow_matches_single_process(tiny_run, scenes_dir, tmp_path):
