@@ -6,7 +6,7 @@
 # public-domain astronaut photo with SYNTHETIC labels (it runs end to end, learns nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo  # no dev tools: the demo needs neither JAX nor Playwright
 export PREFECT_SERVER_ANALYTICS_ENABLED=false TF_CPP_MIN_LOG_LEVEL=2
 SHARED="${KFACE_SHARED_DATA:-../shared/data}"
 if [ -f "$SHARED/faces/aaf/labels.csv" ]; then
@@ -26,3 +26,6 @@ if [ -z "$PHOTO" ]; then  # a photo of a test subject: the model never trained o
   echo "sample prediction on $PHOTO (a test subject, not trained on)"
 fi
 .venv/bin/kface predict "$PHOTO" --model "$OUT/experiments/default/model" --out "$OUT/predictions" --annotated
+echo
+echo "Next: 'source .venv/bin/activate' puts kface on your PATH (or call .venv/bin/kface), then"
+echo "  kface status --out $OUT       kface experiments --out $OUT       kface --help"

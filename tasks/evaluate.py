@@ -207,12 +207,14 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     metrics = score_split(frame, probs, train_counts)
     metrics["scored_split"] = scored
     metrics["heads"] = sorted(probs)
-    if "age" in probs and has_exact_ages(frame):
+    metrics["labels_have_ages"] = has_exact_ages(frame)
+    if "age" in probs and metrics["labels_have_ages"]:
         metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy())
     warnings = []
     if synthetic_labels:
         warnings.append("the labels of this dataset are SYNTHETIC (made up by the sample "
                         "generator): the numbers below only show that the pipeline runs")
+    warnings += degenerate_warnings(metrics)
     if scored == "val":
         warnings.append("no test split (split.test_fraction is 0): these are validation "
                         "numbers, and validation chose the checkpoint, so they are optimistic")
@@ -233,12 +235,35 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     return metrics
 
 
+def degenerate_warnings(metrics: dict) -> list[str]:
+    """Warnings for a model that learned nothing useful: a class it never gets right
+    (recall 0 on a class that is there), or accuracy at or under always answering the
+    majority class. They go to the top of the report."""
+    warnings = []
+    for head in ("gender", "age_band"):
+        m = metrics[head]
+        never = [c for c, v in m["per_class"].items() if v["support"] and v["recall"] == 0]
+        if never:
+            warnings.append(f"the model never recognises {head} {', '.join(never)} (recall "
+                            "0.000): it is degenerate for this head; train longer, on more "
+                            "people, or check the labels")
+        majority = m["baselines"]["majority_class"]["accuracy"]
+        if m["accuracy"] <= majority:
+            warnings.append(f"{head} accuracy {m['accuracy']:.3f} is no better than always "
+                            f"answering the majority class ({majority:.3f}): the model has "
+                            "not learned this head")
+    return warnings
+
+
 def heads_sentence(metrics: dict) -> str:
     """The report's line on which heads were trained and scored."""
     text = "Heads trained and scored: gender (M/F) and age band (20s-50s)"
     if "age" not in metrics.get("heads", ()):
-        return text + (" (age bands only: the labels have no exact ages, or "
-                       "model.exact_age is off).")
+        if metrics.get("labels_have_ages"):
+            return text + (" (age bands only: model.exact_age is off, although the labels "
+                           "have exact ages; --set model.exact_age=true trains the exact-age "
+                           "head).")
+        return text + " (age bands only: the labels have no exact ages)."
     text += ", the band read from an exact-age head (20-59)"
     age = metrics.get("age")
     if age:

@@ -133,7 +133,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
             proc.wait()
 
 
-def start_prefect_server(home: Path, extra_env: dict | None = None, timeout: float = 120
+def start_prefect_server(home: Path, extra_env: dict | None = None, timeout: float = 300
                          ) -> tuple[subprocess.Popen, str, dict]:
     """``prefect server start`` on 127.0.0.1 and a free port with its own PREFECT_HOME.
     Returns the process, the API URL and the environment for clients of that server."""

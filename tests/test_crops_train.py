@@ -192,3 +192,31 @@ def test_flip_averaged_model_averages_the_mirror_and_reloads(tiny_run, tmp_path)
     for head in ("gender", "age_band"):
         np.testing.assert_allclose(got[head], (direct[head] + mirrored[head]) / 2, atol=1e-5)
         assert not np.allclose(direct[head], mirrored[head], atol=1e-4)  # a real second view
+
+
+def test_a_degenerate_model_is_flagged_at_the_top_and_the_heads_are_explained():
+    """A model that always answers one gender and one age band gets warnings (recall 0,
+    no better than the majority class); a sound one gets none. The heads sentence says why
+    there is no exact-age head."""
+    import pandas as pd
+
+    from tasks.evaluate import degenerate_warnings, heads_sentence, score_split
+
+    rng = np.random.default_rng(0)
+    n = 200
+    frame = pd.DataFrame({"subject_id": np.arange(n), "gender_idx": rng.integers(0, 2, n),
+                          "age_idx": rng.integers(0, 4, n)})
+    frame["joint_class"] = frame.age_idx.astype(str) + "_" + frame.gender_idx.astype(str)
+    counts = {"gender": np.array([60, 40]), "age_band": np.array([40, 30, 20, 10])}
+    constant = {"gender": np.tile([0.9, 0.1], (n, 1)),
+                "age_band": np.tile([0.7, 0.1, 0.1, 0.1], (n, 1))}
+    warnings = degenerate_warnings(score_split(frame, constant, counts, rounds=50))
+    assert any("never recognises gender F" in w for w in warnings)
+    assert any("age_band accuracy" in w and "majority class" in w for w in warnings)
+    right = {"gender": np.eye(2)[frame.gender_idx] * 0.8 + 0.1,
+             "age_band": np.eye(4)[frame.age_idx] * 0.6 + 0.1}
+    assert degenerate_warnings(score_split(frame, right, counts, rounds=50)) == []
+
+    heads = {"heads": ["age_band", "gender"]}
+    assert "model.exact_age is off" in heads_sentence({**heads, "labels_have_ages": True})
+    assert "no exact ages" in heads_sentence({**heads, "labels_have_ages": False})

@@ -5,12 +5,14 @@ readable files, quiet logs, and honest exit codes."""
 import os
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
 from conftest import REPO, run_kface
 
-NOISE = ("cuInit", "oneDNN", "Could not find cuda", "absl::InitializeLog", "Traceback")
+NOISE = ("cuInit", "oneDNN", "Could not find cuda", "absl::InitializeLog", "Traceback",
+         "Finished in state", "View at http", "Starting temporary server", "!!")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def _refused(res: subprocess.CompletedProcess, seconds: float, *words: str) -> N
     lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()]
     assert res.returncode == 2, res.stdout + res.stderr
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
-    assert seconds < 8, seconds
+    # a hang guard only (refused before any work: about a second on a quiet machine,
+    # several on busy cores; speed belongs in benchmarks)
+    assert seconds < 60, seconds
     for word in words:
         assert word in lines[0], (word, lines[0])
 
@@ -97,13 +101,26 @@ def test_bad_inputs_are_one_line_before_any_work(tmp_path, kface_tree, prefect_e
 
 
 @pytest.mark.slow
-def test_status_reads_the_run_folders_config(demo):
-    out, _, _ = demo
+def test_status_reads_the_run_folders_config(demo, tmp_path):
+    out, res, _ = demo
+    assert "kface status --out" in res.stdout  # the demo says what to run next
     res = run_kface("status", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cached: up to date" in res.stdout
     for stage in ("select", "evaluate"):
         assert stage in res.stdout
+    # without --out: the most recent run folder under ./artifacts, said on the terminal
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "demo").symlink_to(out)
+    for command in (["status"], ["experiments"]):
+        res = subprocess.run([sys.executable, "-m", "flows.cli", *command], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "run folder artifacts/demo (the most recent" in res.stderr
+        assert ("cached" if command == ["status"] else "default") in res.stdout
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "status"], cwd=out,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no run folder under artifacts/" in res.stderr
 
 
 @pytest.mark.slow
