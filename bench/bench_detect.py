@@ -79,12 +79,14 @@ def ours(root: Path, paths: list[str], workers: int, work: Path, shard_size: int
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(work / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = work / f"{out.name}.log"
     start = time.perf_counter()
-    proc = psutil.Popen([sys.executable, "-m", "flows.cli", "run", "--data-root", str(root),
-                         "--out", str(out), "--stages", "select,detect", "--workers",
-                         str(workers), "--shard-size", str(shard_size), "--set",
-                         f"detector.kind={detector}"], cwd=REPO, env=env,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "w") as sink:
+        proc = psutil.Popen([sys.executable, "-m", "flows.cli", "run", "--data-root",
+                             str(root), "--out", str(out), "--stages", "select,detect",
+                             "--workers", str(workers), "--shard-size", str(shard_size),
+                             "--set", f"detector.kind={detector}"], cwd=REPO, env=env,
+                            stdout=sink, stderr=subprocess.STDOUT)
     peak = 0
     while proc.poll() is None:  # peak RSS of the whole process tree (CLI, server, workers)
         try:
@@ -95,7 +97,8 @@ def ours(root: Path, paths: list[str], workers: int, work: Path, shard_size: int
         time.sleep(0.2)
     seconds = time.perf_counter() - start
     if proc.returncode:
-        raise SystemExit(f"kface run failed with exit code {proc.returncode}")
+        raise SystemExit(f"kface run failed with exit code {proc.returncode}: "
+                         f"{log.read_text()[-2000:]}")
     peak_mb = peak / 2**20
     table = ds.dataset(out / "detections").to_table().to_pylist()
     boxes = {r["path"]: (r["x1"], r["y1"], r["x2"], r["y2"]) for r in table

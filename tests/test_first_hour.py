@@ -134,3 +134,24 @@ def test_predict_on_unreadable_inputs_fails(demo, tmp_path):
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert lines[0].startswith("skipped") and "0 images read" in res.stderr
     assert not any(noise in res.stderr for noise in NOISE)
+
+
+@pytest.mark.slow
+def test_a_folder_of_unusable_photos_says_why(tmp_path, prefect_env):
+    """A labelled folder whose photos cannot be read: the detect stage names the reasons
+    with example paths, and the run ends with one line that gives the counts."""
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not a photo")
+    (folder / "b.jpg").write_bytes(b"")
+    (folder / "labels.csv").write_text("file,age,gender\na.jpg,25,F\nb.jpg,33,M\n")
+    res = run_kface("run", "--data-root", str(folder), "--labels", str(folder / "labels.csv"),
+                    "--out", str(tmp_path / "out"), "--stages", "select,detect,merge,split",
+                    env=prefect_env)
+    output = res.stdout + res.stderr
+    assert res.returncode == 2, output[-3000:]
+    assert "detect: 2 photo(s) could not be used" in output
+    assert "empty 1 (e.g. b.jpg)" in output and "not_image 1 (e.g. a.jpg)" in output
+    last = [x for x in res.stderr.splitlines() if x.strip()][-1]
+    assert last.startswith("error: no faces to split: of 2 photos") and "empty 1" in last
+    assert "Traceback" not in output

@@ -54,7 +54,7 @@ def test_rerun_reuses_every_shard(full_run, kface_tree, prefect_env):
     assert res.returncode == 0, res.stderr[-3000:]
     detect = json.loads((out / "stages" / "detect.json").read_text())
     assert detect["shards_reused"] == 20 and detect["shards_computed"] == 0
-    assert "Cached" in res.stdout + res.stderr
+    assert "detect: cached, all 20 shards are up to date" in res.stdout + res.stderr
     after = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
     assert after == before
 
