@@ -111,6 +111,12 @@ def model_settings(config: PipelineConfig) -> dict:
     return settings
 
 
+def crop_settings(config: PipelineConfig) -> dict:
+    """The crops section as the train key sees it: without ``align`` while it is off, so
+    models trained before alignment existed stay current."""
+    return config.crops.model_dump(exclude=None if config.crops.align else {"align"})
+
+
 def train_key(config: PipelineConfig, crop_shards: list[Shard] | None = None) -> str:
     """``crop_shards``: ``crop_plan(config).shards`` when the caller has it already."""
     paths = stage_paths(config.out, config.experiment)
@@ -118,7 +124,7 @@ def train_key(config: PipelineConfig, crop_shards: list[Shard] | None = None) ->
         crop_shards = crop_plan(config).shards
     return fingerprint(_shard_keys(paths["crops"], crop_shards),
                        content_digest(paths["faces"]), content_digest(paths["split"]),
-                       config.crops.model_dump(), model_settings(config),
+                       crop_settings(config), model_settings(config),
                        config.train.model_dump(), TRAIN_CODE_VERSION)
 
 

@@ -184,6 +184,12 @@ def test_detector_kind_keys_and_shards_of_earlier_versions(kface_tree, tmp_path)
     assert set(result_settings(DetectorConfig())) == {
         "confidence", "mean", "edge_rows", "input_size", "input_aspect", "nms_threshold",
         "margin", "margin_mode", "min_decode_side", "max_pixels"}
+    # ... and the models trained on box crops keep their train key (crops as before)
+    from flows.cache import crop_settings
+    from flows.config import load_config
+
+    assert set(crop_settings(load_config())) == {"size", "jpeg_quality"}
+    assert crop_settings(load_config(overrides={"crops.align": True}))["align"] is True
     yunet = DetectorConfig(kind="yunet")
     assert yunet.confidence == 0.8  # its own default, unless set
     assert DetectorConfig(kind="yunet", confidence=0.9).confidence == 0.9
