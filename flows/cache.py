@@ -168,11 +168,13 @@ class CropPlan:
 
 
 def crop_plan(config: PipelineConfig) -> CropPlan:
-    """The crop stage's plan, read from ``faces.parquet`` (empty before merge ran)."""
+    """The crop stage's plan, read from ``faces.parquet`` (empty before merge ran); the
+    landmarks are read with ``crops.align`` only (box crops and their keys ignore them)."""
     path = stage_paths(config.out, config.experiment)["faces"]
     if not path.exists():
         return CropPlan([], {}, {})
-    names = pq.read_schema(path).names
+    # landmarks only where they cut the crops: 10 floats a face are ~4x the boxes' memory
+    names = pq.read_schema(path).names if config.crops.align else []
     landmark_columns = [c for c in LANDMARK_COLUMNS if c in names]
     table = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns",
                                          "left", "top", "right", "bottom",

@@ -415,8 +415,13 @@ def _model_dir(model: Path) -> Path:
 
 
 def _check_detector_kind(detector: str | None) -> None:
-    if detector not in (None, "res10", "yunet"):
-        _fail(f"--detector {detector!r}: expected res10 or yunet")
+    from typing import get_args
+
+    from models.detector import DetectorConfig
+
+    kinds = get_args(DetectorConfig.model_fields["kind"].annotation)
+    if detector is not None and detector not in kinds:
+        _fail(f"--detector {detector!r}: expected {' or '.join(kinds)}")
 
 
 @app.command()

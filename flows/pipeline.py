@@ -225,8 +225,10 @@ def detect_flow(config: PipelineConfig) -> dict:
         detect_shards_task.submit(config.data.root, b, config.detector, paths["detections"],
                                   config.sharding.opencv_threads)))
     summary.update(workers=config.sharding.workers, dask_address=config.sharding.dask_address)
+    failed = summary["status_counts"].get("error", 0) + summary["status_counts"].get(
+        "unreadable", 0)
     examples: dict[str, list[str]] = {}
-    errors = detection_errors(config, shards, examples)
+    errors = detection_errors(config, shards, examples) if failed else {}
     if errors:  # why, per kind, with example paths (the counts alone say nothing)
         summary.update(errors=errors, error_examples=examples)
         for status, by_reason in sorted(errors.items()):

@@ -83,11 +83,6 @@ def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
         "folder of a finished run, OUT/experiments/NAME/model (kface run ... trains it)")
 
 
-def check_model_folder(model_dir: Path) -> Path:
-    """The usable model folder ``model_dir`` means (``resolve_model_dir``), or raise
-    ModelFolderError naming what is missing."""
-    return resolve_model_dir(model_dir)[0]
-
 
 @dataclass
 class FacePrediction:
@@ -112,7 +107,6 @@ class FaceAnalyzer:
     def __init__(self, model_dir: Path, confidence: float | None = None,
                  detector: DetectorConfig | None = None, detector_kind: str | None = None):
         model_dir, note = resolve_model_dir(model_dir)
-        self.model_dir = model_dir
         self.labels = json.loads((model_dir / "labels.json").read_text())
         crop = self.labels.get("crop", {})
         trained_kind = crop.get("detector", "res10")  # models from before YuNet: res10

@@ -338,12 +338,12 @@ def faces_from_rows(rows: np.ndarray, width: int, height: int, cfg: DetectorConf
 
     ``rows``: ``[score, x1, y1, x2, y2]`` normalised to the image, optionally followed by
     the ten normalised landmark coordinates (YuNet)."""
-    rows = np.asarray(rows, dtype=np.float32).reshape(-1, max(5, np.shape(rows)[-1]))
-    if cfg.kind == "yunet":
-        pass  # no phantoms; boxes cut by the frame are clipped like any other
-    elif cfg.edge_rows == "reject_phantoms":
+    rows = np.asarray(rows, dtype=np.float32)
+    # the edge rules are res10's: YuNet makes no phantoms, and its rows cut by the frame
+    # are clipped below like any other
+    if cfg.kind == "res10" and cfg.edge_rows == "reject_phantoms":
         rows = rows[~phantom_rows(rows)]
-    elif cfg.edge_rows == "drop":
+    elif cfg.kind == "res10" and cfg.edge_rows == "drop":
         rows = rows[original_inside(rows)]
     rows = rows[rows[:, 0] > cfg.confidence]
     if len(rows) == 0:
