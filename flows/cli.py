@@ -449,11 +449,14 @@ def predict(
         _check_detector_kind(detector)
         model = _model_dir(model)
         from flows.predict import kface_predict
-        from flows.server import prefect_api
+        from flows.server import ServerStartError, prefect_api
 
-        with prefect_api():
-            kface_predict(model, paths, out, shard_size, threshold, csv, annotated, workers,
-                          detector)
+        try:
+            with prefect_api():
+                kface_predict(model, paths, out, shard_size, threshold, csv, annotated,
+                              workers, detector)
+        except ServerStartError as exc:
+            _fail(str(exc))
         entries = json.loads((out / "predictions.json").read_text())
     else:
         entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,

@@ -70,6 +70,27 @@ def test_a_run_folder_in_use_is_refused(tmp_path, kface_tree, prefect_env):
     assert "other-run" in res.stderr and not (tmp_path / "manifest.parquet").exists()
 
 
+def test_a_server_that_never_answers_is_one_line_and_leaves_nothing(tmp_path, kface_tree):
+    """A fresh PREFECT_HOME's first start migrates the database (18 s idle here, over
+    120 s once in CI); a 1 s limit cannot be met: two tries, then one line, no server left."""
+    import psutil
+
+    def servers() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["cmdline"])
+                if "uvicorn" in " ".join(p.info["cmdline"] or [])}
+
+    before = servers()
+    res = run_kface("run", "--data-root", str(kface_tree), "--out", str(tmp_path / "out"),
+                    "--stages", "select",
+                    env={"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": "",
+                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"})
+    assert res.returncode != 0
+    assert "did not answer in 1 s, twice" in res.stderr and "kface server" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    time.sleep(1)
+    assert not servers() - before, "a temporary server outlived the failed start"
+
+
 def test_missing_input_is_named(tmp_path, kface_tree, prefect_env):
     res = run_kface("run", "--data-root", str(kface_tree), "--out", str(tmp_path),
                     "--stages", "detect", env=prefect_env)
