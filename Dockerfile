@@ -7,6 +7,7 @@ ARG EXTRAS=""
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY flows flows
+COPY core core
 COPY tasks tasks
 COPY models models
 COPY configs configs

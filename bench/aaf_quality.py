@@ -88,14 +88,14 @@ def holdout_scores(out: Path, experiment: str) -> dict:
     import numpy as np
     import pandas as pd
 
+    from core.images import load_image
+    from core.labels import AGE_BANDS, GENDERS, age_to_band, expected_age
     from flows.config import load_config
-    from models.classifier import AGE_CLASSES, GENDER_CLASSES, expected_age, load_classifier
+    from models.classifier import load_classifier
     from models.detector import LANDMARK_COLUMNS
     from models.face_crop import face_crop
     from tasks.detect import detect_images
     from tasks.evaluate import compute_metrics, subject_bootstrap
-    from tasks.images import load_image
-    from tasks.select import age_to_band
 
     cfg = load_config(out / "experiments" / experiment / "config.yaml")
     aaf_dir = SHARED / "faces" / "aaf"
@@ -117,8 +117,8 @@ def holdout_scores(out: Path, experiment: str) -> dict:
     averaged = {h: (np.asarray(probs[h]) + np.asarray(mirrored[h])) / 2 for h in probs}
     frame = found.assign(
         subject_id=found.file, age_band=found.age.map(age_to_band),
-        gender_idx=found.gender.map(GENDER_CLASSES.index),
-        age_idx=found.age.map(age_to_band).map(AGE_CLASSES.index),
+        gender_idx=found.gender.map(GENDERS.index),
+        age_idx=found.age.map(age_to_band).map(AGE_BANDS.index),
         joint_class=found.age.map(age_to_band) + "_" + found.gender)
     metrics = compute_metrics(frame, {h: np.asarray(probs[h]) for h in ("gender", "age_band")})
     ci = subject_bootstrap(frame.subject_id.to_numpy(), {

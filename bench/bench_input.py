@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from bench_detect import make_tree  # noqa: E402
 
+from core.storage import write_parquet_atomic  # noqa: E402
 from models.detector import DetectorConfig  # noqa: E402
 from tasks.crop_stream import crop_batches  # noqa: E402
 from tasks.crops import CHUNK_ROWS, CropConfig, crop_images  # noqa: E402
 from tasks.detect import detect_images  # noqa: E402
-from tasks.storage import write_parquet_atomic  # noqa: E402
 
 
 def original_dataset(root: Path, faces: pd.DataFrame, batch: int):

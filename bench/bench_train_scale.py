@@ -59,9 +59,9 @@ def build(folder: Path, faces: int, size: int, seeds=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from core.storage import write_parquet_atomic
     from tasks.crops import CHUNK_ROWS, CROPS_SCHEMA
     from tasks.split import SplitConfig, split_faces
-    from tasks.storage import write_parquet_atomic
 
     if (folder / "split.parquet").exists():
         return
@@ -100,8 +100,7 @@ def throughput(folder: Path, size: int, batches: int) -> dict:
     import numpy as np
 
     from models.runtime import load_tensorflow
-    from tasks.crop_stream import crop_batches, crop_jpegs
-    from tasks.train import AugmentConfig
+    from tasks.crop_stream import AugmentConfig, crop_batches, crop_jpegs
 
     crops = _crops(folder)
     train = crops.splits["train"]

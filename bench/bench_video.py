@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.storage import write_json_atomic  # noqa: E402
 from models.classifier import ModelConfig, build_classifier  # noqa: E402
 from models.detector import DetectorConfig, resolve_weights  # noqa: E402
-from tasks.storage import write_json_atomic  # noqa: E402
 
 SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.sharding import Shard, plan_shards
+from core.storage import content_digest, file_sha256, fingerprint, read_cache_key, table_digest
 from flows.config import PipelineConfig
 from models.detector import LANDMARK_COLUMNS
 from tasks.crops import crop_shard_key
-from tasks.detect import Shard, plan_shards, shard_cache_key
-from tasks.storage import content_digest, file_sha256, fingerprint, read_cache_key, table_digest
+from tasks.detect import shard_cache_key
 from tasks.train import CODE_VERSION as TRAIN_CODE_VERSION
 
 SELECT_CODE_VERSION = "select-2"  # 2: exact ages kept

@@ -11,8 +11,6 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from flows.config import ConfigError, dump_config, load_config, parse_assignment
-
 app = typer.Typer(help="K-Face age-band + gender pipeline (Prefect).", no_args_is_help=True,
                   rich_markup_mode="markdown",
                   pretty_exceptions_enable=False)
@@ -36,6 +34,8 @@ ExperimentOpt = typer.Option(None, help="Train and report into OUT/experiments/N
 
 
 def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
+    from flows.config import parse_assignment
+
     out = {k: v for k, v in pairs.items() if v is not None}
     for text in sets or []:
         key, value = parse_assignment(text)
@@ -191,6 +191,8 @@ def _api_line(url: str, temporary: bool) -> str:
 def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=None,
           workers=None, shard_size=None, threshold=None, dask_address=None, sets=None,
           experiment=None):
+    from flows.config import ConfigError, load_config
+
     try:
         if labels is not None and layout is None:
             layout = "labelled"
@@ -482,11 +484,15 @@ def _print_faces(entries: list[dict], limit: int = 20) -> None:
     rows = [(e["path"], i, f) for e in entries for i, f in enumerate(e["faces"], 1)]
     if not rows:
         return
-    table = Table("image", "face", "gender", "age band", "box (left, top, right, bottom)")
+    ages = any(f.get("age") is not None for _, _, f in rows)
+    table = Table("image", "face", "gender", "age band", *(["age"] if ages else []),
+                  "box (left, top, right, bottom)")
     for path, i, f in rows[:limit]:
         table.add_row(Path(path).name, str(i),
                       f"{f['gender']} {f['gender_probs'][f['gender']]:.0%}",
                       f"{f['age_band']} {f['age_band_probs'][f['age_band']]:.0%}",
+                      *([f"{f['age']:.0f}" if f.get("age") is not None else ""] if ages
+                        else []),
                       ", ".join(map(str, f["box"])))
     Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(table)
     if len(rows) > limit:
@@ -573,7 +579,8 @@ def export(
     format: str = typer.Option("savedmodel", "--format", help="savedmodel, tflite or onnx."),
     out: Path = typer.Option(Path("artifacts/export"), help="Output folder."),
 ) -> None:
-    """Export a trained model (SavedModel or TFLite; ONNX when tf2onnx is installed)."""
+    """Export a trained model: ONNX (a model folder that predict, video and webcam run
+    with ONNX Runtime, no TensorFlow; needs the onnx extra), SavedModel or TFLite."""
     from models.export import ExportError, check_format, export_model
 
     try:
@@ -591,6 +598,8 @@ def export(
 @app.command("config")
 def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Print the resolved configuration as YAML (defaults + file + overrides)."""
+    from flows.config import ConfigError, dump_config, load_config
+
     try:
         cfg = load_config(config, _overrides({}, set_))
     except ConfigError as exc:

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.sharding import ShardingConfig
 from models.classifier import ModelConfig
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig
-from tasks.detect import ShardingConfig
 from tasks.select import DataConfig, SelectionConfig
 from tasks.split import SplitConfig
 from tasks.train import TrainConfig

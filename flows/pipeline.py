@@ -30,6 +30,15 @@ from prefect.states import Completed, State
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from core.sharding import Shard, ShardingConfig, batch_shards
+from core.storage import (
+    folder_lock,
+    read_cache_key,
+    replace_folder,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from flows.cache import (
     crop_files,
     crop_plan,
@@ -48,25 +57,10 @@ from flows.config import PipelineConfig, dump_config
 from flows.preflight import STAGES, check_inputs_current, check_stage_names, missing_input
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig, crop_shard
-from tasks.detect import (
-    DETECTIONS_SCHEMA,
-    Shard,
-    ShardingConfig,
-    batch_shards,
-    detect_shard,
-    remove_stale_shards,
-)
+from tasks.detect import DETECTIONS_SCHEMA, detect_shard, remove_stale_shards
 from tasks.labels import LabelsError, merge_faces, read_metadata
 from tasks.select import select_images
 from tasks.split import SplitError, split_faces
-from tasks.storage import (
-    folder_lock,
-    read_cache_key,
-    replace_folder,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_parquet_atomic,
-)
 
 
 class MissingInputError(RuntimeError):

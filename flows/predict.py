@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from core.storage import write_json_atomic
 from tasks.predict import iter_images, predict_entries, write_predictions
-from tasks.storage import write_json_atomic
 
 
 @functools.cache

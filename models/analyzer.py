@@ -1,10 +1,13 @@
 """FaceAnalyzer: detector + trained classifier, for images, folders and video frames.
 
-Built from a trained model folder (``model.keras`` + ``labels.json``). Faces are found by
+Built from a model folder: ``labels.json`` with ``model.keras`` (training's) or
+``model.onnx`` (``kface export --format onnx``; runs on ONNX Runtime without TensorFlow,
+see ``models.backends``). Faces are found by
 the detector kind the model was trained on and cut exactly as the training crops were
 (the settings recorded in labels.json' ``crop``: margin, aligned or not, by the one crop
-function ``models.face_crop.face_crop``), and all faces of an image go through the
-classifier as one batch. Another detector kind can be asked for; the analyser then says,
+function ``models.face_crop.face_crop``), and faces go through the classifier in
+batches: all faces of an image, or of many images with ``analyze_many``. Another
+detector kind can be asked for; the analyser then says,
 in ``notes``, that the faces differ from the training crops. Its other detector settings
 are its own (``inference_detector_config``): threshold 0.8 for res10, 0.7 for YuNet
 (training data keeps 0.9 and 0.8; with res10, between 0.5 and 0.8 the detector's extra
@@ -16,16 +19,15 @@ small faces are); phantoms and overlapping boxes are removed by the detector.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.labels import expected_age
+from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.detector import INFERENCE_CONFIDENCE, DetectorConfig, get_detector
 from models.face_crop import CropSpec, face_crop
-
-MODEL_FILES = ("model.keras", "labels.json")
 
 
 def inference_detector_config(confidence: float | None = None,
@@ -39,18 +41,15 @@ def inference_detector_config(confidence: float | None = None,
         "confidence": confidence or INFERENCE_CONFIDENCE[base.kind]})
 
 
-class ModelFolderError(FileNotFoundError):
-    """The model folder lacks a file the analyser needs."""
-
-
 def _is_model_folder(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in MODEL_FILES)
+    return model_file(folder) is not None
 
 
 def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
     """The model folder that ``path`` means, and a note when it is not ``path`` itself.
 
-    Accepted: a model folder (``model.keras`` + ``labels.json``); its ``model.keras``;
+    Accepted: a model folder (``labels.json`` + ``model.keras`` or ``model.onnx``); its
+    network file;
     an experiment folder (``OUT/experiments/NAME``); a run folder (``OUT``) with one
     trained experiment, or with several of which one is ``default``. Anything else raises
     ModelFolderError naming what was looked for and where the models are."""
@@ -59,10 +58,10 @@ def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
         raise ModelFolderError(f"--model {path} not found: give a trained model folder, "
                                "e.g. OUT/experiments/default/model")
     if path.is_file():
-        if path.name in MODEL_FILES and _is_model_folder(path.parent):
+        if path.name in (*MODEL_FILES, "labels.json") and _is_model_folder(path.parent):
             return path.parent, f"using the model folder {path.parent}"
         raise ModelFolderError(f"--model {path} is a file: give the folder that holds "
-                               "model.keras and labels.json")
+                               "labels.json and model.keras or model.onnx")
     if _is_model_folder(path):
         return path, None
     if _is_model_folder(path / "model"):  # an experiment folder
@@ -77,7 +76,9 @@ def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
         names = ", ".join(str(t / "model") for t in trained)
         raise ModelFolderError(f"{path} is a run folder with several trained experiments: "
                                f"give one of {names}")
-    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    missing = [f for f in ("labels.json",) if not (path / f).is_file()]
+    if not any((path / f).is_file() for f in MODEL_FILES):
+        missing.insert(0, " (or ".join(MODEL_FILES) + ")")
     raise ModelFolderError(
         f"model folder {path} lacks {', '.join(missing)}: point --model at the 'model' "
         "folder of a finished run, OUT/experiments/NAME/model (kface run ... trains it)")
@@ -93,11 +94,12 @@ class FacePrediction:
     age_band: str
     age_band_probs: dict[str, float]
     landmarks: tuple[tuple[float, float], ...] | None = None
+    age: float | None = None  # years, from the exact-age head when the model has one
 
     def as_dict(self) -> dict:
         return {"box": list(self.box), "score": round(self.score, 4), "gender": self.gender,
                 "gender_probs": self.gender_probs, "age_band": self.age_band,
-                "age_band_probs": self.age_band_probs,
+                "age_band_probs": self.age_band_probs, "age": self.age,
                 "landmarks": [list(p) for p in self.landmarks] if self.landmarks else None}
 
 
@@ -105,9 +107,10 @@ class FaceAnalyzer:
     """``analyze(bgr_image) -> list[FacePrediction]`` (best detector score first)."""
 
     def __init__(self, model_dir: Path, confidence: float | None = None,
-                 detector: DetectorConfig | None = None, detector_kind: str | None = None):
+                 detector: DetectorConfig | None = None, detector_kind: str | None = None,
+                 threads: int = 0):
         model_dir, note = resolve_model_dir(model_dir)
-        self.labels = json.loads((model_dir / "labels.json").read_text())
+        self.model, self.labels = load_backend(model_dir, threads)
         crop = self.labels.get("crop", {})
         trained_kind = crop.get("detector", "res10")  # models from before YuNet: res10
         kind = detector_kind or (detector.kind if detector else trained_kind)
@@ -129,9 +132,6 @@ class FaceAnalyzer:
                 "the model expects landmark-aligned faces; res10 finds no landmarks, so "
                 "faces are box-cropped (accuracy may drop): use the yunet detector")
         self.detector = get_detector(self.detector_cfg)
-        from models.classifier import load_classifier
-
-        self.model = load_classifier(model_dir / "model.keras")
 
     def crops(self, image: np.ndarray) -> tuple[list, np.ndarray]:
         """Detected faces and their classifier inputs (RGB, size x size, float32), cut by
@@ -142,19 +142,33 @@ class FaceAnalyzer:
         return faces, batch.astype(np.float32)
 
     def classify(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Class probabilities for a batch of crops (one model call)."""
+        """Class probabilities per head for a batch of crops (``BATCH`` crops a call)."""
         if len(batch) == 0:
             return {"gender": np.zeros((0, 2)), "age_band": np.zeros((0, 4))}
-        out = self.model.predict_on_batch(batch)
-        return {k: np.asarray(out[k], dtype=np.float64) for k in ("gender", "age_band")}
+        return self.model(batch)
 
     def analyze(self, image: np.ndarray) -> list[FacePrediction]:
-        faces, batch = self.crops(image)
-        probs = self.classify(batch)
-        return [self._prediction(f.box, f.score, probs["gender"][i], probs["age_band"][i],
-                                 f.landmarks) for i, f in enumerate(faces)]
+        return self.analyze_many([image])[0]
 
-    def _prediction(self, box, score, gender_p, age_p, landmarks=None) -> FacePrediction:
+    def analyze_many(self, images: list[np.ndarray]) -> list[list[FacePrediction]]:
+        """The faces of each image, their crops classified together (one network call per
+        ``BATCH`` crops, not one per image)."""
+        found = [self.crops(image) for image in images]
+        batches = [batch for _, batch in found if len(batch)]
+        probs = self.classify(np.concatenate(batches) if batches
+                              else np.zeros((0, self.size, self.size, 3), np.float32))
+        ages = expected_age(probs["age"]) if "age" in probs else None
+        results, row = [], 0
+        for faces, _ in found:
+            results.append([self._prediction(f.box, f.score, probs["gender"][row + i],
+                                              probs["age_band"][row + i], f.landmarks,
+                                              None if ages is None else ages[row + i])
+                             for i, f in enumerate(faces)])
+            row += len(faces)
+        return results
+
+    def _prediction(self, box, score, gender_p, age_p, landmarks=None,
+                    age=None) -> FacePrediction:
         g_names, a_names = self.labels["gender"], self.labels["age_band"]
         return FacePrediction(
             tuple(int(v) for v in box), float(score),
@@ -162,4 +176,4 @@ class FaceAnalyzer:
             {n: round(float(p), 4) for n, p in zip(g_names, gender_p, strict=True)},
             a_names[int(np.argmax(age_p))],
             {n: round(float(p), 4) for n, p in zip(a_names, age_p, strict=True)},
-            landmarks)
+            landmarks, None if age is None else round(float(age), 1))

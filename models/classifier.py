@@ -18,11 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.labels import AGE_BANDS, AGES, GENDERS, band_matrix
 from models.runtime import load_keras
 
-GENDER_CLASSES = ("M", "F")
-AGE_CLASSES = ("20s", "30s", "40s", "50s")
-AGES = tuple(range(20, 60))  # the exact-age head's classes (ten per band)
 # backbone -> keras preprocessing mode applied by BackbonePreprocess
 PREPROCESS_MODE = {"resnet50": "caffe", "mobilenet_v3_small": "none", "mobilenet": "tf",
                    "small_cnn": "unit"}
@@ -135,35 +133,20 @@ def build_classifier(cfg: ModelConfig, size: int, exact_age: bool = False):
     x = layers.Dense(cfg.dense_units, activation="relu")(x)
     x = layers.Dropout(cfg.dropout)(x)
     x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
-    gender = layers.Dense(len(GENDER_CLASSES), activation="softmax", name="gender",
+    gender = layers.Dense(len(GENDERS), activation="softmax", name="gender",
                           dtype="float32")(x)
     if not exact_age:
-        band = layers.Dense(len(AGE_CLASSES), activation="softmax", name="age_band",
+        band = layers.Dense(len(AGE_BANDS), activation="softmax", name="age_band",
                             dtype="float32")(x)
         return keras.Model(inputs, {"gender": gender, "age_band": band},
                            name="kface_classifier")
     age = layers.Dense(len(AGES), activation="softmax", name="age", dtype="float32")(x)
-    to_band = layers.Dense(len(AGE_CLASSES), use_bias=False, trainable=False,
+    to_band = layers.Dense(len(AGE_BANDS), use_bias=False, trainable=False,
                            name="age_band", dtype="float32")
     band = to_band(age)
     to_band.set_weights([band_matrix()])
     return keras.Model(inputs, {"gender": gender, "age_band": band, "age": age},
                        name="kface_classifier")
-
-
-def band_matrix():
-    """``len(AGES) x len(AGE_CLASSES)``: 1 where the age lies in the band."""
-    import numpy as np
-
-    return np.equal.outer(np.asarray(AGES) // 10 - 2, np.arange(len(AGE_CLASSES))
-                          ).astype("float32")
-
-
-def expected_age(age_probs):
-    """Years: the mean of each row's distribution over ``AGES`` (the ``age`` output)."""
-    import numpy as np
-
-    return np.asarray(age_probs, np.float64) @ np.asarray(AGES, np.float64)
 
 
 def age_targets(ages, sigma: float):

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.storage import file_sha256
+from core.storage import file_sha256
 
 CAFFE_MODEL = "res10_300x300_ssd_iter_140000.caffemodel"
 CAFFE_CONFIG = "deploy.prototxt.txt"

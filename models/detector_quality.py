@@ -23,8 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.boxes import read_box_file
 from models.detector import DetectorConfig, box_iou, faces_from_rows, get_detector
-from tasks.sample_data import read_box_file
 
 MATCH_IOU = 0.5
 

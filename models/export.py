@@ -1,13 +1,20 @@
-"""Export a trained classifier for serving: TensorFlow SavedModel or TFLite.
+"""Export a trained classifier for serving: ONNX, TensorFlow SavedModel or TFLite.
 
-ONNX: Keras 3 models export to ONNX only through ``model.export(format="onnx")``, which
-needs the ``tf2onnx``/``onnx`` toolchain; when it is missing we say so instead of
-producing a half-working file. Every export folder gets a copy of ``labels.json``.
+ONNX: Keras 3 exports through ``model.export(format="onnx")`` (tf2onnx and onnx: the
+``onnx`` extra); when they are missing we say so instead of producing a half-working
+file. Keras refuses a loaded model that has never been called ("The model provided has
+never called"), so the model is called once on a blank batch first. The export is
+checked before it is kept: ONNX Runtime's outputs must equal Keras' within
+``ONNX_TOLERANCE`` on every head (the flip averaging and the exact-age head are part of
+the saved model, so they are exported too). The ONNX folder (``model.onnx`` +
+``labels.json``) is a model folder that every inference path takes without TensorFlow.
+Every export folder gets a copy of ``labels.json``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,9 +22,10 @@ from typing import Literal
 
 import numpy as np
 
-from models.classifier import AGE_CLASSES, AGES, GENDER_CLASSES, load_classifier
+from core.labels import AGE_BANDS, AGES, GENDERS
+from core.storage import FILE_MODE, write_bytes_atomic
+from models.classifier import load_classifier
 from models.runtime import load_tensorflow
-from tasks.storage import write_bytes_atomic
 
 Format = Literal["savedmodel", "tflite", "onnx"]
 
@@ -27,7 +35,8 @@ class ExportError(RuntimeError):
 
 
 FORMATS = ("savedmodel", "tflite", "onnx")
-HEAD_WIDTHS = {len(GENDER_CLASSES): "gender", len(AGE_CLASSES): "age_band", len(AGES): "age"}
+ONNX_TOLERANCE = 1e-4
+HEAD_WIDTHS = {len(GENDERS): "gender", len(AGE_BANDS): "age_band", len(AGES): "age"}
 
 
 def check_format(fmt: str) -> None:
@@ -35,10 +44,12 @@ def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
-        missing = [m for m in ("tf2onnx", "onnx") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("tf2onnx", "onnx", "onnxruntime")
+                   if importlib.util.find_spec(m) is None]
         if missing:
-            raise ExportError(f"ONNX export needs {' and '.join(missing)} (pip install "
-                              "tf2onnx onnx), which are not installed; use savedmodel or tflite")
+            raise ExportError(f"ONNX export needs {', '.join(missing)}, not installed here: "
+                              "pip install 'kface-pipeline[onnx]' (or pip install tf2onnx "
+                              "onnx onnxruntime); or use savedmodel or tflite")
 
 
 def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
@@ -46,6 +57,9 @@ def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
     ``labels.json`` is copied beside it only once the export has succeeded."""
     check_format(fmt)
     model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "model.keras").is_file():
+        raise ExportError(f"{model_dir} holds no model.keras (an exported model?): export "
+                          "from the trained model folder, OUT/experiments/NAME/model")
     model = load_classifier(model_dir / "model.keras")
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "savedmodel":
@@ -65,13 +79,44 @@ def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
         write_bytes_atomic(target, flat)
     else:
         target = out / "model.onnx"
-        model.export(str(target), format="onnx", verbose=False)
+        size = model.input_shape[1]
+        probe = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype("float32")
+        expected = model.predict_on_batch(probe)  # also: Keras exports only a called model
+        with tempfile.TemporaryDirectory(dir=out, prefix=".onnx.") as tmp:
+            try:
+                model.export(str(Path(tmp) / "model.onnx"), format="onnx", verbose=False)
+            except Exception as exc:  # the converter's own error types
+                raise ExportError(f"ONNX conversion of {model_dir / 'model.keras'} failed: "
+                                  f"{str(exc).splitlines()[0][:300]}") from None
+            check_onnx(Path(tmp) / "model.onnx", probe, expected)
+            os.chmod(Path(tmp) / "model.onnx", FILE_MODE)
+            (Path(tmp) / "model.onnx").replace(target)
     write_bytes_atomic(out / "labels.json", (model_dir / "labels.json").read_bytes())
     return target
 
 
+def check_onnx(path: Path, images: np.ndarray, expected: dict) -> None:
+    """Raise ExportError unless ONNX Runtime gives ``expected`` (Keras' outputs) on
+    ``images``, within ``ONNX_TOLERANCE``, on every head."""
+    from models.backends import OnnxClassifier
+
+    got = OnnxClassifier(path)(images)
+    for head, want in expected.items():
+        if head not in got:
+            raise ExportError(f"the ONNX export lacks the {head!r} output")
+        diff = float(np.abs(got[head] - np.asarray(want, np.float64)).max())
+        if diff > ONNX_TOLERANCE:
+            raise ExportError(f"the ONNX export's {head!r} differs from Keras by {diff:.2g} "
+                              f"(> {ONNX_TOLERANCE}): not kept")
+
+
 def run_exported(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Run an exported model (SavedModel folder or .tflite file) on RGB 0..255 images."""
+    """Run an exported model (SavedModel folder, .tflite or .onnx file) on RGB 0..255
+    images."""
+    if Path(path).suffix == ".onnx":
+        from models.backends import OnnxClassifier
+
+        return OnnxClassifier(path)(images)
     load_tensorflow()
     import tensorflow as tf
 

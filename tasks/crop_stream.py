@@ -19,21 +19,31 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
 
-from models.classifier import AGE_CLASSES, GENDER_CLASSES, age_targets
+from core.labels import AGE_BANDS, GENDERS
+from models.classifier import age_targets
 from models.runtime import load_keras
 
-if TYPE_CHECKING:
-    from tasks.train import AugmentConfig
-
 SPLITS = ("train", "val", "test")
+
+
+class AugmentConfig(BaseModel):
+    """Training-time augmentation, applied to each crop as the training input streams it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flip: bool = True
+    rotation: float = Field(0.05, ge=0, le=0.5, description="Max rotation, fraction of 2*pi.")
+    zoom: float = Field(0.1, ge=0, lt=1)
+    brightness: float = Field(0.1, ge=0, lt=1, description="Max brightness change (0..1).")
 
 
 class CropSet(NamedTuple):
@@ -67,8 +77,8 @@ def load_index(crop_files: list[Path], faces_path: Path, split_path: Path) -> Cr
     rows = faces.merge(split, on="path").merge(crops, on="path")
     if "age" not in rows:  # faces.parquet written before exact ages were kept
         rows["age"] = np.nan
-    rows["gender_idx"] = rows.gender.map(GENDER_CLASSES.index).astype("int32")
-    rows["age_idx"] = rows.age_band.map(AGE_CLASSES.index).astype("int32")
+    rows["gender_idx"] = rows.gender.map(GENDERS.index).astype("int32")
+    rows["age_idx"] = rows.age_band.map(AGE_BANDS.index).astype("int32")
     rows = rows.sort_values(["file", "rg", "row"], kind="stable")
     pa.default_memory_pool().release_unused()  # the column reads' buffers, now in pandas
     return CropSet([Path(f) for f in crop_files],

@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.images import ImageError, load_image
+from core.sharding import Shard
+from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.face_crop import CropError, CropSpec, face_crop
-from tasks.detect import Shard, worker_id
-from tasks.images import ImageError, load_image
-from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
+from tasks.detect import worker_id
 
 CODE_VERSION = "crops-1"
 CHUNK_ROWS = 64  # crops per Parquet row group: the unit the training input reads

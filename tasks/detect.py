@@ -30,19 +30,19 @@ written before landmarks existed lack the columns and read as null).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
+from core.images import ImageError, load_image
+from core.sharding import Shard
+from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.detector import (
     LANDMARK_COLUMNS,
     DetectorConfig,
@@ -50,11 +50,8 @@ from models.detector import (
     result_settings,
     weights_sha256,
 )
-from tasks.images import ImageError, load_image
-from tasks.storage import fingerprint, read_cache_key, write_parquet_atomic
 
 CODE_VERSION = "detect-3"  # 2: phantom rule, aspect-keeping input; 3: error reasons
-HASH_BUCKETS = 256  # shards of a layout without many photos per subject
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -72,82 +69,6 @@ DETECTIONS_SCHEMA = pa.schema(
         *((name, pa.float32()) for name in LANDMARK_COLUMNS),
     ]
 )
-
-
-class ShardingConfig(BaseModel):
-    """How sharded stages split their work over worker processes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shard_size: int = Field(
-        250, ge=1, description="Images per task run: consecutive shards (one per K-Face "
-        "subject) are grouped into one task up to about this many images. A performance "
-        "setting only: it changes no file and no cache key.")
-    workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1, ge=1,
-        description="Worker processes (ProcessPoolTaskRunner, spawn).",
-    )
-    opencv_threads: int = Field(1, ge=0, description="cv2.setNumThreads in each worker.")
-    dask_address: str | None = Field(
-        None, description="Run the sharded tasks on this existing Dask cluster "
-        "(e.g. tcp://scheduler:8786) instead of local worker processes; every Dask worker "
-        "must see data.root and out at the same paths.")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One unit of sharded work and one file: the photos of one partition (see
-    ``partition_name``), sorted by path."""
-
-    name: str
-    paths: tuple[str, ...]
-    sizes: tuple[int, ...]
-    mtimes: tuple[int, ...]
-
-    @property
-    def filename(self) -> str:
-        return f"shard-{self.name}.parquet"
-
-    def content_fingerprint(self) -> str:
-        return fingerprint(self.paths, self.sizes, self.mtimes)
-
-
-def partition_name(subject_id: str, layout: str) -> str:
-    """The shard a subject's photos go to: the K-Face ID itself (486 photos a subject),
-    else one of ``HASH_BUCKETS`` buckets by the sha256 of the ID (a labelled folder
-    often has one photo a subject). Depends on nothing but the ID."""
-    if layout == "kface":
-        return subject_id  # 8 digits (select matched it with \d{8})
-    bucket = int(hashlib.sha256(subject_id.encode()).hexdigest()[:8], 16) % HASH_BUCKETS
-    return f"h{bucket:03d}"
-
-
-def plan_shards(table: pa.Table, layout: str) -> list[Shard]:
-    """Partition manifest-like rows (``path``, ``subject_id``, ``file_size``,
-    ``mtime_ns``) into shards by subject, sorted by shard name, paths sorted inside."""
-    table = table.sort_by("path")
-    groups: dict[str, list[tuple[str, int, int]]] = {}
-    for path, subject, size, mtime in zip(
-            table.column("path").to_pylist(), table.column("subject_id").to_pylist(),
-            table.column("file_size").to_pylist(), table.column("mtime_ns").to_pylist(),
-            strict=True):
-        groups.setdefault(partition_name(subject, layout), []).append((path, size, mtime))
-    return [Shard(name, *(tuple(col) for col in zip(*rows, strict=True)))
-            for name, rows in sorted(groups.items())]
-
-
-def batch_shards(shards: Sequence[Shard], shard_size: int) -> list[list[Shard]]:
-    """Group consecutive shards into task-sized batches of about ``shard_size`` photos
-    (a shard is never split; a batch closes once it holds ``shard_size`` or more)."""
-    batches: list[list[Shard]] = []
-    size = shard_size
-    for shard in shards:
-        if size >= shard_size:
-            batches.append([])
-            size = 0
-        batches[-1].append(shard)
-        size += len(shard.paths)
-    return batches
 
 
 def shard_cache_key(shard: Shard, detector: DetectorConfig) -> str:

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.classifier import AGE_CLASSES, GENDER_CLASSES, expected_age
+from core.labels import AGE_BANDS, GENDERS, expected_age
+from core.storage import atomic_path, write_bytes_atomic, write_json_atomic
 from tasks.crop_stream import CropSet, has_exact_ages
-from tasks.storage import atomic_path, write_bytes_atomic, write_json_atomic
 
 CODE_VERSION = "evaluate-3"  # 3: the exact-age head scored
 ATTRIBUTES = ("light", "camera", "accessory", "expression")
@@ -87,8 +87,8 @@ def compute_metrics(frame: pd.DataFrame, probs: dict[str, np.ndarray]) -> dict:
     metrics = {
         "examples": len(frame),
         "subjects": int(frame.subject_id.nunique()),
-        "gender": head_metrics(g_true, g_pred, GENDER_CLASSES),
-        "age_band": head_metrics(a_true, a_pred, AGE_CLASSES),
+        "gender": head_metrics(g_true, g_pred, GENDERS),
+        "age_band": head_metrics(a_true, a_pred, AGE_BANDS),
     }
     metrics["age_band"]["accuracy_within_one_band"] = float(np.mean(np.abs(a_true - a_pred) <= 1))
     correct = frame.assign(gender_ok=g_true == g_pred, age_ok=a_true == a_pred)
@@ -181,8 +181,8 @@ def score_split(frame: pd.DataFrame, probs: dict[str, np.ndarray], train_counts:
     """``compute_metrics`` plus, per head, the subject-bootstrap intervals (``ci95``) and
     the baselines from the training split's class counts."""
     metrics = compute_metrics(frame, probs)
-    truth = {"gender": (frame.gender_idx.to_numpy(), len(GENDER_CLASSES)),
-             "age_band": (frame.age_idx.to_numpy(), len(AGE_CLASSES))}
+    truth = {"gender": (frame.gender_idx.to_numpy(), len(GENDERS)),
+             "age_band": (frame.age_idx.to_numpy(), len(AGE_BANDS))}
     heads = {h: (t, probs[h].argmax(1), k) for h, (t, k) in truth.items()}
     intervals = subject_bootstrap(frame.subject_id.to_numpy(), heads, rounds)
     for head, (true, _) in truth.items():
@@ -200,8 +200,8 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     examples = crops.splits
     scored = "test" if len(examples.get("test", ())) else "val"
     train = examples["train"]
-    train_counts = {"gender": np.bincount(train.gender_idx, minlength=len(GENDER_CLASSES)),
-                    "age_band": np.bincount(train.age_idx, minlength=len(AGE_CLASSES))}
+    train_counts = {"gender": np.bincount(train.gender_idx, minlength=len(GENDERS)),
+                    "age_band": np.bincount(train.age_idx, minlength=len(AGE_BANDS))}
     frame = examples[scored]
     probs = predict_frame(model, frame, crops.files, size)
     metrics = score_split(frame, probs, train_counts)

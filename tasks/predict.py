@@ -2,10 +2,11 @@
 
 ``predictions.json``: a list with one entry per image: ``path``, ``width``, ``height``,
 ``faces: [{box: [left, top, right, bottom], score, gender, gender_probs: {M, F},
-age_band, age_band_probs: {20s, 30s, 40s, 50s}, landmarks}]``, and ``error`` (null, or why
+age_band, age_band_probs: {20s, 30s, 40s, 50s}, age, landmarks}]``, and ``error`` (null, or why
 the image could not be read; such an image is skipped, never fatal). ``landmarks`` is the
 five ``[x, y]`` points (right eye, left eye, nose tip, right and left mouth corner) with
-the YuNet detector, else null.
+the YuNet detector, else null; ``age`` is the age in years (the mean of the exact-age
+head's distribution) when the model has that head, else null.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.images import IMAGE_SUFFIXES, ImageError, load_image
+from core.storage import write_bytes_atomic, write_json_atomic
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import LANDMARK_COLUMNS
-from tasks.images import ImageError, load_image
-from tasks.select import IMAGE_SUFFIXES
-from tasks.storage import write_bytes_atomic, write_json_atomic
 
 GENDER_NAMES = {"M": "Man", "F": "Woman"}
+PHOTOS_PER_BATCH = 16  # photos whose faces go through the classifier together
 
 
 def iter_images(inputs: Iterable[Path]) -> Iterator[Path]:
@@ -39,9 +40,11 @@ def iter_images(inputs: Iterable[Path]) -> Iterator[Path]:
 
 
 def label_text(face: FacePrediction) -> str:
+    """``Man 97%, 30s 64%``, and ``, age 34`` when the model estimates the age."""
     return (f"{GENDER_NAMES.get(face.gender, face.gender)} "
             f"{face.gender_probs[face.gender]:.0%}, {face.age_band} "
-            f"{face.age_band_probs[face.age_band]:.0%}")
+            f"{face.age_band_probs[face.age_band]:.0%}"
+            + ("" if face.age is None else f", age {face.age:.0f}"))
 
 
 def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
@@ -64,8 +67,22 @@ def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
 def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
                     annotated_dir: Path | None = None, start: int = 0) -> list[dict]:
     """One predictions.json entry per image path; annotated copies into ``annotated_dir``
-    (numbered from ``start``) when given. Unreadable images get ``error``, never raise."""
-    entries = []
+    (numbered from ``start``) when given. Unreadable images get ``error``, never raise.
+    The faces of ``PHOTOS_PER_BATCH`` photos are classified together."""
+    entries: list[dict] = []
+    pending: list[tuple[dict, np.ndarray, int]] = []  # entry, image, its number
+
+    def flush() -> None:
+        found = analyzer.analyze_many([image for _, image, _ in pending])
+        for (entry, image, number), faces in zip(pending, found, strict=True):
+            entry["faces"] = [f.as_dict() for f in faces]
+            if annotated_dir is not None:
+                ok, buf = cv2.imencode(".jpg", annotate(image, faces))
+                if ok:
+                    name = f"{number:05d}_{Path(entry['path']).stem}.jpg"
+                    write_bytes_atomic(Path(annotated_dir) / name, buf.tobytes())
+        pending.clear()
+
     for path in paths:
         path = Path(path)
         entry: dict = {"path": str(path), "width": None, "height": None, "faces": [],
@@ -76,13 +93,12 @@ def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
         except ImageError as exc:
             entry["error"] = str(exc)
             continue
-        faces = analyzer.analyze(image)
-        entry.update(width=width, height=height, faces=[f.as_dict() for f in faces])
-        if annotated_dir is not None:
-            ok, buf = cv2.imencode(".jpg", annotate(image, faces))
-            if ok:
-                name = f"{start + len(entries):05d}_{path.stem}.jpg"
-                write_bytes_atomic(Path(annotated_dir) / name, buf.tobytes())
+        entry.update(width=width, height=height)
+        pending.append((entry, image, start + len(entries)))
+        if len(pending) == PHOTOS_PER_BATCH:
+            flush()
+    if pending:
+        flush()
     return entries
 
 
@@ -109,7 +125,8 @@ def predictions_csv(entries: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["path", "left", "top", "right", "bottom", "score", "gender", "p_M", "p_F",
-              "age_band", "p_20s", "p_30s", "p_40s", "p_50s", *LANDMARK_COLUMNS, "error"]
+              "age_band", "p_20s", "p_30s", "p_40s", "p_50s", "age", *LANDMARK_COLUMNS,
+              "error"]
     writer.writerow(header)
     for e in entries:
         if not e["faces"]:
@@ -119,5 +136,6 @@ def predictions_csv(entries: list[dict]) -> str:
                       else [""] * len(LANDMARK_COLUMNS))
             writer.writerow([e["path"], *f["box"], f["score"], f["gender"],
                              *f["gender_probs"].values(), f["age_band"],
-                             *f["age_band_probs"].values(), *points, ""])
+                             *f["age_band_probs"].values(),
+                             "" if f.get("age") is None else f["age"], *points, ""])
     return buf.getvalue()

@@ -25,8 +25,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.select import AGE_BANDS, GENDERS, age_to_band, normalise_age_band, normalise_gender
-from tasks.storage import atomic_path
+from core.boxes import write_box_file
+from core.labels import AGE_BANDS, GENDERS, age_to_band
+from core.storage import atomic_path
+from tasks.select import normalise_age_band, normalise_gender
 
 HIGH_SIZE = (864, 576)  # width, height of K-Face High_Resolution photos
 # beside labels that are made up; the evaluation report then says so in its first lines
@@ -170,15 +172,6 @@ def source_face_box(face: np.ndarray) -> tuple[int, int, int, int] | None:
     return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).box
 
 
-def read_box_file(path: Path) -> tuple[int, int, int, int]:
-    """Read a ground-truth ``Cnn.txt``: one line ``left top right bottom`` (pixels)."""
-    values = Path(path).read_text().split()
-    if len(values) != 4:
-        raise ValueError(f"{path}: expected 'left top right bottom', got {values!r}")
-    left, top, right, bottom = (int(v) for v in values)
-    return left, top, right, bottom
-
-
 def write_metadata_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
     """Write ``(ID, age_band, gender)`` rows as the K-Face CP949 CSV (``30대``, ``남``/``여``)."""
     frame = pd.DataFrame(
@@ -227,7 +220,7 @@ def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec
                                     [cv2.IMWRITE_JPEG_QUALITY, quality])
                         if truth is not None:
                             box = placed_box(truth, face.shape, c, e, spec.size)
-                            (folder / f"{c}.txt").write_text(" ".join(map(str, box)) + "\n")
+                            write_box_file(folder / f"{c}.txt", box)
         subjects.append((sid, rec.file, rec.age_band, rec.gender))
     table = pd.DataFrame(subjects, columns=["subject_id", "source", "age_band", "gender"])
     if (Path(faces_dir) / SYNTHETIC_MARKER).exists():

@@ -29,9 +29,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-AGE_BANDS = ("20s", "30s", "40s", "50s")
-GENDERS = ("M", "F")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from core.labels import AGE_BANDS, age_to_band
 
 # One regular expression per K-Face path component, anchored at both ends.
 _KFACE_PARTS = {
@@ -241,13 +239,6 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
         )
     report.selected = len(rows)
     return _frame(rows), report
-
-
-def age_to_band(age: float) -> str | None:
-    """Map an age in years to '20s'..'50s'; None outside 20-59."""
-    if age != age or age < 20 or age >= 60:  # NaN or out of range
-        return None
-    return AGE_BANDS[int(age) // 10 - 2]
 
 
 def exact_age(value: str | None) -> float | None:

@@ -22,18 +22,18 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.storage import write_json_atomic
 from models.classifier import (
-    AGE_CLASSES,
+    AGE_BANDS,
     AGES,
-    GENDER_CLASSES,
+    GENDERS,
     ModelConfig,
     build_classifier,
     flip_averaged,
     load_classifier,
 )
 from models.runtime import accelerators, keras_backend, load_keras
-from tasks.crop_stream import CropSet, crop_batches, has_exact_ages
-from tasks.storage import write_json_atomic
+from tasks.crop_stream import AugmentConfig, CropSet, crop_batches, has_exact_ages
 
 CODE_VERSION = "train-6"  # 6: exact-age head (model.exact_age)
 log = logging.getLogger(__name__)
@@ -47,15 +47,6 @@ LONG_CPU_TRAINING_S = 3 * 3600
 
 class GPURequiredError(RuntimeError):
     """train.require_gpu is set and the Keras backend sees no GPU."""
-
-
-class AugmentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    flip: bool = True
-    rotation: float = Field(0.05, ge=0, le=0.5, description="Max rotation, fraction of 2*pi.")
-    zoom: float = Field(0.1, ge=0, lt=1)
-    brightness: float = Field(0.1, ge=0, lt=1, description="Max brightness change (0..1).")
 
 
 class TrainConfig(BaseModel):
@@ -98,8 +89,8 @@ def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
     """Per-sample weights: 1, or inverse age-band frequency normalised to mean 1."""
     if mode == "none":
         return np.ones(len(age_idx), np.float32)
-    counts = np.bincount(age_idx, minlength=len(AGE_CLASSES)).astype(np.float64)
-    per_class = np.where(counts > 0, len(age_idx) / (len(AGE_CLASSES) * np.maximum(counts, 1)),
+    counts = np.bincount(age_idx, minlength=len(AGE_BANDS)).astype(np.float64)
+    per_class = np.where(counts > 0, len(age_idx) / (len(AGE_BANDS) * np.maximum(counts, 1)),
                          0.0)
     return per_class[age_idx].astype(np.float32)
 
@@ -223,7 +214,7 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
     write_json_atomic(model_dir / "labels.json", {
-        "gender": list(GENDER_CLASSES), "age_band": list(AGE_CLASSES), "input_size": size,
+        "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
         "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
         "backbone": model_cfg.backbone, "outputs": heads,
         **({"ages": list(AGES)} if exact else {}),

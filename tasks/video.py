@@ -11,6 +11,7 @@ dropped, so an hour-long stream runs at the same per-frame cost and memory as a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.storage import atomic_path, write_json_atomic
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import box_iou
 from tasks.predict import GENDER_NAMES, annotate
-from tasks.storage import atomic_path, write_json_atomic
 
 
 class VideoError(ValueError):
@@ -188,12 +189,9 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
 
 
 def write_stats(counter: PeopleCounter, out: Path) -> dict:
-    """Distinct people per age band x gender (one per track), per-minute timeline, chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    """Distinct people per age band x gender (one per track), per-minute timeline, chart
+    (``people.png``; left out where matplotlib is not installed, as in the light
+    inference install)."""
 
     classes = counter.classes
     minutes = sorted(counter.per_minute)
@@ -203,15 +201,28 @@ def write_stats(counter: PeopleCounter, out: Path) -> dict:
         lines.append(f"{m}," + ",".join(str(per.get(c, 0)) for c in classes))
     with atomic_path(out / "timeline.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+    people = {c: counter.people.get(c, 0) for c in classes}
+    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes})
+    if importlib.util.find_spec("matplotlib") is not None:
+        write_chart(people, out / "people.png")
+    return people
+
+
+def write_chart(people: dict[str, int], path: Path) -> None:
+    """A bar chart of ``people`` per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    classes = list(people)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(classes, [counter.people.get(c, 0) for c in classes], color="tab:blue")
+    ax.bar(classes, [people[c] for c in classes], color="tab:blue")
     ax.set_ylabel("people (tracks)")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Visitors by age band x gender")
     ax.tick_params(axis="x", rotation=45)
-    with atomic_path(out / "people.png") as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    people = {c: counter.people.get(c, 0) for c in classes}
-    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes})
-    return people

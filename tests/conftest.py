@@ -71,11 +71,12 @@ def tiny_run(tmp_path_factory, aaf_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from core.sharding import plan_shards
     from models.classifier import ModelConfig
     from models.detector import DetectorConfig
     from tasks.crop_stream import load_index
     from tasks.crops import CropConfig, crop_shard
-    from tasks.detect import detect_images, plan_shards
+    from tasks.detect import detect_images
     from tasks.labels import merge_faces
     from tasks.select import DataConfig, SelectionConfig, select_images
     from tasks.split import SplitConfig, split_faces
@@ -244,3 +245,32 @@ def compose_config(*extra: str, profiles: str = "") -> subprocess.CompletedProce
     return subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config", *extra],
                           capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "COMPOSE_PROFILES": profiles})
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tiny_run, tmp_path_factory):
+    """The tiny model exported by the CLI: ``model.onnx`` + ``labels.json``."""
+    out = tmp_path_factory.mktemp("onnx")
+    res = run_kface("export", "--model", str(tiny_run["model_dir"]), "--format", "onnx",
+                    "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "model.onnx"]
+    return out
+
+
+def make_video(path, aaf_dir, frames=30):
+    """Two real faces: A for the whole clip drifting right, B appearing at frame 10."""
+    import cv2
+    import numpy as np
+
+    files = sorted(aaf_dir.glob("*.jpg"))
+    a = cv2.resize(cv2.imread(str(files[10])), (150, 170))
+    b = cv2.resize(cv2.imread(str(files[2000])), (150, 170))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (640, 480))
+    for i in range(frames):
+        frame = np.full((480, 640, 3), 110, np.uint8)
+        frame[150:320, 40 + 2 * i:190 + 2 * i] = a
+        if i >= 10:
+            frame[150:320, 420:570] = b
+        writer.write(frame)
+    writer.release()

@@ -80,7 +80,8 @@ def test_age_targets_and_labelled_ages(tmp_path, aaf_dir):
     the manifest, an age contradicting the given band is dropped, K-Face has none."""
     import pandas as pd
 
-    from models.classifier import AGES, age_targets, band_matrix
+    from core.labels import AGES, band_matrix
+    from models.classifier import age_targets
 
     targets = age_targets([20, 34.0, 59], sigma=3.0)
     np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import detections_table, run_kface
 
-from tasks.storage import read_cache_key
+from core.storage import read_cache_key
 
 pytestmark = pytest.mark.slow
 

@@ -8,16 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.sharding import HASH_BUCKETS, batch_shards, partition_name, plan_shards
 from models.detector import DetectorConfig, resolve_weights
-from tasks.detect import (
-    HASH_BUCKETS,
-    batch_shards,
-    detect_images,
-    detect_shard,
-    partition_name,
-    plan_shards,
-    shard_cache_key,
-)
+from tasks.detect import detect_images, detect_shard, shard_cache_key
 from tasks.select import DataConfig, SelectionConfig, select_images
 
 
@@ -75,7 +68,7 @@ def test_passing_read_errors_are_retried_then_marked_unreadable(monkeypatch, bad
     rest is real: classification, in-task retries, the row written."""
     import errno
 
-    import tasks.images
+    import core.images
 
     calls = []
 
@@ -88,17 +81,17 @@ def test_passing_read_errors_are_retried_then_marked_unreadable(monkeypatch, bad
         return fake_open
 
     eio = OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(tasks.images, "open", failing(2, eio), raising=False)
+    monkeypatch.setattr(core.images, "open", failing(2, eio), raising=False)
     row = detect_images(bad_inputs, ["good.jpg"], DetectorConfig()).to_pylist()[0]
     assert row["status"] == "ok" and len(calls) == 3  # two retries inside the task
     calls.clear()
-    monkeypatch.setattr(tasks.images, "open", failing(3, eio), raising=False)
+    monkeypatch.setattr(core.images, "open", failing(3, eio), raising=False)
     row = detect_images(bad_inputs, ["good.jpg"], DetectorConfig()).to_pylist()[0]
     assert (row["status"], row["reason"]) == ("unreadable", "io") and len(calls) == 3
     assert "retried on the next run" in row["error"]
     calls.clear()
     denied = PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(tasks.images, "open", failing(1, denied), raising=False)
+    monkeypatch.setattr(core.images, "open", failing(1, denied), raising=False)
     row = detect_images(bad_inputs, ["good.jpg"], DetectorConfig()).to_pylist()[0]
     assert (row["status"], row["reason"], row["error"]) == (
         "unreadable", "permission", "permission denied") and len(calls) == 1

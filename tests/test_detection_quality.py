@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from core.boxes import read_box_file
 from models.analyzer import inference_detector_config
 from models.detector import (
     LANDMARK_COLUMNS,
@@ -17,7 +18,7 @@ from models.detector import (
 )
 from models.detector_quality import count_faces, single_face_summary, truth_agreement
 from tasks.detect import detect_images
-from tasks.sample_data import TreeSpec, build_kface_tree, read_box_file
+from tasks.sample_data import TreeSpec, build_kface_tree
 
 
 def test_phantom_rule_on_the_rows_from_the_issue():

@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from core.images import load_image
 from models.detector import (
     DetectorConfig,
     DetectorError,
@@ -11,7 +12,6 @@ from models.detector import (
     clip_unit_boxes,
     weights_sha256,
 )
-from tasks.images import load_image
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from core.sharding import Shard
 from models.detector import DetectorConfig, FaceDetector
 from models.detector_quality import turned_photo
 from models.face_crop import (
@@ -18,7 +19,6 @@ from models.face_crop import (
     similarity_transform,
 )
 from tasks.crops import CropConfig, crop_images, crop_shard_key
-from tasks.detect import Shard
 
 SIZE = 160
 

@@ -60,7 +60,7 @@ def test_rerun_reuses_every_shard(full_run, kface_tree, prefect_env):
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path, kface_tree, prefect_env):
-    from tasks.storage import folder_lock
+    from core.storage import folder_lock
 
     with folder_lock(tmp_path, "flow run other-run"):
         res = run_kface("run", "--data-root", str(kface_tree), "--out", str(tmp_path),

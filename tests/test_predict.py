@@ -5,7 +5,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import run_kface
+from conftest import make_video, run_kface
 
 from models.analyzer import FaceAnalyzer, ModelFolderError
 from models.face_crop import crop_face
@@ -44,8 +44,9 @@ def test_group_photo_six_faces_with_probabilities(analyzer, scenes_dir, tmp_path
     assert len(faces) == 6
     for f in faces:
         assert set(f) == {"box", "score", "gender", "gender_probs", "age_band",
-                          "age_band_probs", "landmarks"}
+                          "age_band_probs", "age", "landmarks"}
         assert f["landmarks"] is None  # a res10 model: no landmarks
+        assert 20 <= f["age"] < 60  # the tiny model has the exact-age head
         assert sum(f["gender_probs"].values()) == pytest.approx(1, abs=1e-3)
         assert sum(f["age_band_probs"].values()) == pytest.approx(1, abs=1e-3)
         assert list(f["age_band_probs"]) == ["20s", "30s", "40s", "50s"]
@@ -131,21 +132,6 @@ def test_model_folder_missing_a_file(tmp_path, tiny_run):
     assert res.returncode == 2 and "lacks labels.json" in res.stderr
 
 
-def make_video(path, aaf_dir, frames=30):
-    """Two real faces: A for the whole clip drifting right, B appearing at frame 10."""
-    files = sorted(aaf_dir.glob("*.jpg"))
-    a = cv2.resize(cv2.imread(str(files[10])), (150, 170))
-    b = cv2.resize(cv2.imread(str(files[2000])), (150, 170))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (640, 480))
-    for i in range(frames):
-        frame = np.full((480, 640, 3), 110, np.uint8)
-        frame[150:320, 40 + 2 * i:190 + 2 * i] = a
-        if i >= 10:
-            frame[150:320, 420:570] = b
-        writer.write(frame)
-    writer.release()
-
-
 def test_video_tracks_and_stats(tiny_run, aaf_dir, tmp_path):
     clip = tmp_path / "clip.mp4"
     make_video(clip, aaf_dir)
@@ -226,7 +212,7 @@ def test_unreadable_video_is_a_clear_error(tiny_run, tmp_path):
     assert res.returncode == 2 and "cannot open video" in res.stderr
 
 
-@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite", "onnx"])
 def test_export_gives_the_same_outputs(tiny_run, tmp_path, fmt):
     from models.classifier import load_classifier
     from models.export import export_model, run_exported
@@ -256,6 +242,63 @@ def test_onnx_export_says_what_is_missing(tiny_run, tmp_path, monkeypatch):
                         else find_spec(name, *a))
     with pytest.raises(ExportError, match="tf2onnx"):
         export_model(tiny_run["model_dir"], tmp_path, "onnx")
+
+
+def test_onnx_model_folder_predicts_like_keras(tiny_run, onnx_model, scenes_dir, tmp_path):
+    """The exported folder is a model folder: same faces, same answers, no Keras model."""
+    from models.backends import OnnxClassifier
+
+    image = cv2.imread(str(scenes_dir / "insightface_t1.jpg"))
+    keras_faces = FaceAnalyzer(tiny_run["model_dir"]).analyze(image)
+    onnx = FaceAnalyzer(onnx_model)
+    assert isinstance(onnx.model, OnnxClassifier)
+    onnx_faces = onnx.analyze(image)
+    assert len(onnx_faces) == len(keras_faces) == 6
+    for k, o in zip(keras_faces, onnx_faces, strict=True):
+        assert k.box == o.box
+        assert k.gender_probs == pytest.approx(o.gender_probs, abs=2e-4)
+        assert k.age_band_probs == pytest.approx(o.age_band_probs, abs=2e-4)
+        assert k.age == pytest.approx(o.age, abs=0.11)
+    res = run_kface("predict", str(scenes_dir / "insightface_t1.jpg"), "--model",
+                    str(onnx_model), "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(json.loads((tmp_path / "predictions.json").read_text())[0]["faces"]) == 6
+
+
+def test_many_photos_in_one_batch_match_one_by_one(analyzer, scenes_dir):
+    images = [cv2.imread(str(p)) for p in sorted(scenes_dir.glob("*.jpg"))[:4]]
+    together = analyzer.analyze_many(images)
+    alone = [analyzer.analyze(image) for image in images]
+    assert sum(map(len, together)) >= 4
+    for a, b in zip(together, alone, strict=True):
+        assert [f.box for f in a] == [f.box for f in b]
+        for fa, fb in zip(a, b, strict=True):
+            assert fa.age_band_probs == pytest.approx(fb.age_band_probs, abs=2e-4)
+
+
+def test_onnx_model_folder_problems_are_one_line(onnx_model, scenes_dir, tmp_path):
+    import shutil
+
+    from models.backends import ModelFolderError
+
+    photo = str(scenes_dir / "insightface_t1.jpg")
+    wrong = tmp_path / "wrong-labels"
+    shutil.copytree(onnx_model, wrong)
+    labels = json.loads((wrong / "labels.json").read_text())
+    labels["age_band"] = ["young", "old"]
+    (wrong / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(ModelFolderError, match="labels.json does not match model.onnx"):
+        FaceAnalyzer(wrong)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a network")
+    shutil.copy(onnx_model / "labels.json", broken)
+    for folder, says in ((wrong, "age_band: labels.json has 2 classes, model.onnx 4"),
+                         (broken, "is not a readable ONNX model")):
+        res = run_kface("predict", photo, "--model", str(folder), "--out", str(tmp_path / "o"))
+        assert res.returncode == 2 and says in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o" / "predictions.json").exists()
 
 
 def test_export_cli_rejects_a_missing_model(tmp_path):

@@ -18,10 +18,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # pyarrow is imported where used: the light inference install has none
+    import pyarrow as pa
 
 CACHE_KEY_META = b"kface.cache_key"
 DIGEST_META = b"kface.content_digest"
@@ -87,11 +87,16 @@ def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = N
     if cache_key is not None:
         meta[CACHE_KEY_META] = cache_key.encode()
     with atomic_path(final) as tmp:
+        import pyarrow.parquet as pq
+
         pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd",
                        row_group_size=row_group_size)
 
 
 def _meta(path: Path, name: bytes) -> str | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         value = (pq.read_schema(path).metadata or {}).get(name)
     except (OSError, pa.ArrowException):
@@ -106,6 +111,8 @@ def read_cache_key(path: Path) -> str | None:
 
 def table_digest(table: pa.Table) -> str:
     """sha256 of a table's columns and values (schema metadata and chunking left out)."""
+    import pyarrow as pa
+
     sink = pa.BufferOutputStream()
     table = table.replace_schema_metadata(None).combine_chunks()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -119,6 +126,8 @@ def content_digest(path: Path) -> str | None:
     only the cache key in the file's metadata does."""
     if not Path(path).exists():
         return None
+    import pyarrow.parquet as pq
+
     return _meta(path, DIGEST_META) or table_digest(pq.read_table(path))
 
 

@@ -1,0 +1,53 @@
+"""The layers: ``core`` (storage, images, sharding, labels) < ``models`` < ``tasks`` <
+``flows``. A module imports only from its own layer and the ones below, and no modules
+import each other in a circle. Read from the source (every import, also those inside
+functions), so the test fails the moment a line breaks it."""
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+LAYERS = ("core", "models", "tasks", "flows")
+
+
+def imports() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for layer in LAYERS:
+        for path in sorted((REPO / layer).glob("*.py")):
+            name = f"{layer}.{path.stem}" if path.stem != "__init__" else layer
+            found = set()
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    found.add(node.module)
+                elif isinstance(node, ast.Import):
+                    found.update(a.name for a in node.names)
+            graph[name] = {m for m in found if m.split(".")[0] in LAYERS}
+    return graph
+
+
+def test_each_layer_imports_only_from_below():
+    wrong = [f"{module} imports {target}"
+             for module, targets in imports().items() for target in targets
+             if LAYERS.index(target.split(".")[0]) > LAYERS.index(module.split(".")[0])]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    from graphlib import CycleError, TopologicalSorter
+
+    graph = imports()
+    try:
+        TopologicalSorter({m: {t for t in ts if t in graph} for m, ts in graph.items()}
+                          ).prepare()
+    except CycleError as exc:
+        raise AssertionError(f"import cycle: {' -> '.join(exc.args[1])}") from None
+
+
+def test_the_vocabulary_is_written_once():
+    """The label classes and the age-to-band rule live in core/labels.py only."""
+    for layer in LAYERS[1:]:
+        for path in (REPO / layer).glob("*.py"):
+            text = Path(path).read_text()
+            assert '("20s", "30s", "40s", "50s")' not in text, path
+            assert "range(20, 60)" not in text, path

@@ -1,0 +1,78 @@
+"""The light inference install, as docs/operations.md gives it: a fresh virtual
+environment with only ``requirements-inference.txt`` and this package (``--no-deps``)
+runs ``kface predict`` and ``kface video --stats`` on an exported ONNX model folder, on
+real faces, and holds no TensorFlow, Keras, Prefect, pandas or pyarrow."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, make_video
+
+HEAVY = ("tensorflow", "keras", "prefect", "pandas", "pyarrow", "matplotlib", "jax", "torch")
+
+
+@pytest.fixture(scope="module")
+def light_kface(tmp_path_factory):
+    """The ``kface`` command of a fresh light environment, and that environment."""
+    venv = tmp_path_factory.mktemp("light") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    source = venv.parent / "source"  # the package's files only: the build writes no file here
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "core", "models", "tasks", "flows"):
+        if (REPO / part).is_dir():
+            shutil.copytree(REPO / part, source / part,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / part, source / part)
+    for args in (["-r", str(REPO / "requirements-inference.txt")], ["--no-deps", str(source)]):
+        res = subprocess.run(pip + args, capture_output=True, text=True, timeout=900, env=env,
+                             cwd=venv.parent)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util as u, sys; "
+         f"print(','.join(m for m in {HEAVY!r} if u.find_spec(m)))"],
+        capture_output=True, text=True, env=env, cwd=venv.parent, check=True)
+    assert found.stdout.strip() == "", f"the light install holds {found.stdout.strip()}"
+    return venv / "bin" / "kface", env
+
+
+def run_light(light_kface, *args, cwd):
+    kface, env = light_kface
+    return subprocess.run([str(kface), *args], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=cwd)
+
+
+def test_light_install_predicts_on_real_faces(light_kface, onnx_model, scenes_dir, tmp_path):
+    res = run_light(light_kface, "predict", str(scenes_dir / "insightface_t1.jpg"),
+                    "--model", str(onnx_model), "--out", str(tmp_path / "p"), "--csv",
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    faces = json.loads((tmp_path / "p" / "predictions.json").read_text())[0]["faces"]
+    assert len(faces) == 6 and all(20 <= f["age"] < 60 for f in faces)
+    assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 7
+
+
+def test_light_install_counts_people_in_a_video(light_kface, onnx_model, aaf_dir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, aaf_dir)
+    res = run_light(light_kface, "video", str(clip), "--model", str(onnx_model), "--out",
+                    str(tmp_path / "v"), "--stats", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sum(json.loads((tmp_path / "v" / "stats.json").read_text())["people"].values()) == 2
+    assert not (tmp_path / "v" / "people.png").exists()  # no matplotlib: no chart
+
+
+def test_light_install_says_a_keras_model_needs_the_full_install(light_kface, tiny_run,
+                                                                 scenes_dir, tmp_path):
+    res = run_light(light_kface, "predict", str(scenes_dir / "insightface_t1.jpg"),
+                    "--model", str(tiny_run["model_dir"]), "--out", str(tmp_path / "p"),
+                    cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "kface export --format onnx" in res.stderr
