@@ -93,3 +93,15 @@ def batch_shards(shards: Sequence[Shard], shard_size: int) -> list[list[Shard]]:
         batches[-1].append(shard)
         size += len(shard.paths)
     return batches
+
+
+def shard_runner(sharding: ShardingConfig):
+    """Where sharded tasks run: local spawn worker processes, or an existing Dask cluster
+    (Prefect's task runners, imported here only: this layer needs no Prefect otherwise)."""
+    if sharding.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=sharding.dask_address)
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    return ProcessPoolTaskRunner(max_workers=sharding.workers)

@@ -241,6 +241,10 @@ class StageStatus:
     detail: str
     errors: dict[str, dict[str, int]] | None = None  # detect: ``detection_errors``
 
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "state": self.state, "detail": self.detail,
+                "errors": self.errors}
+
 
 def _shard_state(folder: Path, expected: dict[str, str]) -> tuple[bool, bool, str]:
     """(exists, current, detail) of a sharded output against the planned shard keys."""

@@ -220,6 +220,8 @@ def status(
     dask_address: str | None = DaskOpt,
     experiment: str | None = ExperimentOpt,
     set_: list[str] | None = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the stages as JSON (stage, "
+                                 "state, detail, errors) instead of the table."),
 ) -> None:
     """Per stage, what 'kface run' with the same options would do: done / cached (up to
     date), stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
@@ -239,6 +241,13 @@ def status(
         rows = pipeline_status(cfg)
     except DatasetError as exc:
         _fail(str(exc))
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps({"out": str(cfg.out), "experiment": cfg.experiment,
+                                     "stages": [row.as_dict() for row in rows]}, indent=2)
+                         + "\n")
+        return
     colour = {"done": "green", "cached": "green", "stale": "yellow", "missing": "red"}
     table = Table(title=f"kface status: {cfg.out}", caption=(
         "done: up to date, computed by the last run; cached: up to date, the last run "
@@ -436,33 +445,30 @@ def predict(
     threshold: float | None = ConfOpt,
     detector: str | None = DetectorKindOpt,
     workers: int = typer.Option(1, help="Worker processes; > 1 runs the kface-predict "
-                                "Prefect flow, sharded like detection."),
+                                "Prefect flow: Parquet shards under OUT/shards, resumable."),
     shard_size: int = typer.Option(200, help="Images per shard with --workers > 1."),
+    batch: int = typer.Option(16, min=1, help="Photos whose faces are classified in one "
+                              "network call (1: one call per photo)."),
+    merged_json: bool = typer.Option(False, "--json", help="With --workers > 1: also merge "
+                                     "the shards into predictions.json."),
+    dask_address: str | None = typer.Option(None, help="With --workers > 1: run the shards "
+                                            "on this Dask cluster, e.g. tcp://host:8786."),
 ) -> None:
-    """Detect every face in images/folders and predict gender and age band."""
-    import json
-
+    """Detect every face in images/folders and predict gender and age band (and the age
+    in years when the model estimates it)."""
     from tasks.predict import predict_images
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         _fail(f"not found: {', '.join(missing)}")
-    if workers > 1:  # the workers load the model; here only check the folder up front
+    if workers > 1 or dask_address:  # the workers load the model; checked here up front
         _check_detector_kind(detector)
-        model = _model_dir(model)
-        from flows.predict import kface_predict
-        from flows.server import ServerStartError, prefect_api
-
-        try:
-            with prefect_api():
-                kface_predict(model, paths, out, shard_size, threshold, csv, annotated,
-                              workers, detector)
-        except ServerStartError as exc:
-            _fail(str(exc))
-        entries = json.loads((out / "predictions.json").read_text())
-    else:
-        entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,
-                                 annotated)
+        _analyzer(model, threshold, detector)  # a bad model folder: one line, no server
+        _predict_flow(_model_dir(model), paths, out, shard_size, threshold, csv, annotated,
+                      workers, detector, merged_json, dask_address)
+        return
+    entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,
+                             annotated, batch)
     errors = [e for e in entries if e["error"]]
     faces = sum(len(e["faces"]) for e in entries)
     _print_faces(entries)
@@ -475,6 +481,30 @@ def predict(
     if not read:
         _fail("no input image could be read (see the skipped lines above)" if entries
               else "no image found in the given paths")
+
+
+def _predict_flow(model: Path, paths: list[Path], out: Path, shard_size: int,
+                  threshold: float | None, csv: bool, annotated: bool, workers: int,
+                  detector: str | None, merged_json: bool, dask_address: str | None) -> None:
+    from flows.predict import kface_predict
+    from flows.server import ServerStartError, prefect_api
+
+    try:
+        with prefect_api():
+            s = kface_predict(model, paths, out, shard_size, threshold, csv, annotated,
+                              workers, detector, merged_json, dask_address)
+    except ServerStartError as exc:
+        _fail(str(exc))
+    merged = [out / n for n, on in (("predictions.json", merged_json),
+                                    ("predictions.csv", csv)) if on]
+    console.print(f"{_plural(s['photos'], 'image')}, {_plural(s['faces'], 'face')}, "
+                  f"{s['unreadable']} unreadable; {_plural(s['shards'], 'shard')} "
+                  f"({s['shards_reused']} reused) in {out / 'shards'}"
+                  + (f"; merged {', '.join(map(str, merged))}" if merged else ""))
+    if not s["photos"]:
+        _fail("no image found in the given paths")
+    if s["photos"] == s["unreadable"]:
+        _fail("no input image could be read")
 
 
 def _print_faces(entries: list[dict], limit: int = 20) -> None:

@@ -27,10 +27,9 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, State
-from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from core.sharding import Shard, ShardingConfig, batch_shards
+from core.sharding import Shard, ShardingConfig, batch_shards, shard_runner
 from core.storage import (
     folder_lock,
     read_cache_key,
@@ -445,15 +444,6 @@ def labels_are_synthetic(config: PipelineConfig) -> bool:
         if label_file:
             folders.add(Path(label_file).parent)
     return any((folder / SYNTHETIC_MARKER).exists() for folder in folders)
-
-
-def shard_runner(sharding: ShardingConfig):
-    """Where sharded tasks run: local spawn worker processes, or an existing Dask cluster."""
-    if sharding.dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=sharding.dask_address)
-    return ProcessPoolTaskRunner(max_workers=sharding.workers)
 
 
 @flow(name="kface-pipeline")

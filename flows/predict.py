@@ -1,6 +1,8 @@
-"""The ``kface-predict`` Prefect flow: batch inference over large folders, sharded like
-detection (one task per shard of images, in spawned worker processes that each load the
-model once), merged into one ``predictions.json`` in input order."""
+"""The ``kface-predict`` Prefect flow: resumable batch inference over large folders (see
+``tasks.batch_predict``). The flow lists the photos into a plan, decides from the plan and
+the shard files which shards need work before any worker starts, and submits only those,
+one task each, to spawned worker processes (each loads the model once) or to a Dask
+cluster. Its parameters are the user's inputs and settings, never the photo list."""
 
 from __future__ import annotations
 
@@ -11,10 +13,18 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.runtime import flow_run
 
-from core.storage import write_json_atomic
-from tasks.predict import iter_images, predict_entries, write_predictions
+from core.sharding import ShardingConfig, shard_runner
+from tasks.batch_predict import (
+    CODE_VERSION,
+    merge,
+    model_digest,
+    predict_shard,
+    remove_stale,
+    shards_to_do,
+    write_plan,
+)
 
 
 @functools.cache
@@ -25,47 +35,59 @@ def _analyzer(model_dir: str, threshold: float | None, detector: str | None = No
 
 
 @task(name="predict-shard", cache_policy=NO_CACHE, retries=1)
-def predict_shard_task(model_dir: str, threshold: float | None, paths: list[str], index: int,
-                       out: Path, annotated: bool, start: int,
-                       detector: str | None = None) -> str:
-    """Thin wrapper: analyse one shard of images into ``out/shards/shard-NNNNN.json``."""
+def predict_shard_task(model_dir: str, threshold: float | None, detector: str | None,
+                       out: str, index: int, annotated: bool) -> dict:
+    """Thin wrapper: analyse shard ``index`` of the plan in ``out``."""
     import cv2
 
     cv2.setNumThreads(1)
-    entries = predict_entries(_analyzer(model_dir, threshold, detector), paths,
-                              out / "annotated" if annotated else None, start)
-    shard_file = out / "shards" / f"shard-{index:05d}.json"
-    write_json_atomic(shard_file, entries)
-    return str(shard_file)
+    return predict_shard(_analyzer(model_dir, threshold, detector), Path(out), index,
+                         annotated)
 
 
 @flow(name="predict-shards")
-def predict_shards_flow(model: Path, shards: list[list[str]], out: Path, shard_size: int,
-                        threshold: float | None, annotated: bool,
-                        detector: str | None = None) -> list[str]:
-    """One task run per shard; returns the shard files in order."""
-    futures = [predict_shard_task.submit(str(model), threshold, shard, i, Path(out),
-                                         annotated, i * shard_size, detector)
-               for i, shard in enumerate(shards)]
-    return sorted(f.result() for f in as_completed(futures))
+def predict_shards_flow(model: str, out: str, todo_from: str, threshold: float | None,
+                        detector: str | None, annotated: bool) -> list[dict]:
+    """One task run per shard listed in the file ``todo_from``."""
+    todo = json.loads(Path(todo_from).read_text())
+    futures = [predict_shard_task.submit(model, threshold, detector, out, index, annotated)
+               for index in todo]
+    return [f.result() for f in as_completed(futures)]
 
 
 @flow(name="kface-predict")
 def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 200,
                   threshold: float | None = None, write_csv: bool = False,
-                  annotated: bool = False, workers: int = 2,
-                  detector: str | None = None) -> dict:
-    """Analyse every image under ``inputs`` with the model in ``model``, ``workers``
-    processes each loading the model once."""
-    paths = [str(p) for p in iter_images(inputs)]
-    shards = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
-    runner = ProcessPoolTaskRunner(max_workers=workers)
-    files = predict_shards_flow.with_options(task_runner=runner)(
-        model, shards, out, shard_size, threshold, annotated, detector)
-    entries = [e for f in files for e in json.loads(Path(f).read_text())]
-    write_predictions(entries, Path(out), write_csv)
-    faces = sum(len(e["faces"]) for e in entries)
-    get_run_logger().info("predict: %d images, %d faces, %d unreadable, %d shards",
-                          len(entries), faces, sum(bool(e["error"]) for e in entries),
-                          len(shards))
-    return {"images": len(entries), "faces": faces, "shards": len(shards)}
+                  annotated: bool = False, workers: int = 2, detector: str | None = None,
+                  write_json: bool = False, dask_address: str | None = None) -> dict:
+    """Analyse every image under ``inputs`` with the model folder ``model`` into Parquet
+    shards under ``out/shards`` (finished shards are kept and reused);
+    ``predictions.json``/``.csv`` merged with ``write_json``/``write_csv``."""
+    from core.storage import write_json_atomic
+    from models.analyzer import resolve_model_dir
+
+    logger = get_run_logger()
+    out = Path(out)
+    model_dir, _ = resolve_model_dir(Path(model))
+    settings = {"threshold": threshold, "detector": detector, "annotated": annotated}
+    plan = write_plan(inputs, out, shard_size, model_digest(model_dir), settings)
+    shard_count = len(set(plan.column("shard").to_pylist()))
+    stale = remove_stale(out, shard_count)
+    todo, done = shards_to_do(plan, out)
+    logger.info("predict: %d photos in %d shards, %d already done, %d to compute%s",
+                plan.num_rows, shard_count, len(done), len(todo),
+                f", {len(stale)} stale shard files removed" if stale else "")
+    if todo:
+        todo_file = out / "shards" / ".todo.json"  # a reference, not a parameter
+        write_json_atomic(todo_file, todo)
+        runner = shard_runner(ShardingConfig(workers=workers, dask_address=dask_address))
+        predict_shards_flow.with_options(task_runner=runner)(
+            str(model_dir), str(out), str(todo_file), threshold, detector, annotated)
+        todo_file.unlink(missing_ok=True)
+    labels = json.loads((model_dir / "labels.json").read_text())
+    counts = merge(out, labels, shard_count, write_json, write_csv)
+    parameters = len(json.dumps(flow_run.parameters, default=str))
+    logger.info("predict: %d photos, %d faces, %d unreadable (%s)", counts["photos"],
+                counts["faces"], counts["unreadable"], CODE_VERSION)
+    return {**counts, "shards": shard_count, "shards_reused": len(done),
+            "shards_computed": len(todo), "parameter_bytes": parameters}

@@ -65,10 +65,11 @@ def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
 
 
 def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
-                    annotated_dir: Path | None = None, start: int = 0) -> list[dict]:
+                    annotated_dir: Path | None = None, start: int = 0,
+                    batch: int = PHOTOS_PER_BATCH) -> list[dict]:
     """One predictions.json entry per image path; annotated copies into ``annotated_dir``
     (numbered from ``start``) when given. Unreadable images get ``error``, never raise.
-    The faces of ``PHOTOS_PER_BATCH`` photos are classified together."""
+    The faces of ``batch`` photos are classified together."""
     entries: list[dict] = []
     pending: list[tuple[dict, np.ndarray, int]] = []  # entry, image, its number
 
@@ -95,7 +96,7 @@ def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
             continue
         entry.update(width=width, height=height)
         pending.append((entry, image, start + len(entries)))
-        if len(pending) == PHOTOS_PER_BATCH:
+        if len(pending) >= batch:
             flush()
     if pending:
         flush()
@@ -110,11 +111,12 @@ def write_predictions(entries: list[dict], out: Path, write_csv: bool = False) -
 
 
 def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
-                   write_csv: bool = False, annotated: bool = False) -> list[dict]:
+                   write_csv: bool = False, annotated: bool = False,
+                   batch: int = PHOTOS_PER_BATCH) -> list[dict]:
     """Analyse every image in one process; write ``out/predictions.json`` (+ extras)."""
     out = Path(out)
     entries = predict_entries(analyzer, iter_images(inputs),
-                              out / "annotated" if annotated else None)
+                              out / "annotated" if annotated else None, batch=batch)
     write_predictions(entries, out, write_csv)
     return entries
 

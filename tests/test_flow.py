@@ -3,7 +3,6 @@ real detector on real faces, and a SIGKILLed run that resumes."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -227,10 +226,9 @@ def test_detector_and_alignment_switches_redo_only_what_follows(kface_tree, tmp_
 
 
 def _states(args: list[str], env: dict) -> dict[str, str]:
-    res = run_kface(*args, env=env)
+    res = run_kface(*args, "--json", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    found = re.findall(r"│ (\w+)\s+│ (done|cached|stale|missing)", res.stdout)
-    return dict(found)
+    return {s["stage"]: s["state"] for s in json.loads(res.stdout)["stages"]}
 
 
 def _summary(out, stage: str) -> dict:

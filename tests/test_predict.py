@@ -315,16 +315,71 @@ def test_sharded_predict_flow_matches_single_process(tiny_run, scenes_dir, tmp_p
     single = run_kface("predict", str(folder), "--model", str(tiny_run["model_dir"]),
                        "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-2000:]
-    sharded = run_kface("predict", str(folder), "--model", str(tiny_run["model_dir"]),
-                        "--out", str(tmp_path / "two"), "--workers", "2", "--shard-size", "3",
-                        env={"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""})
+    args = ["predict", str(folder), "--model", str(tiny_run["model_dir"]), "--out",
+            str(tmp_path / "two"), "--workers", "2", "--shard-size", "3", "--json"]
+    env = {"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""}
+    sharded = run_kface(*args, env=env)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "predictions.json").read_text())
     b = json.loads((tmp_path / "two" / "predictions.json").read_text())
-    assert [e["path"] for e in a] == [e["path"] for e in b] and len(a) == 7
-    for x, y in zip(a, b, strict=True):
-        assert [f["box"] for f in x["faces"]] == [f["box"] for f in y["faces"]]
-        for fx, fy in zip(x["faces"], y["faces"], strict=True):
-            assert fx["gender_probs"] == pytest.approx(fy["gender_probs"], abs=1e-3)
-    assert len(list((tmp_path / "two" / "shards").glob("shard-*.json"))) == 3
+    assert a == b and len(a) == 7  # the shards hold exactly what one process writes
+    shards = sorted((tmp_path / "two" / "shards").glob("shard-*.parquet"))
+    assert len(shards) == 3 and "3 shards (0 reused)" in sharded.stderr
     assert "kface-predict" in sharded.stdout + sharded.stderr
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    again = run_kface(*args, env=env)  # unchanged: every shard reused, none rewritten
+    assert again.returncode == 0 and "3 shards (3 reused)" in again.stderr, again.stderr
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
+
+
+def test_batch_predict_resumes_after_sigkill(tiny_run, scenes_dir, tmp_path):
+    """A folder of 48 photos, one shard each, killed (CLI, server and workers) once a few
+    shards are written; the rerun keeps those files and computes only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+    from conftest import REPO
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photos = sorted(p for p in scenes_dir.iterdir() if p.suffix == ".jpg")
+    for i in range(48):
+        (folder / f"{i:03d}.jpg").symlink_to(photos[i % len(photos)])
+    out = tmp_path / "out"
+    args = ["predict", str(folder), "--model", str(tiny_run["model_dir"]), "--out", str(out),
+            "--workers", "2", "--shard-size", "1"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "shards").glob("shard-*.parquet"))) < 3:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("shard-*.parquet")}
+    assert 3 <= len(done) < 48
+    res = run_kface(*args, env={"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    shards = sorted((out / "shards").glob("shard-*.parquet"))
+    assert len(shards) == 48 and not list((out / "shards").glob(".*.tmp"))
+    assert f"48 shards ({len(done)} reused)" in res.stderr
+    for name, mtime in done.items():  # finished shards were not recomputed
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime
+    table = pq.read_table(shards)
+    assert sorted(set(table.column("path").to_pylist())) == sorted(map(str, folder.iterdir()))
+    # every copy of a photo has the same faces, whether its shard was written before
+    # the kill or after it
+    faces = {}
+    for path, face in zip(table.column("path").to_pylist(), table.column("face").to_pylist(),
+                          strict=True):
+        faces.setdefault(path, []).append(face)
+    for i in range(48):
+        first = faces[str(folder / f"{i % len(photos):03d}.jpg")]
+        assert faces[str(folder / f"{i:03d}.jpg")] == first
+    assert len(faces[str(folder / "000.jpg")]) == 6  # insightface_t1: six people
