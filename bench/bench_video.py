@@ -1,7 +1,8 @@
 """Video inference speed: frames/s on a 640x480 clip with one face, this CPU, small
 backbone and ResNet50, ours (`analyze_video`: detect, one batched classifier call per
 frame, tracking, annotated output) vs the original's webcam loop (detect with no mean,
-then one ``model.predict`` call per face) on the same clip, same model, same run.
+then one ``model.predict`` call per face) on the same clip, same model, same run; for the
+quality recipe's network also ours on its ONNX export (ONNX Runtime, no TensorFlow).
 ``python bench/bench_video.py [--frames 150] [--detector res10|yunet]``: ours detects with
 the given network (the original's loop always uses res10). Models are untrained: speed
 only.
@@ -88,6 +89,7 @@ def main() -> None:
         make_clip(clip, args.frames)
         for name, cfg, size in (("mobilenet_v3_small@128", ModelConfig(
                 backbone="mobilenet_v3_small"), 128),
+                ("mobilenet_0.25@160 (quality recipe)", ModelConfig(backbone="mobilenet"), 160),
                 ("resnet50@224", ModelConfig(), 224)):
             folder = tmp / name
             save_model(folder, cfg, size)
@@ -96,9 +98,19 @@ def main() -> None:
             start = time.perf_counter()
             summary = analyze_video(analyzer, str(clip), tmp / f"out-{name}")
             ours = summary["frames"] / (time.perf_counter() - start)
-            original = original_loop(clip, analyzer.model, size)
+            onnx_fps = None
+            if "recipe" in name:  # the same network exported, on ONNX Runtime
+                from models.export import export_model
+
+                export_model(folder, tmp / "recipe-onnx", "onnx")
+                onnx = FaceAnalyzer(tmp / "recipe-onnx", detector_kind=args.detector)
+                onnx.analyze(np.full((480, 640, 3), 100, np.uint8))
+                start = time.perf_counter()
+                summary = analyze_video(onnx, str(clip), tmp / "out-recipe-onnx")
+                onnx_fps = round(summary["frames"] / (time.perf_counter() - start), 1)
+            original = original_loop(clip, analyzer.model.model, size)
             results[name] = {"detector": args.detector, "ours_fps": round(ours, 1),
-                             "original_fps": round(original, 1),
+                             "ours_onnx_fps": onnx_fps, "original_fps": round(original, 1),
                              "ratio": round(ours / original, 2), "frames": summary["frames"]}
             print(json.dumps({name: results[name]}), flush=True)
     print(json.dumps(results, indent=2))

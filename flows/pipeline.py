@@ -399,8 +399,10 @@ def evaluate_task(config: PipelineConfig):
     start = time.perf_counter()
     crops = load_index(crop_files(config), paths["faces"], paths["split"])
     model = load_classifier(paths["model"] / "model.keras")
+    labels = json.loads((paths["model"] / "labels.json").read_text())
     metrics = evaluation_metrics(model, crops, config.crops.size,
-                                 synthetic_labels=labels_are_synthetic(config))
+                                 synthetic_labels=labels_are_synthetic(config),
+                                 temperature=labels.get("temperature"))
     stages = paths["stages"]
     report_path = write_report(metrics, load_history(paths["model"]),
                                json.loads((stages / "split.json").read_text()),

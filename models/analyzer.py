@@ -26,6 +26,7 @@ import numpy as np
 
 from core.labels import expected_age
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
+from models.calibration import apply_temperature
 from models.detector import INFERENCE_CONFIDENCE, DetectorConfig, get_detector
 from models.face_crop import CropSpec, face_crop
 
@@ -111,6 +112,9 @@ class FaceAnalyzer:
                  threads: int = 0):
         model_dir, note = resolve_model_dir(model_dir)
         self.model, self.labels = load_backend(model_dir, threads)
+        # models trained before calibration have none: their probabilities as they come
+        self.temperature = {h: float(t) for h, t in self.labels.get("temperature", {}).items()
+                            if h in ("gender", "age_band")}
         crop = self.labels.get("crop", {})
         trained_kind = crop.get("detector", "res10")  # models from before YuNet: res10
         kind = detector_kind or (detector.kind if detector else trained_kind)
@@ -145,7 +149,10 @@ class FaceAnalyzer:
         """Class probabilities per head for a batch of crops (``BATCH`` crops a call)."""
         if len(batch) == 0:
             return {"gender": np.zeros((0, 2)), "age_band": np.zeros((0, 4))}
-        return self.model(batch)
+        probs = self.model(batch)
+        for head, t in self.temperature.items():  # calibrated (models.calibration)
+            probs[head] = apply_temperature(probs[head], t)
+        return probs
 
     def analyze(self, image: np.ndarray) -> list[FacePrediction]:
         return self.analyze_many([image])[0]

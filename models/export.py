@@ -14,6 +14,7 @@ Every export folder gets a copy of ``labels.json``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ import numpy as np
 from core.labels import AGE_BANDS, AGES, GENDERS
 from core.storage import FILE_MODE, write_bytes_atomic
 from models.classifier import load_classifier
-from models.runtime import load_tensorflow
+from models.runtime import load_tensorflow, verbose
 
 Format = Literal["savedmodel", "tflite", "onnx"]
 
@@ -82,6 +83,9 @@ def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
         size = model.input_shape[1]
         probe = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype("float32")
         expected = model.predict_on_batch(probe)  # also: Keras exports only a called model
+        # tf2onnx logs a traceback when one of its optional graph optimisations does not
+        # apply (MobileNetV3's transposes); the export still passes check_onnx
+        logging.getLogger("tf2onnx").setLevel(logging.DEBUG if verbose() else logging.ERROR)
         with tempfile.TemporaryDirectory(dir=out, prefix=".onnx.") as tmp:
             try:
                 model.export(str(Path(tmp) / "model.onnx"), format="onnx", verbose=False)

@@ -192,11 +192,12 @@ def score_split(frame: pd.DataFrame, probs: dict[str, np.ndarray], train_counts:
     return metrics
 
 
-def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool = False
-                       ) -> dict:
+def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool = False,
+                       temperature: dict[str, float] | None = None) -> dict:
     """The report's metrics: the test split scored (validation when there is none), with
-    intervals and baselines; validation summarised apart; the report's warnings. Reads
-    the crops of the scored splits only."""
+    intervals and baselines; validation summarised apart; the report's warnings; with the
+    model's ``temperature`` (labels.json), the calibration of the scored split before and
+    after it (ECE, reliability bins). Reads the crops of the scored splits only."""
     examples = crops.splits
     scored = "test" if len(examples.get("test", ())) else "val"
     train = examples["train"]
@@ -208,6 +209,8 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     metrics["scored_split"] = scored
     metrics["heads"] = sorted(probs)
     metrics["labels_have_ages"] = has_exact_ages(frame)
+    if temperature:
+        metrics["calibration"] = calibration_metrics(frame, probs, temperature)
     if "age" in probs and metrics["labels_have_ages"]:
         metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy())
     warnings = []
@@ -233,6 +236,45 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
             "age_band_accuracy": val_metrics["age_band"]["accuracy"],
             "age_band_within_one": val_metrics["age_band"]["accuracy_within_one_band"]}
     return metrics
+
+
+def calibration_metrics(frame: pd.DataFrame, probs: dict[str, np.ndarray],
+                        temperature: dict[str, float]) -> dict:
+    """Per class head: the temperature, ECE and mean top probability before and after it,
+    and the reliability bins before and after."""
+    from models.calibration import apply_temperature, calibration_error, reliability
+
+    out = {}
+    for head, column in (("gender", "gender_idx"), ("age_band", "age_idx")):
+        truth, raw = frame[column].to_numpy(), probs[head]
+        t = float(temperature.get(head, 1.0))
+        scaled = apply_temperature(raw, t)
+        out[head] = {"temperature": t,
+                     "ece_before": calibration_error(raw, truth),
+                     "ece_after": calibration_error(scaled, truth),
+                     "mean_confidence_before": float(raw.max(1).mean()),
+                     "mean_confidence_after": float(scaled.max(1).mean()),
+                     "reliability_before": reliability(raw, truth),
+                     "reliability_after": reliability(scaled, truth)}
+    return out
+
+
+def plot_reliability(calibration: dict, path: Path) -> None:
+    """Reliability diagrams, a panel per head: accuracy per confidence bin before and after
+    the temperature, against the diagonal of perfect calibration."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(calibration), figsize=(5 * len(calibration), 4))
+    for ax, (head, c) in zip(np.atleast_1d(axes), calibration.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+        for when, style in (("before", "o--"), ("after", "s-")):
+            bins = c[f"reliability_{when}"]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style,
+                    label=f"{when} (ECE {c[f'ece_{when}']:.3f})")
+        ax.set_title(f"{head.replace('_', ' ')}: T = {c['temperature']:.2f}")
+        ax.set_xlabel("top probability")
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper left")
+    _save_png(fig, path)
 
 
 def degenerate_warnings(metrics: dict) -> list[str]:
@@ -369,6 +411,21 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
                   f"{validation['subjects']} subjects; it chose the checkpoint, so it is "
                   f"optimistic): gender accuracy {validation['gender_accuracy']:.3f}, age band "
                   f"accuracy {validation['age_band_accuracy']:.3f}."]
+    calibration = metrics.get("calibration")
+    if calibration:
+        plot_reliability(calibration, reports / "reliability.png")
+        lines += ["", "## Calibration", "",
+                  f"Every inference path divides each head's logits by the temperature "
+                  f"fitted on the validation split after training (labels.json). On the "
+                  f"{scored} split: expected calibration error (ECE, 15 bins) and mean top "
+                  "probability, before and after.", "",
+                  "| head | temperature | ECE before | ECE after | mean top probability "
+                  "before | after | accuracy |", "|---|---|---|---|---|---|---|"]
+        for head, c in calibration.items():
+            lines.append(f"| {head} | {c['temperature']:.2f} | {c['ece_before']:.3f} | "
+                         f"**{c['ece_after']:.3f}** | {c['mean_confidence_before']:.3f} | "
+                         f"{c['mean_confidence_after']:.3f} | {metrics[head]['accuracy']:.3f} |")
+        lines += ["", "![reliability](reliability.png)"]
     lines += [
         "",
         "## Per class", "", "| head | class | precision | recall | F1 | support |",

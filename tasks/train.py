@@ -213,6 +213,7 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
+    calibration = fit_temperatures(model_dir / "model.keras", val, crops.files, size)
     write_json_atomic(model_dir / "labels.json", {
         "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
         "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
@@ -220,6 +221,9 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
         **({"ages": list(AGES)} if exact else {}),
         "flip_average": model_cfg.flip_average,
         "crop": {"size": size, **(crop_spec or {})},
+        # divide each head's logits by this before the softmax (every inference path does)
+        "temperature": {h: c["temperature"] for h, c in calibration.items()},
+        "calibration": {"split": "val", **calibration},
     })
     return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
             "val_gender_accuracy": chosen["val_gender_accuracy"],
@@ -227,6 +231,18 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
             "train_examples": len(train), "val_examples": len(val), "heads": heads,
             "backend": keras_backend(), "gpus": gpus, "resumed_after_epochs": epochs_before,
             "last_epoch_train_images_per_s": None if speed is None else round(float(speed), 1)}
+
+
+def fit_temperatures(model_file: Path, val: pd.DataFrame, files: list[Path],
+                     size: int) -> dict:
+    """A temperature per class head (gender, age band), fitted on the validation split's
+    predictions of the saved model (``models.calibration``), with the ECE before/after."""
+    from models.calibration import calibrate
+    from tasks.evaluate import predict_frame
+
+    probs = predict_frame(load_classifier(model_file), val, files, size)
+    return calibrate(probs, {"gender": val.gender_idx.to_numpy(),
+                             "age_band": val.age_idx.to_numpy()})
 
 
 def epoch_timer(keras, batch_size: int):

@@ -51,7 +51,8 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
     assert probs["age"].shape == (len(examples["val"]), 40)
     np.testing.assert_allclose(probs["age_band"], probs["age"].reshape(-1, 4, 10).sum(2),
                                atol=1e-5)
-    metrics = evaluation_metrics(model, tiny_run["crops"], 64)
+    temperature = json.loads((model_dir / "labels.json").read_text())["temperature"]
+    metrics = evaluation_metrics(model, tiny_run["crops"], 64, temperature=temperature)
     assert metrics["scored_split"] == "test" and metrics["examples"] == len(examples["test"])
     assert metrics["validation"]["examples"] == len(examples["val"])
     assert 0 <= metrics["age_band"]["accuracy"] <= metrics["age_band"][
@@ -64,11 +65,16 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
                           {"joint_class_counts": {}}, tmp_path / "reports")
     for name in ("metrics.json", "confusion_gender.png", "confusion_age_band.png",
                  "confusion_age_band.json", "curve_gender.png", "curve_age_band.png",
-                 "curve_loss.png"):
+                 "curve_loss.png", "reliability.png"):
         assert (tmp_path / "reports" / name).stat().st_size > 0, name
+    for head in ("gender", "age_band"):  # the test split's calibration, before and after
+        c = metrics["calibration"][head]
+        assert c["temperature"] == temperature[head] and 0 <= c["ece_after"] <= 1
+        assert sum(b["n"] for b in c["reliability_after"]) == len(examples["test"])
     text = report.read_text()
     assert "| gender |" in text and "within one band" in text
     assert "Scored on **test**" in text and "majority class" in text
+    assert "## Calibration" in text and "reliability.png" in text
     assert f"only {metrics['subjects']} people are scored" in text  # ~45 test people
     true_ages = examples["test"].age.to_numpy()
     assert 0 < metrics["age"]["mae_years"] < 40 and np.all((true_ages >= 20) & (true_ages < 60))

@@ -1,0 +1,101 @@
+"""Calibrated probabilities: one temperature per head, fitted after training.
+
+A network trained with cross-entropy is often over-confident: its top probability is
+higher than its accuracy (measured on held-out All-Age-Faces people: age band 0.590 mean
+top probability against 0.534 accuracy). Temperature scaling (Guo et al., 2017) divides
+the logits by one number ``T`` per head, fitted on the validation split by minimising
+the negative log-likelihood; ``T > 1`` softens, ``T < 1`` sharpens, and the argmax (so the
+accuracy) never changes. The heads end in a softmax, so the logits are recovered as
+``log p`` (up to a constant per row, which the softmax ignores). The expected calibration
+error (ECE) is the bin-weighted gap between the top probability and the accuracy, 15
+equal-width bins. NumPy only: every inference path applies the temperature, the light
+install included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BINS = 15
+T_RANGE = (0.05, 20.0)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(probs) / temperature)`` per row."""
+    probs = np.asarray(probs, np.float64)
+    if temperature == 1.0 or probs.size == 0:
+        return probs
+    logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=-1, keepdims=True)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    picked = np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The ``T`` in ``T_RANGE`` that minimises the NLL of ``labels`` (golden-section search
+    on log T; the NLL is convex in 1/T). 1.0 when there is nothing to fit on."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return 1.0
+    lo, hi = np.log(T_RANGE[0]), np.log(T_RANGE[1])
+    ratio = (np.sqrt(5) - 1) / 2
+
+    def loss(log_t: float) -> float:
+        return nll(apply_temperature(probs, float(np.exp(log_t))), labels)
+
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return round(float(np.exp((lo + hi) / 2)), 4)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[dict]:
+    """Per confidence bin with examples: its range, count, mean top probability and
+    accuracy (the reliability diagram's bars)."""
+    probs = np.asarray(probs, np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return [{"low": b / bins, "high": (b + 1) / bins, "n": int((which == b).sum()),
+             "confidence": float(confidence[which == b].mean()),
+             "accuracy": float(correct[which == b].mean())}
+            for b in range(bins) if (which == b).any()]
+
+
+def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
+    """Expected calibration error: sum over bins of n/N * |accuracy - confidence|."""
+    rows = reliability(probs, labels, bins)
+    total = sum(r["n"] for r in rows)
+    return float(sum(r["n"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows)
+                 ) if total else 0.0
+
+
+def calibrate(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
+    """Per head in ``labels``: the fitted temperature, and the ECE and mean top
+    probability before and after, with the accuracy (all on the data given)."""
+    out = {}
+    for head, truth in labels.items():
+        t = fit_temperature(probs[head], truth)
+        after = apply_temperature(probs[head], t)
+        out[head] = {"temperature": t, "examples": int(len(truth)),
+                     "accuracy": float(np.mean(after.argmax(1) == truth)) if len(truth) else None,
+                     "ece_before": calibration_error(probs[head], truth),
+                     "ece_after": calibration_error(after, truth),
+                     "mean_confidence_before": float(np.max(probs[head], 1).mean())
+                     if len(truth) else None,
+                     "mean_confidence_after": float(after.max(1).mean()) if len(truth) else None}
+    return out

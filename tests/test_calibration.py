@@ -1,0 +1,59 @@
+"""Temperature scaling (``models.calibration``) on simulated populations with a known
+answer, and the fitted temperature in a trained model folder, applied at inference."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models.calibration import apply_temperature, calibrate, calibration_error, fit_temperature
+
+
+def population(n=6000, k=4, seed=0):
+    """True class probabilities per example and labels drawn from them: calibrated."""
+    rng = np.random.default_rng(seed)
+    truth = rng.dirichlet(np.full(k, 0.6), size=n)
+    labels = np.array([rng.choice(k, p=p) for p in truth])
+    return truth, labels
+
+
+def test_an_over_confident_model_gets_t_above_one_and_a_lower_ece():
+    truth, labels = population()
+    sharp = apply_temperature(truth, 0.5)  # a model twice as sure as it should be
+    t = fit_temperature(sharp, labels)
+    assert 1.7 < t < 2.3  # the known answer is 2
+    after = apply_temperature(sharp, t)
+    assert calibration_error(after, labels) < calibration_error(sharp, labels) / 3
+    assert calibration_error(after, labels) < 0.03
+    np.testing.assert_array_equal(after.argmax(1), sharp.argmax(1))  # accuracy unchanged
+
+
+def test_an_under_confident_model_gets_t_below_one():
+    truth, labels = population(seed=1)
+    t = fit_temperature(apply_temperature(truth, 1.6), labels)
+    assert 0.5 < t < 0.75  # the known answer is 1 / 1.6
+
+
+def test_a_calibrated_model_keeps_t_near_one():
+    truth, labels = population(seed=2)
+    report = calibrate({"age_band": truth}, {"age_band": labels})["age_band"]
+    assert report["temperature"] == pytest.approx(1.0, abs=0.1)
+    assert report["ece_after"] < 0.03 and report["examples"] == len(labels)
+
+
+def test_the_trained_model_carries_its_temperature_and_inference_applies_it(tiny_run):
+    from models.analyzer import FaceAnalyzer
+
+    labels = json.loads((tiny_run["model_dir"] / "labels.json").read_text())
+    assert set(labels["temperature"]) == {"gender", "age_band"}
+    assert all(0.05 <= t <= 20 for t in labels["temperature"].values())
+    assert labels["calibration"]["split"] == "val"
+    assert labels["calibration"]["age_band"]["ece_after"] <= \
+        labels["calibration"]["age_band"]["ece_before"] + 1e-9  # fitted on that split
+    analyzer = FaceAnalyzer(tiny_run["model_dir"])
+    batch = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    raw = analyzer.model(batch)
+    got = analyzer.classify(batch)
+    for head in ("gender", "age_band"):
+        np.testing.assert_allclose(got[head],
+                                   apply_temperature(raw[head], labels["temperature"][head]))
