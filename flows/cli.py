@@ -543,20 +543,33 @@ def video(
     max_frames: int | None = typer.Option(None, help="Stop after this many frames."),
     threshold: float | None = ConfOpt,
     detector: str | None = DetectorKindOpt,
+    min_seconds: float = typer.Option(0.5, min=0, help="A visitor must be in view this "
+                                      "long to be counted (glimpses and false detections "
+                                      "are not)."),
+    gap_seconds: float = typer.Option(1.0, min=0, help="A face unseen for up to this long "
+                                      "(turned away, hidden) stays the same visitor."),
 ) -> None:
-    """Annotate a video (or camera) with tracked, smoothed predictions."""
+    """Annotate a video (or camera) with tracked, smoothed predictions; one line per
+    visitor in tracks.jsonl (seconds in view, averaged probabilities and age)."""
     from tasks.video import VideoError, analyze_video
 
     if not source.isdigit() and not Path(source).exists():
         _fail(f"video {source} not found")
     try:
         summary = analyze_video(_analyzer(model, threshold, detector), source, out, stats,
-                                max_frames)
+                                max_frames, min_seconds, gap_seconds)
     except VideoError as exc:
         _fail(str(exc))
-    console.print(f"{summary['frames']} frames, {summary['tracks']} tracks -> {out}")
+    console.print(f"{summary['frames']} frames, {summary['tracks']} tracks, "
+                  f"{summary['visitors']} visitors (in view >= {min_seconds} s) -> {out}")
     if stats:
-        console.print(f"people: {summary['people']}")
+        from rich.table import Table
+
+        table = Table("age band x gender", "visitors")
+        for cls, n in summary["people"].items():
+            table.add_row(cls, str(n))
+        table.add_row("total", str(sum(summary["people"].values())))
+        Console(soft_wrap=True).print(table)
 
 
 @app.command()

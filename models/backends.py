@@ -84,6 +84,10 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only
+        # ONNX Runtime's threads busy-wait after each run by default; between two runs the
+        # detector needs those cores (measured here, 2 cores: 21 -> 33.5 photos/s when
+        # classifying photo by photo, 32 -> 35 in batches of 16)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=["CPUExecutionProvider"])

@@ -25,6 +25,9 @@ from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import box_iou
 from tasks.predict import GENDER_NAMES, annotate
 
+MIN_SECONDS = 0.5  # a track in view for less is not counted as a visitor
+GAP_SECONDS = 1.0  # a face unseen for up to this long keeps its track
+
 
 class VideoError(ValueError):
     """The video or camera cannot be opened or read."""
@@ -38,15 +41,30 @@ class Track:
     last_frame: int
     gender_sum: np.ndarray
     age_sum: np.ndarray
+    years_sum: float = 0.0  # the exact-age head's years, summed over the frames that have it
+    years_frames: int = 0
     frames: int = 1
     minutes: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.first_box = self.box
 
     def add(self, face: FacePrediction, frame: int) -> None:
         gender_p, age_p = _probs(face)
         self.box, self.last_frame = face.box, frame
         self.gender_sum = self.gender_sum + gender_p
         self.age_sum = self.age_sum + age_p
+        self.add_years(face)
         self.frames += 1
+
+    def add_years(self, face: FacePrediction) -> None:
+        if face.age is not None:
+            self.years_sum += face.age
+            self.years_frames += 1
+
+    @property
+    def age(self) -> float | None:
+        return round(self.years_sum / self.years_frames, 1) if self.years_frames else None
 
 
 def _probs(face: FacePrediction) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +101,7 @@ class IoUTracker:
             if fi not in assigned:
                 self.started += 1
                 track = Track(self.started, face.box, frame, frame, *_probs(face))
+                track.add_years(face)
                 self.live.append(track)
                 assigned[fi] = track
         return [assigned[i] for i in range(len(faces))]
@@ -99,10 +118,14 @@ class IoUTracker:
 
 class PeopleCounter:
     """Counts closed tracks (people) per class and per minute; memory grows with the
-    number of classes x minutes, not with the number of people."""
+    number of classes x minutes, not with the number of people. A track seen for less
+    than ``min_seconds`` (a passer-by glimpsed, a false detection) is written but not
+    counted."""
 
-    def __init__(self, g_names: list[str], a_names: list[str]):
+    def __init__(self, g_names: list[str], a_names: list[str], fps: float = 25.0,
+                 min_seconds: float = 0.0):
         self.g_names, self.a_names = g_names, a_names
+        self.fps, self.min_seconds = fps, min_seconds
         self.classes = [f"{a}_{g}" for a in a_names for g in g_names]
         self.people: Counter[str] = Counter()
         self.per_minute: dict[int, Counter[str]] = {}
@@ -112,13 +135,28 @@ class PeopleCounter:
                 f"{self.g_names[int(np.argmax(track.gender_sum))]}")
 
     def add(self, track: Track) -> dict:
-        """Count ``track`` and return its record for ``tracks.jsonl``."""
+        """Count ``track`` (when in view long enough) and return its record for
+        ``tracks.jsonl``: frames and seconds, the averaged probabilities and age."""
         cls = self.label(track)
-        self.people[cls] += 1
-        for minute in track.minutes:
-            self.per_minute.setdefault(minute, Counter())[cls] += 1
+        first, last = track.first_frame / self.fps, (track.last_frame + 1) / self.fps
+        counted = last - first >= self.min_seconds
+        if counted:
+            self.people[cls] += 1
+            for minute in track.minutes:
+                self.per_minute.setdefault(minute, Counter())[cls] += 1
+        gender_p, age_p = track.gender_sum / track.frames, track.age_sum / track.frames
         return {"track_id": track.track_id, "first_frame": track.first_frame,
-                "last_frame": track.last_frame, "frames": track.frames, "class": cls}
+                "last_frame": track.last_frame, "frames": track.frames,
+                "first_s": round(first, 2), "last_s": round(last, 2),
+                "seconds_in_view": round(last - first, 2), "counted": counted,
+                "class": cls,
+                "gender": self.g_names[int(np.argmax(gender_p))],
+                "gender_probs": {n: round(float(v), 4)
+                                 for n, v in zip(self.g_names, gender_p, strict=True)},
+                "age_band": self.a_names[int(np.argmax(age_p))],
+                "age_band_probs": {n: round(float(v), 4)
+                                   for n, v in zip(self.a_names, age_p, strict=True)},
+                "age": track.age}
 
 
 def open_capture(source: str) -> cv2.VideoCapture:
@@ -129,16 +167,19 @@ def open_capture(source: str) -> cv2.VideoCapture:
 
 
 def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = False,
-                  max_frames: int | None = None) -> dict:
-    """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl`` and
-    (``stats``) ``out/stats.json``, ``out/timeline.csv``, ``out/people.png``."""
+                  max_frames: int | None = None, min_seconds: float = MIN_SECONDS,
+                  gap_seconds: float = GAP_SECONDS) -> dict:
+    """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl``,
+    ``out/tracks.jsonl`` and (``stats``) ``out/stats.json``, ``out/timeline.csv``,
+    ``out/people.png``. A face unseen for up to ``gap_seconds`` keeps its track; a track
+    in view for less than ``min_seconds`` is not counted."""
     cap = open_capture(source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     g_names, a_names = analyzer.labels["gender"], analyzer.labels["age_band"]
-    tracker = IoUTracker()
-    counter = PeopleCounter(g_names, a_names)
+    tracker = IoUTracker(max_gap=max(1, round(gap_seconds * fps)))
+    counter = PeopleCounter(g_names, a_names, fps, min_seconds)
     writer = None
     frame_index = 0
     # tracks.jsonl is a log written as tracks end (a stopped stream keeps what it counted)
@@ -166,9 +207,11 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                 track.minutes.add(minute)
                 g = g_names[int(np.argmax(track.gender_sum))]
                 a = a_names[int(np.argmax(track.age_sum))]
-                labels.append(f"#{track.track_id} {GENDER_NAMES.get(g, g)}, {a}")
+                labels.append(f"#{track.track_id} {GENDER_NAMES.get(g, g)}, {a}"
+                              + ("" if track.age is None else f", age {track.age:.0f}"))
                 records.append({**pred.as_dict(), "track_id": track.track_id,
-                                "smoothed_gender": g, "smoothed_age_band": a})
+                                "smoothed_gender": g, "smoothed_age_band": a,
+                                "smoothed_age": track.age})
             writer.write(annotate(frame, preds, labels))
             jsonl.write(json.dumps({"frame": frame_index,
                                     "time_s": round(frame_index / fps, 3),
@@ -181,7 +224,8 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
     writer.release()
     (out / ".annotated.mp4").replace(out / "annotated.mp4")
     summary = {"source": str(source), "frames": frame_index, "fps": fps,
-               "tracks": tracker.started}
+               "tracks": tracker.started, "visitors": sum(counter.people.values()),
+               "min_seconds": min_seconds, "gap_seconds": gap_seconds}
     if stats:
         summary["people"] = write_stats(counter, out)
     write_json_atomic(out / "summary.json", summary)

@@ -150,10 +150,34 @@ def test_video_tracks_and_stats(tiny_run, aaf_dir, tmp_path):
         assert len(set(labels)) == 1
     stats = json.loads((out / "stats.json").read_text())
     assert sum(stats["people"].values()) == 2
+    assert "2 visitors" in res.stderr and "total" in res.stdout  # a table, not a dict
+    tracks = {t["track_id"]: t for t in map(json.loads, (out / "tracks.jsonl").open())}
+    assert sorted((t["first_s"], t["last_s"]) for t in tracks.values()) == [(0.0, 3.0),
+                                                                           (1.0, 3.0)]
+    for t in tracks.values():  # one line per visitor: seconds, averaged answers, age
+        assert t["counted"] and t["seconds_in_view"] == round(t["last_s"] - t["first_s"], 2)
+        assert sum(t["age_band_probs"].values()) == pytest.approx(1, abs=1e-3)
+        assert t["age_band"] == max(t["age_band_probs"], key=t["age_band_probs"].get)
+        assert 20 <= t["age"] < 60
+    assert all(f["smoothed_age"] is not None for line in lines for f in line["faces"])
     assert (out / "timeline.csv").read_text().startswith("minute,20s_M")
     assert (out / "people.png").stat().st_size > 0
     cap = cv2.VideoCapture(str(out / "annotated.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+
+
+def test_a_short_visit_is_not_counted(analyzer, aaf_dir, tmp_path):
+    """Face A is in view 3 s, face B 2 s (10 fps): with a 2.5 s minimum only A counts."""
+    from tasks.video import analyze_video
+
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, aaf_dir)
+    summary = analyze_video(analyzer, str(clip), tmp_path / "v", stats=True,
+                            min_seconds=2.5)
+    assert summary["tracks"] == 2 and summary["visitors"] == 1
+    assert sum(summary["people"].values()) == 1
+    tracks = [json.loads(x) for x in (tmp_path / "v" / "tracks.jsonl").open()]
+    assert sorted(t["counted"] for t in tracks) == [False, True]
 
 
 def test_one_person_close_to_the_camera_is_one_person(tiny_run, aaf_dir, tmp_path):
