@@ -616,6 +616,53 @@ def _has_highgui(cv2) -> bool:
         return False
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = ModelOpt,
+    data_root: Path = typer.Option(..., help="Folder of labelled photos (read-only)."),
+    labels: Path | None = typer.Option(None, help="Labels CSV: file (relative to "
+                                       "--data-root), gender, age or age_band, optionally "
+                                       "subject_id. Default: DATA_ROOT/labels.csv."),
+    out: Path = typer.Option(Path("artifacts/evaluate"), help="Report folder."),
+    threshold: float | None = ConfOpt,
+    detector: str | None = DetectorKindOpt,
+) -> None:
+    """Score a model (or an exported ONNX model) on any labelled photo folder: the same
+    report as the pipeline's evaluate stage (intervals by person, baselines, confusion,
+    age error, calibration), for people the model never saw."""
+    from tasks.evaluate_folder import evaluate_folder, write_folder_report
+    from tasks.select import DataConfig, DatasetError
+
+    if not data_root.is_dir():
+        _fail(f"--data-root {data_root} is not a folder")
+    analyzer = _analyzer(model, threshold, detector)
+    try:
+        metrics = evaluate_folder(analyzer, DataConfig(root=data_root, layout="labelled",
+                                                       labels=labels))
+    except DatasetError as exc:
+        _fail(str(exc))
+    report = write_folder_report(metrics, out)
+    for warning in metrics["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    from rich.table import Table
+
+    table = Table("head", "accuracy", "95% interval (by person)", "majority class")
+    for head in ("gender", "age_band"):
+        m = metrics[head]
+        lo, hi = m["ci95"]["accuracy"]
+        table.add_row(head, f"{m['accuracy']:.3f}", f"{lo:.3f}-{hi:.3f}",
+                      f"{m['baselines']['majority_class']['accuracy']:.3f}")
+    Console(soft_wrap=True).print(table)
+    extra = []
+    if "age" in metrics:
+        extra.append(f"age MAE {metrics['age']['mae_years']:.1f} years")
+    if "calibration" in metrics:
+        c = metrics["calibration"]["age_band"]
+        extra.append(f"age-band ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}")
+    console.print(f"{metrics['examples']} faces of {metrics['subjects']} people"
+                  + (f"; {', '.join(extra)}" if extra else "") + f" -> {report}")
+
+
 @app.command()
 def export(
     model: Path = ModelOpt,

@@ -78,9 +78,11 @@ def write_plan(inputs: Iterable[Path], out: Path, shard_size: int, digest: str,
                                 CODE_VERSION))
     plan = pa.table({"path": paths, "file_size": pa.array(sizes, pa.int64()),
                      "mtime_ns": pa.array(mtimes, pa.int64()),
+                     "number": pa.array(range(len(paths)), pa.int64()),
                      "shard": pa.array(shards, pa.int32()),
                      "key": [keys[s] for s in shards]})
-    write_parquet_atomic(Path(out) / PLAN, plan, digest=False)
+    # a row group per shard: a shard's task reads its own rows only (row-group statistics)
+    write_parquet_atomic(Path(out) / PLAN, plan, digest=False, row_group_size=shard_size)
     return plan
 
 
@@ -158,13 +160,12 @@ def predict_shard(analyzer: FaceAnalyzer, out: Path, index: int, annotated: bool
     """Analyse shard ``index`` of ``out/plan.parquet`` into its shard file (skipped when
     the file already holds the plan's key). Returns the shard's counts."""
     out = Path(out)
-    plan = pq.read_table(out / PLAN)
-    rows = plan.filter(pc.equal(plan.column("shard"), index))
+    rows = pq.read_table(out / PLAN, filters=[("shard", "=", index)])
     key = rows.column("key")[0].as_py()
     target = shard_path(out, index)
     if read_cache_key(target) == key:
         return {"shard": index, "photos": rows.num_rows, "reused": True}
-    start = int(pc.min(pc.indices_nonzero(pc.equal(plan.column("shard"), index))).as_py())
+    start = rows.column("number")[0].as_py()  # annotated files: numbered across shards
     entries = predict_entries(analyzer, rows.column("path").to_pylist(),
                               out / "annotated" if annotated else None, start)
     write_parquet_atomic(target, entries_table(entries, analyzer.labels), cache_key=key,

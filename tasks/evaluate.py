@@ -309,8 +309,10 @@ def heads_sentence(metrics: dict) -> str:
     text += ", the band read from an exact-age head (20-59)"
     age = metrics.get("age")
     if age:
-        text += (f"; its mean absolute error is {age['mae_years']:.1f} years (always the "
-                 f"training median: {age['baseline_median_mae_years']:.1f})")
+        median = ("these people's own median" if metrics.get("scored_split") == "folder"
+                  else "the training median")
+        text += (f"; its mean absolute error is {age['mae_years']:.1f} years (always "
+                 f"{median}: {age['baseline_median_mae_years']:.1f})")
     return text + "."
 
 
@@ -372,7 +374,7 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
         plot_confusion(cm["rows_true_cols_pred"], cm["labels"], title,
                        reports / f"confusion_{head}.png")
         write_json_atomic(reports / f"confusion_{head}.json", cm)
-    curves = plot_curves(history, reports)
+    curves = plot_curves(history, reports) if history.get("epoch") else []
     write_json_atomic(reports / "metrics.json", metrics)
     scored = metrics.get("scored_split", "val")
     lines = ["# kface-pipeline evaluation report", ""]
@@ -381,14 +383,19 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
         lines.append(f"> **Warning:** {split_report['warning']}")
     if lines[-1] != "":
         lines.append("")
-    what = ("held-out test people: never trained on, not used to choose the checkpoint"
-            if scored == "test" else "the validation people, who also chose the checkpoint "
-            "and stopped training, so these numbers are optimistic")
+    what = {"test": "held-out test people: never trained on, not used to choose the "
+                    "checkpoint",
+            "val": "the validation people, who also chose the checkpoint and stopped "
+                   "training, so these numbers are optimistic",
+            "folder": "a labelled folder, through the model's own inference path (detector, "
+                      "crop, calibration), the best face of each photo; people who were "
+                      "also in the training data make the numbers optimistic"}[scored]
+    split = (f"Split strategy **{split_report.get('strategy')}** (subjects in more than one "
+             f"split: {split_report.get('subjects', {}).get('in_both')}). "
+             if split_report else "")
     lines += [
         f"Scored on **{scored}**: {metrics['examples']} faces of {metrics['subjects']} "
-        f"subjects ({what}). Split strategy **{split_report.get('strategy')}** (subjects in "
-        f"more than one split: {split_report.get('subjects', {}).get('in_both')}). "
-        f"{heads_sentence(metrics)}", "",
+        f"subjects ({what}). {split}{heads_sentence(metrics)}", "",
         "95% intervals: bootstrap over subjects. Baselines: always the training split's "
         "majority class; guessing with the training split's class shares (expected).", "",
         "| head | metric | score | 95% interval | majority class | class prior |",
@@ -405,6 +412,16 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
                 f"| {label} | {name.replace('_', ' ')} | **{m[name]:.3f}** | {lo:.3f}-{hi:.3f} | "
                 f"{base.get('majority_class', {}).get(name, float('nan')):.3f} | "
                 f"{base.get('class_prior', {}).get(name, float('nan')):.3f} |")
+    by_band = metrics.get("age", {}).get("signed_error_by_band")
+    if by_band:
+        lines += ["", "Age in years, mean signed error (predicted - true) per true band: "
+                  + ", ".join(f"{b} {e:+.1f}" for b, e in by_band.items()) + "."]
+    left_out = metrics.get("left_out")
+    if left_out:
+        lines += ["", f"Photos: {left_out['photos']} labelled and found; left out: "
+                  f"{left_out['no_face']} without a face, {left_out['unreadable']} "
+                  f"unreadable; CSV rows not used: {left_out['excluded_labels']} with labels "
+                  f"outside the classes, {left_out['not_found']} whose file is missing."]
     validation = metrics.get("validation")
     if validation:
         lines += ["", f"Validation ({validation['examples']} faces of "
@@ -446,17 +463,19 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
         for k, m in groups.items():
             lines.append(f"| {k} | {m['n']} | {m['gender_accuracy']:.3f} | "
                          f"{m['age_band_accuracy']:.3f} |")
-    counts = merge_report.get("joint_class_counts") or {}
-    lines += ["", "## Data", "", "| joint class | faces (all splits) |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in counts.items()]
-    rows = split_report.get("rows") or {}
-    lines += ["",
-              f"Subjects without metadata (excluded): "
-              f"{merge_report.get('subjects_without_labels', 0)}. Split rows: "
-              + (", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict)
-                 else str(rows)) + ".", "",
-              "## Training curves", ""]
-    lines += [f"![{c}]({c})" for c in curves]
+    if merge_report or split_report:
+        counts = merge_report.get("joint_class_counts") or {}
+        lines += ["", "## Data", "", "| joint class | faces (all splits) |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in counts.items()]
+        rows = split_report.get("rows") or {}
+        lines += ["",
+                  f"Subjects without metadata (excluded): "
+                  f"{merge_report.get('subjects_without_labels', 0)}. Split rows: "
+                  + (", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict)
+                     else str(rows)) + "."]
+    if curves:
+        lines += ["", "## Training curves", ""]
+        lines += [f"![{c}]({c})" for c in curves]
     lines += ["", "![confusion gender](confusion_gender.png) "
               "![confusion age band](confusion_age_band.png)", ""]
     path = reports / "report.md"

@@ -330,16 +330,17 @@ def test_export_cli_rejects_a_missing_model(tmp_path):
     assert res.returncode == 2 and "lacks model.keras" in res.stderr
 
 
-def test_sharded_predict_flow_matches_single_process(tiny_run, scenes_dir, tmp_path):
+def test_sharded_predict_flow_matches_single_process(onnx_model, scenes_dir, tmp_path):
+    """(The exported model: its workers start without TensorFlow, seconds each.)"""
     folder = tmp_path / "in"
     folder.mkdir()
     for f in sorted(scenes_dir.iterdir()):
         (folder / f.name).symlink_to(f)
     (folder / "zz_broken.jpg").write_text("nope")
-    single = run_kface("predict", str(folder), "--model", str(tiny_run["model_dir"]),
+    single = run_kface("predict", str(folder), "--model", str(onnx_model),
                        "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-2000:]
-    args = ["predict", str(folder), "--model", str(tiny_run["model_dir"]), "--out",
+    args = ["predict", str(folder), "--model", str(onnx_model), "--out",
             str(tmp_path / "two"), "--workers", "2", "--shard-size", "3", "--json"]
     env = {"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""}
     sharded = run_kface(*args, env=env)
@@ -356,7 +357,7 @@ def test_sharded_predict_flow_matches_single_process(tiny_run, scenes_dir, tmp_p
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
 
 
-def test_batch_predict_resumes_after_sigkill(tiny_run, scenes_dir, tmp_path):
+def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path):
     """A folder of 48 photos, one shard each, killed (CLI, server and workers) once a few
     shards are written; the rerun keeps those files and computes only the rest."""
     import os
@@ -374,7 +375,7 @@ def test_batch_predict_resumes_after_sigkill(tiny_run, scenes_dir, tmp_path):
     for i in range(48):
         (folder / f"{i:03d}.jpg").symlink_to(photos[i % len(photos)])
     out = tmp_path / "out"
-    args = ["predict", str(folder), "--model", str(tiny_run["model_dir"]), "--out", str(out),
+    args = ["predict", str(folder), "--model", str(onnx_model), "--out", str(out),
             "--workers", "2", "--shard-size", "1"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
