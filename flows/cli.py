@@ -663,6 +663,33 @@ def evaluate_cmd(
                   + (f"; {', '.join(extra)}" if extra else "") + f" -> {report}")
 
 
+@app.command("stats")
+def stats_cmd(
+    source: Path = typer.Argument(..., help="predictions.json (kface predict) or "
+                                  "tracks.jsonl (kface video)."),
+    out: Path = typer.Option(Path("artifacts/stats"), help="Folder for stats.json."),
+) -> None:
+    """People per age band, gender and age band x gender, with 95% intervals, from the
+    visitors' calibrated probabilities (see docs: what the interval covers)."""
+    from rich.table import Table
+
+    from tasks.stats import StatsError, visitor_stats, write_stats_json
+
+    try:
+        stats = visitor_stats(source)
+    except StatsError as exc:
+        _fail(str(exc))
+    path = write_stats_json(stats, out)
+    table = Table("class", "estimate", "95% interval", "most likely class")
+    for head in ("age_band", "gender", "joint"):
+        for cls, c in stats[head].items():
+            argmax = stats["argmax"].get(head, {}).get(cls, "")
+            table.add_row(cls, f"{c['estimate']:.1f}", f"{c['low']:.1f}-{c['high']:.1f}",
+                          str(argmax))
+    Console(soft_wrap=True).print(table)
+    console.print(f"{stats['visitors']} visitors -> {path}")
+
+
 @app.command()
 def export(
     model: Path = ModelOpt,

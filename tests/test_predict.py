@@ -330,7 +330,8 @@ def test_export_cli_rejects_a_missing_model(tmp_path):
     assert res.returncode == 2 and "lacks model.keras" in res.stderr
 
 
-def test_sharded_predict_flow_matches_single_process(onnx_model, scenes_dir, tmp_path):
+def test_sharded_predict_flow_matches_single_process(onnx_model, scenes_dir, tmp_path,
+                                                     prefect_env):
     """(The exported model: its workers start without TensorFlow, seconds each.)"""
     folder = tmp_path / "in"
     folder.mkdir()
@@ -342,7 +343,7 @@ def test_sharded_predict_flow_matches_single_process(onnx_model, scenes_dir, tmp
     assert single.returncode == 0, single.stderr[-2000:]
     args = ["predict", str(folder), "--model", str(onnx_model), "--out",
             str(tmp_path / "two"), "--workers", "2", "--shard-size", "3", "--json"]
-    env = {"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""}
+    env = prefect_env
     sharded = run_kface(*args, env=env)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "predictions.json").read_text())
@@ -357,7 +358,7 @@ def test_sharded_predict_flow_matches_single_process(onnx_model, scenes_dir, tmp
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
 
 
-def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path):
+def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path, prefect_env):
     """A folder of 48 photos, one shard each, killed (CLI, server and workers) once a few
     shards are written; the rerun keeps those files and computes only the rest."""
     import os
@@ -377,7 +378,7 @@ def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path):
     out = tmp_path / "out"
     args = ["predict", str(folder), "--model", str(onnx_model), "--out", str(out),
             "--workers", "2", "--shard-size", "1"]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""}
+    env = {**os.environ, **prefect_env}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -389,7 +390,7 @@ def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path):
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("shard-*.parquet")}
     assert 3 <= len(done) < 48
-    res = run_kface(*args, env={"PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL": ""})
+    res = run_kface(*args, env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     shards = sorted((out / "shards").glob("shard-*.parquet"))
     assert len(shards) == 48 and not list((out / "shards").glob(".*.tmp"))

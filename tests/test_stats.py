@@ -1,0 +1,94 @@
+"""``kface stats``: the interval estimator on simulated populations with a known answer,
+and the command on real predictions and tracks files."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_video, run_kface
+
+from tasks.stats import counts_with_intervals
+
+
+@pytest.fixture(scope="module")
+def analyzer(tiny_run):
+    from models.analyzer import FaceAnalyzer
+
+    return FaceAnalyzer(tiny_run["model_dir"])
+
+
+def draw(rng, probs):
+    """One class per row, drawn from that row's probabilities."""
+    return (rng.random(len(probs))[:, None] > np.cumsum(probs, 1)[:, :-1]).sum(1)
+
+
+def test_intervals_cover_the_true_count_of_a_calibrated_population():
+    """500 visitors whose class probabilities are calibrated (their classes drawn from
+    them): over 400 shops the true count of each class falls inside the 95% interval in
+    about 95% of them, and the estimate is unbiased."""
+    rng = np.random.default_rng(0)
+    names = ["20s", "30s", "40s", "50s"]
+    inside, errors = np.zeros(4), []
+    shops = 400
+    for _ in range(shops):
+        probs = rng.dirichlet([0.8, 0.6, 0.4, 0.3], size=500)
+        truth = draw(rng, probs)
+        counts = counts_with_intervals(probs, names)
+        true = np.bincount(truth, minlength=4)
+        for k, name in enumerate(names):
+            c = counts[name]
+            inside[k] += c["low"] <= true[k] <= c["high"]
+        errors.append([counts[n]["estimate"] - true[k] for k, n in enumerate(names)])
+    coverage = inside / shops
+    assert np.all(coverage >= 0.92) and np.all(coverage <= 0.985), coverage
+    assert np.all(np.abs(np.mean(errors, 0)) < 1.5)  # unbiased
+
+
+def test_over_confident_probabilities_give_intervals_that_miss():
+    """Why calibration matters: the same population with probabilities sharpened (an
+    over-confident model) covers the truth far less often."""
+    from models.calibration import apply_temperature
+
+    rng = np.random.default_rng(1)
+    inside, shops = 0, 200
+    for _ in range(shops):
+        probs = rng.dirichlet([0.8, 0.6, 0.4, 0.3], size=500)
+        truth = draw(rng, probs)
+        c = counts_with_intervals(apply_temperature(probs, 0.4), ["a", "b", "c", "d"])["d"]
+        inside += c["low"] <= np.bincount(truth, minlength=4)[3] <= c["high"]
+    assert inside / shops < 0.8
+
+
+def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path):
+    from tasks.predict import predict_images
+    from tasks.video import analyze_video
+
+    predict_images(analyzer, [scenes_dir / "insightface_t1.jpg"], tmp_path / "p")
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "s"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["visitors"] == 6
+    for head in ("age_band", "gender", "joint"):
+        total = sum(c["estimate"] for c in stats[head].values())
+        assert abs(total - 6) < 0.2, head  # the probabilities of six people
+        assert all(0 <= c["low"] <= c["estimate"] <= c["high"] <= 6
+                   for c in stats[head].values())
+    assert sum(stats["argmax"]["age_band"].values()) == 6 and "20s_M" in res.stdout
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, aaf_dir)
+    analyze_video(analyzer, str(clip), tmp_path / "v", min_seconds=2.5)  # counts A only
+    res = run_kface("stats", str(tmp_path / "v" / "tracks.jsonl"), "--out",
+                    str(tmp_path / "t"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "t" / "stats.json").read_text())["visitors"] == 1
+
+
+def test_stats_of_a_file_without_probabilities_is_one_line(tmp_path):
+    old = tmp_path / "tracks.jsonl"
+    old.write_text(json.dumps({"track_id": 1, "frames": 30, "class": "30s_M"}) + "\n")
+    res = run_kface("stats", str(old), "--out", str(tmp_path / "s"))
+    assert res.returncode == 2 and "no probabilities per visitor" in res.stderr
+    res = run_kface("stats", str(tmp_path / "missing.json"), "--out", str(tmp_path / "s"))
+    assert res.returncode == 2 and "not found" in res.stderr
+    assert not (tmp_path / "s").exists()
