@@ -84,18 +84,31 @@ def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -
                  ) if total else 0.0
 
 
+def calibration_report(probs: np.ndarray, labels: np.ndarray, temperature: float,
+                       bins: bool = False) -> dict:
+    """One head's calibration at ``temperature``: the ECE and the mean top probability
+    before and after it (None without examples), and with ``bins`` the reliability bins
+    before and after (the reliability diagram's points)."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    after = apply_temperature(probs, temperature)
+    some = len(labels) > 0
+    report = {"temperature": float(temperature),
+              "ece_before": calibration_error(probs, labels),
+              "ece_after": calibration_error(after, labels),
+              "mean_confidence_before": float(probs.max(1).mean()) if some else None,
+              "mean_confidence_after": float(after.max(1).mean()) if some else None}
+    if bins:
+        report.update(reliability_before=reliability(probs, labels),
+                      reliability_after=reliability(after, labels))
+    return report
+
+
 def calibrate(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
     """Per head in ``labels``: the fitted temperature, and the ECE and mean top
     probability before and after, with the accuracy (all on the data given)."""
-    out = {}
-    for head, truth in labels.items():
-        t = fit_temperature(probs[head], truth)
-        after = apply_temperature(probs[head], t)
-        out[head] = {"temperature": t, "examples": int(len(truth)),
-                     "accuracy": float(np.mean(after.argmax(1) == truth)) if len(truth) else None,
-                     "ece_before": calibration_error(probs[head], truth),
-                     "ece_after": calibration_error(after, truth),
-                     "mean_confidence_before": float(np.max(probs[head], 1).mean())
-                     if len(truth) else None,
-                     "mean_confidence_after": float(after.max(1).mean()) if len(truth) else None}
-    return out
+    return {head: {**calibration_report(probs[head], truth,
+                                        fit_temperature(probs[head], truth)),
+                   "examples": int(len(truth)),
+                   "accuracy": float(np.mean(np.argmax(probs[head], 1) == truth))
+                   if len(truth) else None}
+            for head, truth in labels.items()}

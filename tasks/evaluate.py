@@ -241,22 +241,12 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
 def calibration_metrics(frame: pd.DataFrame, probs: dict[str, np.ndarray],
                         temperature: dict[str, float]) -> dict:
     """Per class head: the temperature, ECE and mean top probability before and after it,
-    and the reliability bins before and after."""
-    from models.calibration import apply_temperature, calibration_error, reliability
+    and the reliability bins before and after (``models.calibration``)."""
+    from models.calibration import calibration_report
 
-    out = {}
-    for head, column in (("gender", "gender_idx"), ("age_band", "age_idx")):
-        truth, raw = frame[column].to_numpy(), probs[head]
-        t = float(temperature.get(head, 1.0))
-        scaled = apply_temperature(raw, t)
-        out[head] = {"temperature": t,
-                     "ece_before": calibration_error(raw, truth),
-                     "ece_after": calibration_error(scaled, truth),
-                     "mean_confidence_before": float(raw.max(1).mean()),
-                     "mean_confidence_after": float(scaled.max(1).mean()),
-                     "reliability_before": reliability(raw, truth),
-                     "reliability_after": reliability(scaled, truth)}
-    return out
+    return {head: calibration_report(probs[head], frame[column].to_numpy(),
+                                     float(temperature.get(head, 1.0)), bins=True)
+            for head, column in (("gender", "gender_idx"), ("age_band", "age_idx"))}
 
 
 def plot_reliability(calibration: dict, path: Path) -> None:
