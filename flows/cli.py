@@ -630,7 +630,8 @@ def evaluate_cmd(
     """Score a model (or an exported ONNX model) on any labelled photo folder: the same
     report as the pipeline's evaluate stage (intervals by person, baselines, confusion,
     age error, calibration), for people the model never saw."""
-    from tasks.evaluate_folder import evaluate_folder, write_folder_report
+    from tasks.evaluate import write_report
+    from tasks.evaluate_folder import evaluate_folder
     from tasks.select import DataConfig, DatasetError
 
     if not data_root.is_dir():
@@ -641,7 +642,7 @@ def evaluate_cmd(
                                                        labels=labels))
     except DatasetError as exc:
         _fail(str(exc))
-    report = write_folder_report(metrics, out)
+    report = write_report(metrics, {}, {}, {}, out)  # no history, split or merge report
     for warning in metrics["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
     from rich.table import Table

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from core.labels import AGE_BANDS, GENDERS
-from core.storage import write_json_atomic
 from models.analyzer import FaceAnalyzer
 from models.calibration import apply_temperature
 from tasks.evaluate import FEW_SUBJECTS, calibration_metrics, degenerate_warnings, score_split
@@ -103,11 +102,3 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16) -
     metrics["warnings"] = warnings
     return metrics
 
-
-def write_folder_report(metrics: dict, out: Path) -> Path:
-    """``out/metrics.json``, ``report.md`` and the PNGs, as the evaluate stage writes them."""
-    from tasks.evaluate import write_report
-
-    path = write_report(metrics, {}, {}, {}, Path(out))
-    write_json_atomic(Path(out) / "metrics.json", metrics)
-    return path
