@@ -71,7 +71,7 @@ def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 
     model_dir, _ = resolve_model_dir(Path(model))
     settings = {"threshold": threshold, "detector": detector, "annotated": annotated}
     plan = write_plan(inputs, out, shard_size, model_digest(model_dir), settings)
-    shard_count = len(set(plan.column("shard").to_pylist()))
+    shard_count = -(-plan.num_rows // shard_size)  # consecutive shards of shard_size
     stale = remove_stale(out, shard_count)
     todo, done = shards_to_do(plan, out)
     logger.info("predict: %d photos in %d shards, %d already done, %d to compute%s",

@@ -179,14 +179,17 @@ def merge(out: Path, labels: dict, shard_count: int, write_json: bool,
           write_csv: bool) -> dict:
     """Counts over all shards; ``predictions.json``/``.csv`` merged when asked."""
     out = Path(out)
-    table = pa.concat_tables([pq.read_table(shard_path(out, i)) for i in range(shard_count)]
+    merging = write_json or write_csv
+    columns = None if merging else ["path", "face", "error"]  # counts need only these
+    table = pa.concat_tables([pq.read_table(shard_path(out, i), columns=columns)
+                              for i in range(shard_count)]
                              ) if shard_count else entries_table([], labels)
     photos = pc.count_distinct(table.column("path")).as_py() if table.num_rows else 0
     counts = {"photos": photos, "faces": table.num_rows - table.column("face").null_count,
               "unreadable": pc.count_distinct(
                   table.filter(pc.is_valid(table.column("error"))).column("path")).as_py()
               if table.num_rows else 0}
-    if write_json or write_csv:
+    if merging:
         entries = table_entries(table, labels)
         if write_json:
             write_predictions(entries, out)
