@@ -120,6 +120,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_when_written(args: list[str], env: dict, folder: Path, at_least: int,
+                      timeout: float = 300) -> dict[str, int]:
+    """Run ``kface ARGS`` in its own session, SIGKILL the whole run (CLI, temporary
+    server, workers) once ``folder`` holds ``at_least`` ``shard-*`` files, and return the
+    files that were finished then, with their mtimes."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(folder.glob("shard-*"))) < at_least:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM the process (started with start_new_session) and its group; SIGKILL after
     ``timeout``."""

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, detections_table, run_kface
+from conftest import REPO, detections_table, kill_when_written, run_kface
 
 from flows.pipeline import STAGES
 
@@ -99,21 +99,11 @@ def test_missing_input_is_named(tmp_path, kface_tree, prefect_env):
 
 def test_sigkill_then_resume(full_run, kface_tree, tmp_path, prefect_env):
     out = tmp_path / "crash"
-    args = [sys.executable, "-m", "flows.cli", "run", "--data-root", str(kface_tree),
-            "--out", str(out), "--stages", "select,detect", "--workers", "1",
-            "--shard-size", "1"]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **prefect_env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "detections").glob("shard-*"))) < 3:
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: CLI, server, workers
-    proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in (out / "detections").glob("shard-*")}
+    args = ["run", "--data-root", str(kface_tree), "--out", str(out), "--stages",
+            "select,detect", "--workers", "1", "--shard-size", "1"]
+    done = kill_when_written(args, prefect_env, out / "detections", 3, timeout=240)
     assert 3 <= len(done) < 20
-    res = run_kface(*args[3:], env=prefect_env)
+    res = run_kface(*args, env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
     detect = json.loads((out / "stages" / "detect.json").read_text())
     assert detect["shards_reused"] >= len(done)

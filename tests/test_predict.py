@@ -5,7 +5,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import make_video, run_kface
+from conftest import kill_when_written, make_video, run_kface
 
 from models.analyzer import FaceAnalyzer, ModelFolderError
 from models.face_crop import crop_face
@@ -361,14 +361,7 @@ def test_sharded_predict_flow_matches_single_process(onnx_model, scenes_dir, tmp
 def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path, prefect_env):
     """A folder of 48 photos, one shard each, killed (CLI, server and workers) once a few
     shards are written; the rerun keeps those files and computes only the rest."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import pyarrow.parquet as pq
-    from conftest import REPO
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -378,17 +371,7 @@ def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path, p
     out = tmp_path / "out"
     args = ["predict", str(folder), "--model", str(onnx_model), "--out", str(out),
             "--workers", "2", "--shard-size", "1"]
-    env = {**os.environ, **prefect_env}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "shards").glob("shard-*.parquet"))) < 3:
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("shard-*.parquet")}
+    done = kill_when_written(args, prefect_env, out / "shards", 3)
     assert 3 <= len(done) < 48
     res = run_kface(*args, env=prefect_env)
     assert res.returncode == 0, res.stderr[-3000:]
