@@ -60,6 +60,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
+def remove_temporaries(folder: Path, pattern: str = ".*.tmp") -> int:
+    """Delete the temporary files a killed writer left in ``folder`` (``atomic_path``'s
+    ``.NAME.XXXX.tmp``; never a final file). Call it only while no writer of this folder
+    runs, e.g. before a run submits its workers. Returns how many were removed."""
+    leftovers = list(Path(folder).glob(pattern))
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    return len(leftovers)
+
+
 def write_bytes_atomic(final: Path, data: bytes) -> None:
     """Write ``data`` to ``final`` atomically."""
     with atomic_path(final) as tmp:

@@ -33,6 +33,7 @@ from core.sharding import Shard, ShardingConfig, batch_shards, shard_runner
 from core.storage import (
     folder_lock,
     read_cache_key,
+    remove_temporaries,
     replace_folder,
     write_bytes_atomic,
     write_json_atomic,
@@ -161,8 +162,7 @@ def _run_shards(stage: str, out_dir: Path, shards: list[Shard], sharding: Shardi
     (terminal + Prefect artifact), drop shard files no longer planned, and return the
     stage summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in out_dir.glob(".shard-*.tmp"):  # left by a killed run; never a final file
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(out_dir, ".shard-*.tmp")  # left by a killed run
     start = time.perf_counter()
     progress_id = create_progress_artifact(0.0, key=f"{stage}-progress",
                                            description=f"{stage}: shards done (%)")

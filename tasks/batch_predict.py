@@ -31,6 +31,7 @@ from core.storage import (
     file_sha256,
     fingerprint,
     read_cache_key,
+    remove_temporaries,
     write_bytes_atomic,
     write_parquet_atomic,
 )
@@ -97,7 +98,9 @@ def shards_to_do(plan: pa.Table, out: Path) -> tuple[list[int], list[int]]:
 
 
 def remove_stale(out: Path, shard_count: int) -> list[str]:
-    """Delete shard files beyond the plan (the inputs shrank)."""
+    """Delete shard files beyond the plan (the inputs shrank) and the temporary files a
+    killed worker left (call before any worker starts)."""
+    remove_temporaries(Path(out) / SHARDS)
     stale = [p for p in (Path(out) / SHARDS).glob("shard-*.parquet")
              if int(p.stem.split("-")[1]) >= shard_count]
     for p in stale:
