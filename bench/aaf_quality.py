@@ -65,18 +65,18 @@ def dev_folder(work: Path, utkface: bool) -> Path:
 def dev_test_aaf(out: Path, experiment: str) -> dict:
     """The run's own test split, AAF people only (the held-out fifth's kind of faces, but
     not held-out people): what recipes are compared and tuned on."""
-    from flows.cache import crop_files, stage_paths
+    from flows.cache import crop_files
     from flows.config import load_config
     from models.classifier import load_classifier
     from tasks.crop_stream import load_index
     from tasks.evaluate import compute_metrics, predict_frame
 
     cfg = load_config(out / "experiments" / experiment / "config.yaml")
-    paths = stage_paths(out, experiment)
-    crops = load_index(crop_files(cfg), paths["faces"], paths["split"])
+    folder = cfg.folder
+    crops = load_index(crop_files(cfg), folder.faces, folder.split)
     test = crops.splits["test"]
     test = test[test.subject_id.str.startswith("aaf-")].reset_index(drop=True)
-    model = load_classifier(paths["model"] / "model.keras")
+    model = load_classifier(folder.model_file)
     metrics = compute_metrics(test, predict_frame(model, test, crops.files, cfg.crops.size))
     return {"people": len(test), "gender": round(metrics["gender"]["accuracy"], 4),
             "age_band": round(metrics["age_band"]["accuracy"], 4)}

@@ -18,19 +18,71 @@ console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override any config key: --set detector.confidence=0.8")
-# the config flags that run, status and serve share
-DataRootOpt = typer.Option(None, help="Dataset root (data.root).")
-OutOpt = typer.Option(None, help="Run folder for all outputs (out).")
-LayoutOpt = typer.Option(None, help="kface or labelled (data.layout).")
-MetadataOpt = typer.Option(None, help="K-Face metadata CSV (data.metadata).")
-LabelsOpt = typer.Option(None, help="Labels CSV, labelled layout (data.labels).")
-WorkersOpt = typer.Option(None, help="Worker processes (sharding.workers).")
-ShardSizeOpt = typer.Option(None, help="Images per shard (sharding.shard_size).")
-ThresholdOpt = typer.Option(None, help="Face score (detector.confidence).")
-DaskOpt = typer.Option(None, help="Run detect/crops tasks on this Dask cluster, e.g. "
-                       "tcp://host:8786 (sharding.dask_address).")
-ExperimentOpt = typer.Option(None, help="Train and report into OUT/experiments/NAME/, "
-                             "reusing OUT's prepared data (experiment; default 'default').")
+
+# The config flags that run, status and serve share, declared once: (flag's parameter
+# name, type, help, the config key it sets). ``config_flags`` adds them to a command.
+CONFIG_FLAGS: tuple[tuple[str, Any, str, str | None], ...] = (
+    ("config", Path | None, ConfigOpt.help, None),
+    ("data_root", Path | None, "Dataset root (data.root).", "data.root"),
+    ("out", Path | None, "Run folder for all outputs (out).", "out"),
+    ("layout", str | None, "kface or labelled (data.layout).", "data.layout"),
+    ("metadata", Path | None, "K-Face metadata CSV (data.metadata).", "data.metadata"),
+    ("labels", Path | None, "Labels CSV, labelled layout (data.labels).", "data.labels"),
+    ("workers", int | None, "Worker processes (sharding.workers).", "sharding.workers"),
+    ("shard_size", int | None, "Images per shard (sharding.shard_size).",
+     "sharding.shard_size"),
+    ("threshold", float | None, "Face score (detector.confidence).", "detector.confidence"),
+    ("dask_address", str | None, "Run detect/crops tasks on this Dask cluster, e.g. "
+     "tcp://host:8786 (sharding.dask_address).", "sharding.dask_address"),
+    ("experiment", str | None, "Train and report into OUT/experiments/NAME/, reusing OUT's "
+     "prepared data (experiment; default 'default').", "experiment"),
+    ("set_", list[str] | None, SetOpt.help, None),
+)
+
+
+class ConfigFlags(dict):
+    """The values of ``CONFIG_FLAGS`` one command received (a dict by parameter name)."""
+
+    def load(self):
+        """The PipelineConfig: the YAML file (or the defaults), then the flags, then
+        ``--set``; one line and exit 2 when it is invalid."""
+        from flows.config import ConfigError, load_config
+
+        flags = dict(self)
+        if flags.get("labels") is not None and flags.get("layout") is None:
+            flags["layout"] = "labelled"
+        pairs = {key: flags.get(name) for name, _, _, key in CONFIG_FLAGS if key}
+        try:
+            return load_config(flags.get("config"), _overrides(pairs, flags.get("set_")))
+        except ConfigError as exc:
+            _fail(str(exc))
+
+
+def config_flags(command):
+    """Give ``command`` the shared config flags: they come first in its ``--help`` and
+    reach it as one ``flags: ConfigFlags`` argument."""
+    import functools
+    import inspect
+
+    def option(name: str, help_text: str):
+        return {"config": ConfigOpt, "set_": SetOpt}.get(name) or typer.Option(
+            None, help=help_text)
+
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                default=option(name, help_text), annotation=kind)
+              for name, kind, help_text, _ in CONFIG_FLAGS]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "flags"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        flags = ConfigFlags({name: kwargs.pop(name) for name, *_ in CONFIG_FLAGS})
+        return command(flags=flags, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*shared, *own])
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*shared, *own]}
+    return wrapper
 
 
 def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
@@ -103,31 +155,20 @@ def _quiet_user_errors(types: tuple[type[BaseException], ...]) -> None:
 
 
 @app.command()
+@config_flags
 def run(
-    config: Path | None = ConfigOpt,
-    data_root: Path | None = DataRootOpt,
-    out: Path | None = OutOpt,
+    flags: ConfigFlags,
     stages: str | None = typer.Option(
         None, help="Comma-separated subset of stages, e.g. select,detect (default: all)."),
-    layout: str | None = LayoutOpt,
-    metadata: Path | None = MetadataOpt,
-    labels: Path | None = LabelsOpt,
-    workers: int | None = WorkersOpt,
-    shard_size: int | None = ShardSizeOpt,
-    threshold: float | None = ThresholdOpt,
-    dask_address: str | None = DaskOpt,
-    experiment: str | None = ExperimentOpt,
     allow_stale: bool = typer.Option(
         False, "--allow-stale", help="With --stages: use inputs that are out of date (by "
         "default such a run is refused, naming the stages to add)."),
-    set_: list[str] | None = SetOpt,
 ) -> None:
     """Run the pipeline (or --stages of it) with one Prefect flow run. Stages whose inputs,
     settings and code are unchanged are skipped (shown as cached)."""
     from flows.preflight import InputError, check_inputs_current, check_run, parse_stages
 
-    cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
-                threshold, dask_address, set_, experiment)
+    cfg = flags.load()
     try:  # before the server starts and before any photo is read
         stage_list = parse_stages(stages)
         check_run(cfg, stage_list)
@@ -188,38 +229,10 @@ def _api_line(url: str, temporary: bool) -> str:
             "everything, and 'kface server' gives a lasting UI)")
 
 
-def _load(config, data_root=None, out=None, layout=None, metadata=None, labels=None,
-          workers=None, shard_size=None, threshold=None, dask_address=None, sets=None,
-          experiment=None):
-    from flows.config import ConfigError, load_config
-
-    try:
-        if labels is not None and layout is None:
-            layout = "labelled"
-        return load_config(config, _overrides({
-            "data.root": data_root, "out": out, "data.layout": layout,
-            "data.metadata": metadata, "data.labels": labels, "sharding.workers": workers,
-            "sharding.shard_size": shard_size, "detector.confidence": threshold,
-            "sharding.dask_address": dask_address, "experiment": experiment,
-        }, sets))
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
 @app.command()
+@config_flags
 def status(
-    config: Path | None = ConfigOpt,
-    data_root: Path | None = DataRootOpt,
-    out: Path | None = OutOpt,
-    layout: str | None = LayoutOpt,
-    metadata: Path | None = MetadataOpt,
-    labels: Path | None = LabelsOpt,
-    workers: int | None = WorkersOpt,
-    shard_size: int | None = ShardSizeOpt,
-    threshold: float | None = ThresholdOpt,
-    dask_address: str | None = DaskOpt,
-    experiment: str | None = ExperimentOpt,
-    set_: list[str] | None = SetOpt,
+    flags: ConfigFlags,
     as_json: bool = typer.Option(False, "--json", help="Print the stages as JSON (stage, "
                                  "state, detail, errors) instead of the table."),
 ) -> None:
@@ -227,16 +240,16 @@ def status(
     date), stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
     from rich.table import Table
 
-    from flows.cache import pipeline_status
+    from flows.stages import pipeline_status
     from tasks.select import DatasetError
 
-    if config is None and out is None:
-        out = _latest_run_folder()
-    if config is None and out is not None:  # the run folder's (or the experiment's) own
+    if flags["config"] is None and flags["out"] is None:
+        flags["out"] = _latest_run_folder()
+    if flags["config"] is None:  # the run folder's (or the experiment's) own
+        out, experiment = flags["out"], flags["experiment"]
         saved = [out / "experiments" / experiment / "config.yaml"] if experiment else []
-        config = next((f for f in [*saved, out / "config.yaml"] if f.is_file()), None)
-    cfg = _load(config, data_root, out, layout, metadata, labels, workers, shard_size,
-                threshold, dask_address, set_, experiment)
+        flags["config"] = next((f for f in [*saved, out / "config.yaml"] if f.is_file()), None)
+    cfg = flags.load()
     try:
         rows = pipeline_status(cfg)
     except DatasetError as exc:
@@ -289,18 +302,15 @@ def server(
 
 
 @app.command()
+@config_flags
 def serve(
-    config: Path | None = ConfigOpt,
-    data_root: Path | None = DataRootOpt,
-    out: Path | None = OutOpt,
-    metadata: Path | None = MetadataOpt,
-    workers: int | None = WorkersOpt,
+    flags: ConfigFlags,
     cron: str | None = typer.Option(
         None, help="Schedule for kface-pipeline/reprocess, e.g. '0 2 * * *' (02:00 daily)."),
     full_cron: str | None = typer.Option(None, help="Schedule for kface-pipeline/full."),
-    reprocess_stages: str = typer.Option(
-        "select,detect,merge,split,crops", help="Stages of the reprocess deployment."),
-    set_: list[str] | None = SetOpt,
+    reprocess_stages: str | None = typer.Option(
+        None, help="Stages of the reprocess deployment (default: the data stages, select "
+        "to crops)."),
 ) -> None:
     """Register the deployments kface-pipeline/full, kface-pipeline/reprocess and
     kface-predict/batch with this config as their default parameters, and serve them:
@@ -309,15 +319,19 @@ def serve(
     from prefect.settings import get_current_settings
 
     from flows.deploy import build_deployments
+    from flows.preflight import InputError, parse_stages
 
-    cfg = _load(config, data_root, out, metadata=metadata, workers=workers, sets=set_)
+    cfg = flags.load()
+    try:
+        reprocess = parse_stages(reprocess_stages)  # None: the data stages
+    except InputError as exc:
+        _fail(str(exc))
     if not get_current_settings().api.url:
         _fail("kface serve needs a Prefect server that the UI also talks to: start one with "
               "'kface server' and export PREFECT_API_URL=http://127.0.0.1:4200/api")
     from prefect import serve as prefect_serve
 
-    deployments = build_deployments(cfg, cron, full_cron,
-                                     [s.strip() for s in reprocess_stages.split(",")])
+    deployments = build_deployments(cfg, cron, full_cron, reprocess)
     prefect_serve(*deployments)
 
 

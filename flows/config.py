@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.sharding import ShardingConfig
+from flows.run_folder import RunFolder
 from models.classifier import ModelConfig
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig
@@ -48,6 +49,11 @@ class PipelineConfig(BaseModel):
     crops: CropConfig = Field(default_factory=CropConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder's paths (``out`` and the experiment's)."""
+        return RunFolder(self.out, self.experiment)
 
 
 def _describe(exc: ValidationError, source: str) -> str:

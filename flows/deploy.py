@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.cache import stage_paths
 from flows.config import PipelineConfig
-
-DATA_STAGES = ["select", "detect", "merge", "split", "crops"]
+from flows.stages import DATA_STAGES
 
 
 def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -57,7 +55,7 @@ def build_deployments(cfg: PipelineConfig, cron: str | None = None,
             "(unchanged shards are reused).", tags=["kface"], entrypoint_type=module,
             concurrency_limit=1),
         kface_predict.to_deployment(
-            name="batch", parameters={"model": str(stage_paths(cfg.out, cfg.experiment)["model"]),
+            name="batch", parameters={"model": str(cfg.folder.model),
                                       "inputs": [],
                                       "out": str(cfg.out / "predictions"),
                                       "workers": cfg.sharding.workers},

@@ -19,37 +19,20 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from flows.cache import stage_paths
 from flows.config import PipelineConfig
-
-STAGES = ("select", "detect", "merge", "split", "crops", "train", "evaluate")
-
-# stage -> the run-folder outputs it reads, each with the stage that writes it
-STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "detect": (("manifest", "select"),),
-    "merge": (("manifest", "select"), ("detections", "detect")),
-    "split": (("faces", "merge"),),
-    "crops": (("faces", "merge"),),
-    "train": (("crops", "crops"), ("split", "split"), ("faces", "merge")),
-    "evaluate": (("model_file", "train"),),
-}
+from flows.stages import STAGES, stage_inputs
 
 
 class InputError(ValueError):
     """A run's input or setting is unusable; the message says which and what to do."""
 
 
-def stage_input_path(config: PipelineConfig, name: str) -> Path:
-    paths = stage_paths(config.out, config.experiment)
-    return paths["model"] / "model.keras" if name == "model_file" else paths[name]
-
-
 def missing_input(config: PipelineConfig, stage: str, available: set[str] = frozenset()
                   ) -> str | None:
     """The first input of ``stage`` that is not on disk and that no stage in ``available``
     produces, as a one-line message; None when the stage can run."""
-    for name, producer in STAGE_INPUTS.get(stage, ()):
-        path = stage_input_path(config, name)
+    for name, producer in stage_inputs(stage):
+        path = config.folder.output(name)
         if producer not in available and not path.exists():
             return (f"stage '{stage}' needs {path}, which stage '{producer}' writes: run "
                     f"with --stages {producer},{stage} (or without --stages)")
@@ -108,11 +91,11 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
 def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
     """Raise InputError when a requested stage would read an output of a stage that is not
     requested and is not up to date (``kface status`` says stale)."""
-    from flows.cache import pipeline_status
+    from flows.stages import pipeline_status
     from tasks.select import DatasetError
 
     wanted = set(stages)
-    needed = {producer for stage in stages for _, producer in STAGE_INPUTS.get(stage, ())}
+    needed = {producer for stage in stages for _, producer in stage_inputs(stage)}
     if needed <= wanted:
         return
     try:
@@ -120,7 +103,7 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
     except DatasetError as exc:  # e.g. the rescan now selects no photo
         raise InputError(str(exc)) from exc
     for stage in stages:
-        for name, producer in STAGE_INPUTS.get(stage, ()):
+        for name, producer in stage_inputs(stage):
             row = states[producer]
             if producer in wanted or row.state in ("done", "cached"):
                 continue
@@ -128,7 +111,7 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
             last = max(STAGES.index(s) for s in stages)
             rebuild = ",".join(s for s in STAGES[STAGES.index(first):last + 1])
             raise InputError(
-                f"stage '{stage}' reads {stage_input_path(config, name)}, which is "
+                f"stage '{stage}' reads {config.folder.output(name)}, which is "
                 f"{row.state} ({row.detail or 'not up to date'}): run with --stages "
                 f"{rebuild} (or --allow-stale to use it as it is)")
 

@@ -104,6 +104,33 @@ def crop_shard_key(shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig
                                           for p in landmarks], margin, CODE_VERSION)
 
 
+def stored_shard(final: Path, key: str, cfg: CropConfig,
+                 landmarks: Sequence[Landmarks] | None) -> dict | None:
+    """The summary of a crop shard file that holds ``key`` (its error column's null
+    count from the file's statistics, no data read); None when it needs work."""
+    if read_cache_key(final) != key:
+        return None
+    meta = pq.ParquetFile(final).metadata
+    error = meta.schema.to_arrow_schema().get_field_index("error")
+    rows = meta.num_rows
+    stats = [meta.row_group(i).column(error).statistics for i in range(meta.num_row_groups)]
+    if all(s is not None and s.has_null_count for s in stats):
+        ok = sum(s.null_count for s in stats)
+    else:  # a writer without statistics: read the column
+        ok = pq.read_table(final, columns=["error"]).column("error").null_count
+    return {"shard": Path(final).stem.removeprefix("shard-"), "file": str(final),
+            "rows": rows, "reused": True, "ran_on": None,
+            "status_counts": _counts(ok, rows, cfg, landmarks)}
+
+
+def _counts(ok: int, rows: int, cfg: CropConfig, landmarks: Sequence[Landmarks] | None
+            ) -> dict[str, int]:
+    counts = {"ok": ok, "error": rows - ok}
+    if cfg.align:  # faces without landmarks were box-cropped
+        counts["unaligned"] = sum(p is None for p in landmarks or [None] * rows)
+    return counts
+
+
 def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig,
                out_dir: Path, opencv_threads: int = 1,
                landmarks: Sequence[Landmarks] | None = None, margin: float = 0.2) -> dict:
@@ -121,8 +148,6 @@ def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: Cr
         write_parquet_atomic(final, table, None if retry else key, row_group_size=CHUNK_ROWS,
                              digest=False)
     ok = table.column("error").null_count  # error is null where the crop succeeded
-    counts = {"ok": ok, "error": table.num_rows - ok}
-    if cfg.align:  # faces without landmarks were box-cropped
-        counts["unaligned"] = sum(p is None for p in landmarks or [None] * len(shard.paths))
     return {"shard": shard.name, "file": str(final), "rows": table.num_rows,
-            "reused": reused, "status_counts": counts, "ran_on": worker_id()}
+            "reused": reused, "status_counts": _counts(ok, table.num_rows, cfg, landmarks),
+            "ran_on": worker_id()}

@@ -122,6 +122,22 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.table(columns, schema=DETECTIONS_SCHEMA)
 
 
+def stored_shard(final: Path, key: str) -> dict | None:
+    """The summary of a shard file that is complete for ``key`` (it holds the key and no
+    ``unreadable`` row to retry), read from its status column; None when it needs work.
+    The flow decides with it which shards to submit, and ``kface status`` what a run
+    would redo."""
+    if read_cache_key(final) != key:
+        return None
+    statuses = pq.read_table(final, columns=["status"]).column("status")
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(statuses).to_pylist()}
+    if counts.get("unreadable"):
+        return None
+    return {"shard": Path(final).stem.removeprefix("shard-"), "file": str(final),
+            "rows": len(statuses), "reused": True, "retried": 0, "status_counts": counts,
+            "ran_on": None}
+
+
 def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
                  opencv_threads: int = 1) -> dict:
     """Detect one shard into ``out_dir/shard-<name>.parquet`` unless it is already there;

@@ -27,6 +27,8 @@ import pyarrow as pa
 from models.detector import LANDMARK_COLUMNS
 from tasks.select import normalise_age_band, normalise_gender
 
+CODE_VERSION = "merge-2"  # the merge stage's; 2: exact ages kept
+
 ID_COLUMNS = ("ID", "subject_id", "id")
 AGE_COLUMNS = ("연령대", "age_band")
 GENDER_COLUMNS = ("성별", "gender")

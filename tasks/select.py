@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.labels import AGE_BANDS, age_to_band
 
+CODE_VERSION = "select-2"  # 2: exact ages kept
+
 # One regular expression per K-Face path component, anchored at both ends.
 _KFACE_PARTS = {
     "subject_id": re.compile(r"\d{8}"),

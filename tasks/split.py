@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
+CODE_VERSION = "split-1"
+
 
 class SplitConfig(BaseModel):
     """How faces are divided into train and validation."""

@@ -181,8 +181,8 @@ def test_detector_kind_keys_and_shards_of_earlier_versions(kface_tree, tmp_path)
     from flows.cache import crop_settings
     from flows.config import load_config
 
-    assert set(crop_settings(load_config())) == {"size", "jpeg_quality"}
-    assert crop_settings(load_config(overrides={"crops.align": True}))["align"] is True
+    assert set(crop_settings(load_config().crops)) == {"size", "jpeg_quality"}
+    assert crop_settings(load_config(overrides={"crops.align": True}).crops)["align"] is True
     yunet = DetectorConfig(kind="yunet")
     assert yunet.confidence == 0.8  # its own default, unless set
     assert DetectorConfig(kind="yunet", confidence=0.9).confidence == 0.9

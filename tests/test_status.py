@@ -6,9 +6,9 @@ import json
 from conftest import run_kface
 
 from core.storage import write_parquet_atomic
-from flows.cache import pipeline_status, select_key, stage_paths
+from flows.cache import select_key
 from flows.config import load_config
-from flows.pipeline import STAGES
+from flows.stages import STAGES, pipeline_status
 from tasks.select import select_images
 
 
@@ -26,7 +26,7 @@ def test_a_new_run_folder_is_all_missing(kface_tree, tmp_path):
 def test_a_current_manifest_is_done_and_a_changed_one_is_stale(kface_tree, tmp_path):
     cfg = config(kface_tree, tmp_path)
     manifest, _ = select_images(cfg.data, cfg.selection)
-    path = stage_paths(cfg.out)["manifest"]
+    path = cfg.folder.manifest
     write_parquet_atomic(path, manifest, cache_key=select_key(cfg, manifest))
     states = {r.stage: r.state for r in pipeline_status(cfg)}
     assert states["select"] == "done" and states["detect"] == "missing"

@@ -1,0 +1,98 @@
+"""The stage table (flows/stages.py): every stage runs in a run folder that holds only the
+outputs it declares it reads, seeing only its declared config sections; the deployments,
+prefect.yaml and docs/stages.md agree with the table. In-process, no Prefect."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.storage import write_json_atomic
+from flows.config import load_config
+from flows.stages import (
+    DATA_STAGES,
+    PRODUCER,
+    STAGE,
+    STAGE_TABLE,
+    STAGES,
+    StageConfig,
+    pipeline_status,
+    stage_table_markdown,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(stage, config):
+    """What the flow's wrappers do, without Prefect: the shards that need work, or the
+    key, the work and the summary."""
+    c = StageConfig(config, stage)
+    if stage.sharded:
+        plan = stage.plan(c)
+        for shard in plan.todo:
+            work, args = stage.shard_call(c, plan, shard)
+            work(*args)
+        write_json_atomic(stage.summary_file(c.folder), {"stage": stage.name})
+        return
+    key = stage.key(c)
+    write_json_atomic(stage.summary_file(c.folder),
+                      {"stage": stage.name, **stage.run(c, key), "cache_key": key})
+
+
+def copy_output(name, source, target):
+    """One declared input: the output (file or folder) and its producer's summary."""
+    src, dst = getattr(source.folder, name), getattr(target.folder, name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    summary = STAGE[PRODUCER[name]].summary_file
+    summary(target.folder).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(summary(source.folder), summary(target.folder))
+
+
+def test_each_stage_runs_with_only_its_declared_inputs(kface_tree, tmp_path):
+    def config(out):
+        return load_config(None, {
+            "data.root": str(kface_tree), "data.metadata": str(kface_tree / "KFace_metadata.csv"),
+            "out": str(out), "crops.size": 48, "model.backbone": "small_cnn",
+            "train.epochs": 1})
+
+    full = config(tmp_path / "full")
+    for stage in STAGE_TABLE:
+        run_stage(stage, full)
+    assert {r.state for r in pipeline_status(full)} == {"done"}
+    for stage in STAGE_TABLE:
+        alone = config(tmp_path / stage.name)
+        for name in stage.reads:
+            copy_output(name, full, alone)
+        run_stage(stage, alone)
+        assert alone.folder.output(stage.writes).exists(), stage.name
+        if stage.name != "evaluate":  # (its key is the model's: the same model file)
+            assert stage.stored_key(alone.folder) == stage.stored_key(full.folder) or (
+                stage.sharded), stage.name
+        rows = {r.stage: r for r in pipeline_status(alone)}
+        assert rows[stage.name].state != "missing"
+
+
+def test_an_undeclared_config_section_is_an_error_naming_the_table(kface_tree):
+    c = StageConfig(load_config(None, {"data.root": str(kface_tree)}), STAGE["split"])
+    assert c.split.strategy == "subject"
+    with pytest.raises(AttributeError, match="flows/stages.py does not declare"):
+        c.data  # noqa: B018
+
+
+def test_the_table_is_consistent():
+    assert STAGES == ("select", "detect", "merge", "split", "crops", "train", "evaluate")
+    for i, stage in enumerate(STAGE_TABLE):  # each input is written by an earlier stage
+        assert all(STAGES.index(PRODUCER[name]) < i for name in stage.reads), stage.name
+        assert bool(stage.sharded) == (stage.shard_call is not None)
+        assert stage.sharded != (stage.key is not None and stage.run is not None)
+    assert len(PRODUCER) == len(STAGE_TABLE)  # one stage writes each output
+
+
+def test_deployments_and_docs_follow_the_table():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["reprocess"]["parameters"]["stages"] == DATA_STAGES
+    assert " -> ".join(STAGES) in by_name["full"]["description"]
+    assert stage_table_markdown() in (REPO / "docs" / "stages.md").read_text()
