@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -127,31 +126,11 @@ def _debug() -> bool:
     return os.environ.get("KFACE_DEBUG") == "1"
 
 
-class _UserErrorFilter(logging.Filter):
-    """Drops Prefect's log records (tracebacks, 'Finished in state Failed') about errors
-    that the CLI reports in one line anyway; ``--debug`` keeps them."""
-
-    def __init__(self, types: tuple[type[BaseException], ...]):
-        super().__init__()
-        self.types, self.names = types, tuple(t.__name__ for t in types)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and isinstance(exc, self.types):
-            return False
-        message = record.getMessage()
-        return not (("Finished in state Failed" in message
-                     or "exception during execution" in message
-                     or "failed with exception" in message)
-                    and any(name in message for name in self.names))
-
-
 def _quiet_user_errors(types: tuple[type[BaseException], ...]) -> None:
-    if _debug():
-        return
-    quiet = _UserErrorFilter(types)
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(quiet)
+    from flows.logs import quiet_user_errors
+
+    if not _debug():
+        quiet_user_errors(types)
 
 
 @app.command()
@@ -377,7 +356,12 @@ def sample_data(
     """Build a K-Face-layout sample tree (864x576 JPEGs, S001-S002 x L1,L2,L10 x E01 x
     C4,C7,C1) plus a CP949 metadata CSV with Korean headers. Images are synthetic
     compositions of the source photos; the labels are the source photos' labels."""
-    from tasks.sample_data import SampleDataError, TreeSpec, build_kface_tree, write_public_faces
+    from tasks.sample_data import (
+        SAMPLE_SPEC,
+        SampleDataError,
+        build_kface_tree,
+        write_public_faces,
+    )
 
     if (out / "KFace_metadata.csv").exists():  # written last: the tree is complete
         console.print(f"{out} already holds a sample tree; reusing it")
@@ -391,9 +375,7 @@ def sample_data(
                       "the labels are SYNTHETIC[/] (metrics mean nothing)")
     elif not (faces / "labels.csv").is_file():
         _fail(f"{faces}/labels.csv not found: --faces must be a labelled face folder")
-    spec = TreeSpec(accessories=("S001", "S002"), lights=("L1", "L2", "L10"),
-                    expressions=("E01",), cameras=("C4", "C7", "C1"))
-    table = build_kface_tree(faces, out, subjects, spec, seed=seed)
+    table = build_kface_tree(faces, out, subjects, SAMPLE_SPEC, seed=seed)
     console.print(f"wrote {len(table) * 2 * 3 * 3} photos of {len(table)} subjects under "
                   f"{out}/High_Resolution and {out}/KFace_metadata.csv; the default "
                   f"selection keeps {len(table) * 2 * 2 * 2} of them (light L10 and camera "
@@ -592,42 +574,13 @@ def webcam(model: Path = ModelOpt, camera: int = typer.Option(0, help="Camera in
     """Live window with labelled faces (needs a display and OpenCV's GUI build, see the
     README: pip uninstall opencv-python-headless; pip install 'opencv-python<5'). Press q
     to quit."""
-    import os
+    from tasks.video import VideoError, check_display, show_webcam
 
-    import cv2
-
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        _fail("no display (DISPLAY is not set): use 'kface video SOURCE' to write an "
-              "annotated video instead")
-    if not _has_highgui(cv2):
-        _fail("this OpenCV build has no GUI (opencv-python-headless): pip uninstall -y "
-              "opencv-python-headless && pip install 'opencv-python<5' (see README)")
-    from tasks.predict import annotate
-    from tasks.video import VideoError, open_capture
-
-    analyzer = _analyzer(model, threshold, detector)
     try:
-        cap = open_capture(str(camera))
+        check_display()
+        show_webcam(_analyzer(model, threshold, detector), camera)
     except VideoError as exc:
         _fail(str(exc))
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        cv2.imshow("kface", annotate(frame, analyzer.analyze(frame)))
-        if cv2.waitKey(1) & 0xFF == ord("q"):
-            break
-    cap.release()
-    cv2.destroyAllWindows()
-
-
-def _has_highgui(cv2) -> bool:
-    try:
-        cv2.namedWindow("kface-probe")
-        cv2.destroyWindow("kface-probe")
-        return True
-    except cv2.error:
-        return False
 
 
 @app.command("evaluate")

@@ -23,3 +23,29 @@ class QuietConsole(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(message.startswith(text) for text in ROUTINE)
+
+
+class UserErrorFilter(logging.Filter):
+    """Drops Prefect's log records (tracebacks, 'Finished in state Failed') about errors
+    that the CLI reports in one line anyway (``kface --debug`` keeps them)."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.types, self.names = types, tuple(t.__name__ for t in types)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, self.types):
+            return False
+        message = record.getMessage()
+        return not (("Finished in state Failed" in message
+                     or "exception during execution" in message
+                     or "failed with exception" in message)
+                    and any(name in message for name in self.names))
+
+
+def quiet_user_errors(types: tuple[type[BaseException], ...]) -> None:
+    """Install ``UserErrorFilter`` for ``types`` on Prefect's run loggers."""
+    quiet = UserErrorFilter(types)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)

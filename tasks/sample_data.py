@@ -93,6 +93,12 @@ class TreeSpec:
     size: tuple[int, int] = HIGH_SIZE
 
 
+# ``kface sample-data``'s tree: light L10 and camera C1 lie outside K-Face's usual
+# selection, written to show that select leaves them out
+SAMPLE_SPEC = TreeSpec(accessories=("S001", "S002"), lights=("L1", "L2", "L10"),
+                       expressions=("E01",), cameras=("C4", "C7", "C1"))
+
+
 def read_face_labels(faces_dir: Path) -> pd.DataFrame:
     """Read ``faces_dir/labels.csv`` into columns ``file``, ``age_band``, ``gender``."""
     labels = pd.read_csv(Path(faces_dir) / "labels.csv", dtype=str)

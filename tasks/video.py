@@ -270,3 +270,35 @@ def write_chart(people: dict[str, int], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def check_display() -> None:
+    """Raise VideoError unless a window can be shown (a display and OpenCV's GUI build)."""
+    import os
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise VideoError("no display (DISPLAY is not set): use 'kface video SOURCE' to write "
+                         "an annotated video instead")
+    try:
+        cv2.namedWindow("kface-probe")
+        cv2.destroyWindow("kface-probe")
+    except cv2.error:
+        raise VideoError("this OpenCV build has no GUI (opencv-python-headless): pip "
+                         "uninstall -y opencv-python-headless && pip install "
+                         "'opencv-python<5' (see README)") from None
+
+
+def show_webcam(analyzer: FaceAnalyzer, camera: int) -> None:
+    """A live window of camera ``camera`` with labelled faces until q is pressed."""
+    cap = open_capture(str(camera))
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            cv2.imshow("kface", annotate(frame, analyzer.analyze(frame)))
+            if cv2.waitKey(1) & 0xFF == ord("q"):
+                break
+    finally:
+        cap.release()
+        cv2.destroyAllWindows()

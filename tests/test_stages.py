@@ -61,6 +61,16 @@ def test_each_stage_runs_with_only_its_declared_inputs(kface_tree, tmp_path):
     for stage in STAGE_TABLE:
         run_stage(stage, full)
     assert {r.state for r in pipeline_status(full)} == {"done"}
+    # the reuse decision the flow makes before any worker: nothing to do, then a detector
+    # setting makes every detection shard work and everything after it stale
+    detect = STAGE["detect"]
+    assert detect.plan(StageConfig(full, detect)).todo == []
+    stricter = full.model_copy(update={"detector": full.detector.model_copy(
+        update={"confidence": 0.95})})
+    plan = detect.plan(StageConfig(stricter, detect))
+    assert plan.todo == plan.shards and len(plan.shards) == 20
+    states = {r.stage: r.state for r in pipeline_status(stricter)}
+    assert states == {"select": "done", **dict.fromkeys(STAGES[1:], "stale")}
     for stage in STAGE_TABLE:
         alone = config(tmp_path / stage.name)
         for name in stage.reads:
