@@ -543,19 +543,32 @@ def video(
                                       "long to be counted (glimpses and false detections "
                                       "are not)."),
     gap_seconds: float = typer.Option(1.0, min=0, help="A face unseen for up to this long "
-                                      "(turned away, hidden) stays the same visitor."),
+                                      "(turned away, hidden) stays the same track."),
+    return_seconds: float = typer.Option(
+        10.0, min=0, help="A person who leaves the view and is back within this long, "
+        "looking alike, stays the same visitor (0: every return is a new visitor)."),
 ) -> None:
     """Annotate a video (or camera) with tracked, smoothed predictions; one line per
     visitor in tracks.jsonl (seconds in view, averaged probabilities and age)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     from tasks.video import VideoError, analyze_video
 
     if not source.isdigit() and not Path(source).exists():
         _fail(f"video {source} not found")
-    try:
-        summary = analyze_video(_analyzer(model, threshold, detector), source, out, stats,
-                                max_frames, min_seconds, gap_seconds)
-    except VideoError as exc:
-        _fail(str(exc))
+    analyzer = _analyzer(model, threshold, detector)
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        frames = bar.add_task("frames", total=None)
+        try:
+            summary = analyze_video(
+                analyzer, source, out, stats, max_frames, min_seconds, gap_seconds,
+                return_seconds, lambda done, total: bar.update(frames, completed=done,
+                                                               total=total))
+        except VideoError as exc:
+            bar.stop()
+            _fail(str(exc))
     console.print(f"{summary['frames']} frames, {summary['tracks']} tracks, "
                   f"{summary['visitors']} visitors (in view >= {min_seconds} s) -> {out}")
     if stats:

@@ -234,3 +234,50 @@ def build_kface_tree(faces_dir: Path, out: Path, n_subjects: int, spec: TreeSpec
     write_metadata_csv(out / "KFace_metadata.csv",
                        list(zip(table.subject_id, table.age_band, table.gender, strict=True)))
     return table
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One person in view of a generated shop camera: the face photo ``person`` (a file
+    under the faces folder) from ``start_s`` to ``end_s``, walking slowly in lane
+    ``lane`` (0, 1 or 2: left, middle, right)."""
+
+    person: str
+    start_s: float
+    end_s: float
+    lane: int
+
+
+FACE_SIZE = (150, 170)  # (width, height) of a face in a generated clip
+
+
+def write_visit_clip(faces_dir: Path, visits: Sequence[Visit], path: Path, fps: int = 10,
+                     size: tuple[int, int] = (640, 480), miss_rate: float = 0.0,
+                     seed: int = 0) -> int:
+    """Write an MP4 clip of ``visits`` (real face photos on a grey wall, each walking a
+    pixel a frame back and forth inside its lane) and return its frame count. With
+    ``miss_rate``, each visible face is left out of a frame with that probability (a face
+    the detector would miss: turned away, hidden), never in a visit's first or last
+    frame."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    lane_width = width // 3
+    faces = {v.person: cv2.resize(cv2.imread(str(Path(faces_dir) / v.person)), FACE_SIZE)
+             for v in visits}
+    frames = int(np.ceil(max(v.end_s for v in visits) * fps)) + fps
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    top = (height - FACE_SIZE[1]) // 2
+    for i in range(frames):
+        frame = np.full((height, width, 3), 110, np.uint8)
+        for v in visits:
+            first, last = round(v.start_s * fps), round(v.end_s * fps) - 1
+            if not first <= i <= last or (first < i < last and rng.random() < miss_rate):
+                continue
+            span = max(1, lane_width - FACE_SIZE[0] - 10)  # back and forth in the lane
+            step = (i - first) % (2 * span)
+            drift = step if step < span else 2 * span - step
+            x = v.lane * lane_width + 5 + drift
+            frame[top:top + FACE_SIZE[1], x:x + FACE_SIZE[0]] = faces[v.person]
+        writer.write(frame)
+    writer.release()
+    return frames

@@ -180,6 +180,33 @@ def test_a_short_visit_is_not_counted(analyzer, aaf_dir, tmp_path):
     assert sorted(t["counted"] for t in tracks) == [False, True]
 
 
+def test_a_visitor_who_comes_back_is_counted_once(analyzer, aaf_dir, tmp_path):
+    """A leaves and is back 3 s later in another lane; D, another person, walks where A
+    was in between; C passes by for 0.3 s; faces missed in 5% of frames. Three visitors,
+    A with two tracks; without re-identification A counts twice."""
+    from tasks.sample_data import Visit, write_visit_clip
+    from tasks.video import analyze_video
+
+    files = sorted(p.name for p in aaf_dir.glob("*.jpg"))
+    a, b, c, d = files[10], files[2000], files[3000], files[11]
+    clip = tmp_path / "shop.mp4"
+    frames = write_visit_clip(aaf_dir, [
+        Visit(a, 0, 3, 0), Visit(b, 1, 8, 1), Visit(d, 4, 7, 0), Visit(a, 6, 9, 2),
+        Visit(c, 8.5, 8.8, 1)], clip, miss_rate=0.05)
+    seen = []
+    summary = analyze_video(analyzer, str(clip), tmp_path / "v", stats=True,
+                            progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (frames, frames) and len(seen) == frames
+    visitors = [json.loads(x) for x in (tmp_path / "v" / "tracks.jsonl").open()]
+    assert summary["visitors"] == 3 and summary["tracks"] == 5
+    assert sorted(v["counted"] for v in visitors) == [False, True, True, True]
+    back = next(v for v in visitors if v["returns"])
+    assert (back["first_s"], back["last_s"], back["seconds_in_view"]) == (0.0, 9.0, 6.0)
+    assert len(back["track_ids"]) == 2
+    once = analyze_video(analyzer, str(clip), tmp_path / "v0", return_seconds=0)
+    assert once["visitors"] == 4
+
+
 def test_one_person_close_to_the_camera_is_one_person(tiny_run, aaf_dir, tmp_path):
     """A face filling the frame makes res10 repeat it shifted down-right (a phantom, scored
     up to 1.0); the store statistics must still count one person."""
