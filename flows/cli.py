@@ -304,7 +304,7 @@ def serve(
     try:
         reprocess = parse_stages(reprocess_stages)  # None: the data stages
     except InputError as exc:
-        _fail(str(exc))
+        _fail(str(exc).replace("--stages", "--reprocess-stages", 1))
     if not get_current_settings().api.url:
         _fail("kface serve needs a Prefect server that the UI also talks to: start one with "
               "'kface server' and export PREFECT_API_URL=http://127.0.0.1:4200/api")
@@ -668,6 +668,7 @@ def stats_cmd(
             table.add_row(cls, f"{c['estimate']:.1f}", f"{c['low']:.1f}-{c['high']:.1f}",
                           str(argmax))
     Console(soft_wrap=True).print(table)
+    console.print(f"[yellow]note:[/] the interval covers {stats['interval_covers']}")
     console.print(f"{stats['visitors']} visitors -> {path}")
 
 
