@@ -5,8 +5,9 @@ Prints: photos/s before the kill, the shards finished at the kill and whether th
 left every one of them untouched, the rerun's photos/s on the rest, the rows in the end
 (every photo once), and the size of the flow's parameters.
 
-``python bench/bench_predict_resume.py [--photos 100000] [--shard-size 500]`` (an ONNX
-export of the quality recipe's network, untrained: speed only).
+``python bench/bench_predict_resume.py [--photos 100000] [--shard-size 500]
+[--detector yunet]`` (an ONNX export of the quality recipe's network, untrained: speed
+only; res10 by default).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=100_000)
     ap.add_argument("--shard-size", type=int, default=500)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--detector", choices=["res10", "yunet"], default="res10")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     folder = work / "photos"
@@ -48,7 +50,7 @@ def main() -> None:
     out = work / "out"
     cli = [sys.executable, "-m", "flows.cli", "predict", str(folder), "--model",
            str(work / "model"), "--out", str(out), "--workers", str(args.workers),
-           "--shard-size", str(args.shard_size)]
+           "--shard-size", str(args.shard_size), "--detector", args.detector]
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": ""}
     shards = -(-args.photos // args.shard_size)
     start = time.perf_counter()
@@ -73,10 +75,11 @@ def main() -> None:
                           "from flows.predict import kface_predict\n"
                           "with prefect_api():\n"
                           "    s = kface_predict(Path(sys.argv[1]), [Path(sys.argv[2])], "
-                          "Path(sys.argv[3]), int(sys.argv[4]), workers=int(sys.argv[5]))\n"
+                          "Path(sys.argv[3]), int(sys.argv[4]), workers=int(sys.argv[5]), "
+                          "detector=sys.argv[6])\n"
                           "print('RESULT', json.dumps(s))\n",
                           str(work / "model"), str(folder), str(out), str(args.shard_size),
-                          str(args.workers)],
+                          str(args.workers), args.detector],
                          cwd=REPO, env=env, capture_output=True, text=True)
     rerun = time.perf_counter() - rerun_start
     if res.returncode != 0:
@@ -90,6 +93,7 @@ def main() -> None:
     before = len(done) * args.shard_size
     print(json.dumps({
         "photos": args.photos, "shards": shards, "workers": args.workers,
+        "detector": args.detector,
         "cpus": os.cpu_count(), "killed_after_s": round(killed_after, 1),
         "shards_done_at_kill": len(done),
         "photos_per_s_before_kill": round(before / killed_after, 1),  # start-up included
