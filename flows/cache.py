@@ -90,8 +90,14 @@ def train_key(c: Sections, crop_shards: list[Shard] | None = None) -> str:
         crop_shards = crop_plan(c).shards
     return fingerprint(_shard_keys(c.folder.crops, crop_shards),
                        content_digest(c.folder.faces), content_digest(c.folder.split),
-                       crop_settings(c.crops), model_settings(c.model), c.train.model_dump(),
+                       crop_settings(c.crops), model_settings(c.model), train_settings(c.train),
                        train.CODE_VERSION)
+
+
+def train_settings(cfg: train.TrainConfig) -> dict:
+    """The train section without ``ema_momentum`` while it is off, so models trained
+    before it existed stay current."""
+    return cfg.model_dump(exclude=None if cfg.ema_momentum is not None else {"ema_momentum"})
 
 
 def evaluate_key(train_cache_key: str | None) -> str:

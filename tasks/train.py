@@ -67,6 +67,10 @@ class TrainConfig(BaseModel):
     age_sigma: float = Field(
         3.0, gt=0, description="model.exact_age: width in years of the Gaussian around the "
         "true age that the age head is trained to predict.")
+    ema_momentum: float | None = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
+        "(Polyak averaging, e.g. 0.99 per batch): validation, the best checkpoint and the "
+        "saved model use the averaged weights. None: off.")
     class_weighting: Literal["none", "balanced"] = Field(
         "none", description="'balanced' weights each sample by its inverse age-band frequency.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -173,7 +177,8 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
         else:
             lr = cfg.learning_rate
         model.compile(
-            optimizer=keras.optimizers.Adam(lr),
+            optimizer=keras.optimizers.Adam(lr, use_ema=cfg.ema_momentum is not None,
+                                            ema_momentum=cfg.ema_momentum or 0.99),
             loss={"gender": "sparse_categorical_crossentropy",
                   "age_band": "sparse_categorical_crossentropy",
                   **({"age": "categorical_crossentropy"} if exact else {})},
@@ -186,6 +191,8 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     epochs_before = checkpoint.epochs_before
     callbacks = [  # the backup last: an epoch it has saved is in the checkpoint and CSV
         epoch_timer(keras, cfg.batch_size),
+        # the averaged weights are validated and checkpointed (swapped before the others)
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum else []),
         checkpoint,
         keras.callbacks.CSVLogger(str(history_csv), append=True),
         keras.callbacks.BackupAndRestore(str(model_dir / "backup"), double_checkpoint=True),
