@@ -2,7 +2,7 @@
 stage table (``flows.stages``), where their outputs live in ``flows.run_folder``, the
 work in ``tasks/``.
 
-Every stage goes through one of two wrappers: ``run_stage`` (one output: compare the
+Every stage goes through one of two wrappers: ``stage_task`` (one output: compare the
 stored key with the expected one, reuse or compute, record) and ``run_sharded_stage``
 (read every shard's key first, start workers only for the shards that need work). Each
 ``stages/<stage>.json`` is the stage summary: rows in/out, seconds, what was reused.
@@ -88,7 +88,7 @@ def shards_flow(name: str, config: PipelineConfig) -> dict:
     (the run's task runner); the others are only read."""
     stage = STAGE[name]
     c = StageConfig(config, stage)
-    return _shard_summary(stage, c, stage.plan(c), submit=True)
+    return _shard_summary(stage, c, stage.plan(c))
 
 
 def run_sharded_stage(name: str, config: PipelineConfig) -> dict:
@@ -100,7 +100,7 @@ def run_sharded_stage(name: str, config: PipelineConfig) -> dict:
     c = StageConfig(config, stage)
     plan = stage.plan(c)
     if not plan.todo:
-        summary = _shard_summary(stage, c, plan, submit=False)
+        summary = _shard_summary(stage, c, plan)
     else:
         runner = shard_runner(config.sharding)
         summary = shards_flow.with_options(name=name, flow_run_name=f"{name}-shards",
@@ -108,15 +108,16 @@ def run_sharded_stage(name: str, config: PipelineConfig) -> dict:
     return _record(stage, c, summary)
 
 
-def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan, submit: bool) -> dict:
-    """Compute the plan's todo shards (with ``submit``), show progress (terminal + Prefect
-    artifact), drop shard files no longer planned, and return the stage summary."""
+def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan) -> dict:
+    """Compute the plan's todo shards (on the task runner of the flow it runs in), show
+    progress (terminal + Prefect artifact), drop shard files no longer planned, and return
+    the stage summary."""
     out_dir = c.folder.output(stage.writes)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out_dir, ".shard-*.tmp")  # left by a killed run
     start = time.perf_counter()
     results = [s for s in plan.stored if s is not None]
-    todo = plan.todo if submit else []
+    todo = plan.todo
     futures = []
     if todo:
         progress_id = create_progress_artifact(0.0, key=f"{stage.name}-progress",

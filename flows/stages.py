@@ -57,11 +57,10 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """A sharded stage's plan: its shards, the key each shard's file must hold, and per
-    shard the stored summary of a complete file (None: the shard needs work)."""
+    """A sharded stage's plan: its shards and, per shard, the stored summary of a file
+    complete for the shard's key (None: the shard needs work)."""
 
     shards: list[Shard]
-    keys: list[str]
     stored: list[dict | None]
     extra: Any = None  # what the stage's calls need besides the shard (the crop plan)
 
@@ -185,8 +184,8 @@ def _detect_shards(c: StageConfig) -> list[Shard]:
 def _detect_plan(c: StageConfig) -> ShardPlan:
     shards = _detect_shards(c)
     keys = [detect.shard_cache_key(s, c.detector) for s in shards]
-    return ShardPlan(shards, keys, [detect.stored_shard(c.folder.detections / s.filename, k)
-                                    for s, k in zip(shards, keys, strict=True)])
+    return ShardPlan(shards, [detect.stored_shard(c.folder.detections / s.filename, k)
+                              for s, k in zip(shards, keys, strict=True)])
 
 
 def _detect_call(c: StageConfig, plan: ShardPlan, shard: Shard):
@@ -294,7 +293,7 @@ def _crops_plan(c: StageConfig) -> ShardPlan:
     stored = [crops.stored_shard(c.folder.crops / s.filename, k, c.crops,
                                  plan.shard_faces(s)[1])
               for s, k in zip(plan.shards, keys, strict=True)]
-    return ShardPlan(plan.shards, keys, stored, plan)
+    return ShardPlan(plan.shards, stored, plan)
 
 
 def _crops_call(c: StageConfig, plan: ShardPlan, shard: Shard):

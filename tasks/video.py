@@ -276,12 +276,10 @@ class PeopleCounter:
         return (f"{self.a_names[int(np.argmax(visitor.age_sum))]}_"
                 f"{self.g_names[int(np.argmax(visitor.gender_sum))]}")
 
-    def add(self, visitor: Visitor | Track) -> dict:
+    def add(self, visitor: Visitor) -> dict:
         """Count ``visitor`` (when in view long enough) and return its line for
         ``tracks.jsonl``: first and last second, time in view (the sum of its tracks'),
         its tracks, the averaged probabilities and age."""
-        if isinstance(visitor, Track):
-            visitor = Visitor([visitor])
         cls = self.label(visitor)
         first, last = visitor.first_frame / self.fps, (visitor.last_frame + 1) / self.fps
         in_view = visitor.frames_in_view() / self.fps

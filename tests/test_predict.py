@@ -230,7 +230,7 @@ def test_one_person_close_to_the_camera_is_one_person(tiny_run, aaf_dir, tmp_pat
 def test_tracker_forgets_ended_tracks():
     """An hour of passers-by: live tracks stay few, every ended track is handed out once."""
     from models.analyzer import FacePrediction
-    from tasks.video import IoUTracker, PeopleCounter
+    from tasks.video import IoUTracker, PeopleCounter, Visitor
 
     tracker = IoUTracker(max_gap=5)
     counter = PeopleCounter(["M", "F"], ["20s", "30s", "40s", "50s"])
@@ -245,11 +245,11 @@ def test_tracker_forgets_ended_tracks():
                                             {"20s": 0.1, "30s": 0.7, "40s": 0.1, "50s": 0.1}))
         for track in tracker.close_ended(frame):
             closed += 1
-            counter.add(track)
+            counter.add(Visitor([track]))
         tracker.update(faces, frame)
         most_live = max(most_live, len(tracker.live))
     for track in tracker.close_ended():
-        counter.add(track)
+        counter.add(Visitor([track]))
         closed += 1
     assert closed == tracker.started == 150
     assert most_live <= 2
