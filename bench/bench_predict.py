@@ -1,9 +1,11 @@
-"""``kface predict`` speed: today's path (Keras, one classifier call per photo) vs ONNX
-Runtime with the faces of 16 photos classified together, on the same real photos, in one
-run, each as the ``kface predict`` command a user runs (process start, model load and
-TensorFlow's import included). Also Keras batched and ONNX per photo, so the two causes
-show apart; peak RSS of each process; the largest difference between the Keras and the
-ONNX answers; and whether the ONNX process imported TensorFlow at all.
+"""``kface predict`` speed: today's path (Keras, one classifier call per photo, photos
+read and detected in turn) vs ONNX Runtime with the faces of 16 photos classified
+together while reader threads read and detect the next photos (``kface predict``'s
+defaults), on the same real photos, in one run, each as the ``kface predict`` command a
+user runs (process start, model load and TensorFlow's import included). Also Keras
+batched, ONNX per photo and ONNX batched without reader threads, so the causes show
+apart; peak RSS of each process; the largest difference between the Keras and the ONNX
+answers; and whether the ONNX process imported TensorFlow at all.
 
 ``python bench/bench_predict.py [--photos 600] [--size 160] [--detector res10|yunet]``:
 All-Age-Faces photos (one
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.storage import write_json_atomic  # noqa: E402
+from tasks.predict import READERS  # noqa: E402
 
 SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
 # runs kface predict in this process and reports its peak RSS and whether TF was imported
@@ -51,11 +54,13 @@ def save_model(folder: Path, size: int) -> None:
         "crop": {"size": size, "margin": 0.2, "margin_mode": "symmetric"}})
 
 
-def run_predict(photos: Path, model: Path, out: Path, batch: int, detector: str) -> dict:
+def run_predict(photos: Path, model: Path, out: Path, batch: int, detector: str,
+                threads: int | None) -> dict:
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", RUNNER, "predict", str(photos), "--model",
                           str(model), "--out", str(out), "--batch", str(batch),
-                          "--detector", detector],
+                          "--detector", detector,
+                          *(["--threads", str(threads)] if threads else [])],
                          cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if res.returncode != 0:
@@ -95,19 +100,24 @@ def main() -> None:
 
     export_model(work / "keras", work / "onnx", "onnx")
     runs = {}
-    for name, model, batch in (("keras_per_photo (today)", "keras", 1),
-                               ("keras_batched", "keras", 16),
-                               ("onnx_per_photo", "onnx", 1),
-                               ("onnx_batched", "onnx", 16)):
+    for name, model, batch, threads in (("keras_per_photo (today)", "keras", 1, 1),
+                                        ("keras_batched", "keras", 16, 1),
+                                        ("onnx_per_photo", "onnx", 1, 1),
+                                        ("onnx_batched", "onnx", 16, 1),
+                                        ("onnx_batched_readers", "onnx", 16, None)):
         runs[name] = run_predict(photos, work / model, work / f"out-{name.split()[0]}", batch,
-                                 args.detector)
+                                 args.detector, threads)
         print(name, {k: v for k, v in runs[name].items() if k != "entries"}, flush=True)
-    today, onnx = runs["keras_per_photo (today)"], runs["onnx_batched"]
+    today, onnx = runs["keras_per_photo (today)"], runs["onnx_batched_readers"]
     result = {
         "photos": args.photos, "input_size": args.size, "detector": args.detector,
         "cpus": os.cpu_count(),
         **{name: {k: v for k, v in r.items() if k != "entries"} for name, r in runs.items()},
-        "onnx_batched_vs_today": round(onnx["photos_per_s"] / today["photos_per_s"], 2),
+        "readers": READERS,
+        "onnx_batched_readers_vs_today": round(onnx["photos_per_s"] / today["photos_per_s"],
+                                               2),
+        "onnx_batched_vs_today": round(runs["onnx_batched"]["photos_per_s"]
+                                       / today["photos_per_s"], 2),
         "max_probability_difference": largest_difference(today["entries"], onnx["entries"]),
     }
     print(json.dumps(result, indent=2))

@@ -2,7 +2,8 @@
 backbone and ResNet50, ours (`analyze_video`: detect, one batched classifier call per
 frame, tracking, annotated output) vs the original's webcam loop (detect with no mean,
 then one ``model.predict`` call per face) on the same clip, same model, same run; for the
-quality recipe's network also ours on its ONNX export (ONNX Runtime, no TensorFlow).
+quality recipe's network also ours on its ONNX export (ONNX Runtime, no TensorFlow),
+with the default reader threads and with one (frames detected in turn).
 ``python bench/bench_video.py [--frames 150] [--detector res10|yunet]``: ours detects with
 the given network (the original's loop always uses res10). Models are untrained: speed
 only.
@@ -98,7 +99,7 @@ def main() -> None:
             start = time.perf_counter()
             summary = analyze_video(analyzer, str(clip), tmp / f"out-{name}")
             ours = summary["frames"] / (time.perf_counter() - start)
-            onnx_fps = None
+            onnx_fps = onnx_one_reader_fps = None
             if "recipe" in name:  # the same network exported, on ONNX Runtime
                 from models.export import export_model
 
@@ -108,9 +109,15 @@ def main() -> None:
                 start = time.perf_counter()
                 summary = analyze_video(onnx, str(clip), tmp / "out-recipe-onnx")
                 onnx_fps = round(summary["frames"] / (time.perf_counter() - start), 1)
+                start = time.perf_counter()  # frames detected in turn, not ahead
+                summary = analyze_video(onnx, str(clip), tmp / "out-onnx-1", readers=1)
+                onnx_one_reader_fps = round(summary["frames"] / (time.perf_counter()
+                                                                 - start), 1)
             original = original_loop(clip, analyzer.model.model, size)
             results[name] = {"detector": args.detector, "ours_fps": round(ours, 1),
-                             "ours_onnx_fps": onnx_fps, "original_fps": round(original, 1),
+                             "ours_onnx_fps": onnx_fps,
+                             "ours_onnx_one_reader_fps": onnx_one_reader_fps,
+                             "original_fps": round(original, 1),
                              "ratio": round(ours / original, 2), "frames": summary["frames"]}
             print(json.dumps({name: results[name]}), flush=True)
     print(json.dumps(results, indent=2))

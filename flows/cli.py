@@ -445,6 +445,9 @@ def predict(
     shard_size: int = typer.Option(200, help="Images per shard with --workers > 1."),
     batch: int = typer.Option(16, min=1, help="Photos whose faces are classified in one "
                               "network call (1: one call per photo)."),
+    threads: int | None = typer.Option(None, min=1, help="Threads that read and detect "
+                                       "the next photos while faces are classified "
+                                       "(default: the CPU count, at most 4; 1: in turn)."),
     merged_json: bool = typer.Option(False, "--json", help="With --workers > 1: also merge "
                                      "the shards into predictions.json."),
     dask_address: str | None = typer.Option(None, help="With --workers > 1: run the shards "
@@ -463,8 +466,10 @@ def predict(
         _predict_flow(_model_dir(model), paths, out, shard_size, threshold, csv, annotated,
                       workers, detector, merged_json, dask_address)
         return
+    from tasks.predict import READERS
+
     entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,
-                             annotated, batch)
+                             annotated, batch, threads or READERS)
     errors = [e for e in entries if e["error"]]
     faces = sum(len(e["faces"]) for e in entries)
     _print_faces(entries)

@@ -19,6 +19,7 @@ small faces are); phantoms and overlapping boxes are removed by the detector.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 from core.labels import expected_age
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.calibration import apply_temperature
-from models.detector import INFERENCE_CONFIDENCE, DetectorConfig, get_detector
+from models.detector import INFERENCE_CONFIDENCE, DetectorConfig, Face, FaceDetector
 from models.face_crop import CropSpec, face_crop
 
 
@@ -135,11 +136,22 @@ class FaceAnalyzer:
             self.notes.append(
                 "the model expects landmark-aligned faces; res10 finds no landmarks, so "
                 "faces are box-cropped (accuracy may drop): use the yunet detector")
-        self.detector = get_detector(self.detector_cfg)
+        self._local = threading.local()
+        self._local.detector = FaceDetector(self.detector_cfg)  # bad weights fail here
 
-    def crops(self, image: np.ndarray) -> tuple[list, np.ndarray]:
+    @property
+    def detector(self) -> FaceDetector:
+        """This thread's detector: an OpenCV network must not run in two threads at once,
+        so each thread that detects (``tasks.predict``'s readers) loads its own."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = self._local.detector = FaceDetector(self.detector_cfg)
+        return detector
+
+    def crops(self, image: np.ndarray) -> tuple[list[Face], np.ndarray]:
         """Detected faces and their classifier inputs (RGB, size x size, float32), cut by
-        the one crop function the training crops were cut by."""
+        the one crop function the training crops were cut by. Safe to call from several
+        threads at once."""
         faces = self.detector.detect(image)
         batch = np.stack([face_crop(image, f.box_margin, f.landmarks, self.spec)[0]
                           for f in faces]) if faces else np.zeros((0, self.size, self.size, 3))
@@ -160,7 +172,11 @@ class FaceAnalyzer:
     def analyze_many(self, images: list[np.ndarray]) -> list[list[FacePrediction]]:
         """The faces of each image, their crops classified together (one network call per
         ``BATCH`` crops, not one per image)."""
-        found = [self.crops(image) for image in images]
+        return self.predictions([self.crops(image) for image in images])
+
+    def predictions(self, found: list[tuple[list[Face], np.ndarray]]
+                    ) -> list[list[FacePrediction]]:
+        """Classify the crops of several images (each ``crops``' answer) together."""
         batches = [batch for _, batch in found if len(batch)]
         probs = self.classify(np.concatenate(batches) if batches
                               else np.zeros((0, self.size, self.size, 3), np.float32))

@@ -24,7 +24,7 @@ from core.labels import AGE_BANDS, GENDERS
 from models.analyzer import FaceAnalyzer
 from models.calibration import apply_temperature
 from tasks.evaluate import FEW_SUBJECTS, calibration_metrics, degenerate_warnings, score_split
-from tasks.predict import predict_entries
+from tasks.predict import READERS, predict_entries
 from tasks.select import DataConfig, DatasetError, labels_path, scan_labelled
 
 
@@ -40,7 +40,7 @@ def folder_predictions(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
         raise DatasetError(f"{csv}: no usable labelled photo{missing}: the 'file' column "
                            f"holds paths relative to {data.root}")
     entries = predict_entries(analyzer, [Path(data.root) / p for p in manifest.path],
-                              batch=batch)
+                              batch=batch, readers=READERS)
     best = [e["faces"][0] if e["faces"] else None for e in entries]
     found = np.array([f is not None for f in best])
     left_out = {"photos": len(manifest), "unreadable": sum(bool(e["error"]) for e in entries),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,11 +22,15 @@ import numpy as np
 
 from core.images import IMAGE_SUFFIXES, ImageError, load_image
 from core.storage import write_bytes_atomic, write_json_atomic
+from core.threads import ordered_map
 from models.analyzer import FaceAnalyzer, FacePrediction
-from models.detector import LANDMARK_COLUMNS
+from models.detector import LANDMARK_COLUMNS, Face
 
 GENDER_NAMES = {"M": "Man", "F": "Woman"}
 PHOTOS_PER_BATCH = 16  # photos whose faces go through the classifier together
+# threads that read and detect photos ahead of the classifier (one process): OpenCV
+# releases the GIL, and one network per thread runs faster than one network on all cores
+READERS = min(4, os.cpu_count() or 1)
 
 
 def iter_images(inputs: Iterable[Path]) -> Iterator[Path]:
@@ -64,18 +69,34 @@ def annotate(image: np.ndarray, faces: Iterable[FacePrediction],
     return out
 
 
+def read_photo(analyzer: FaceAnalyzer, path: Path
+               ) -> tuple[dict, np.ndarray | None, tuple[list[Face], np.ndarray] | None]:
+    """A photo's predictions.json entry (faces still empty), its image and its detected
+    faces with their crops; for an unreadable file the entry's ``error`` and two Nones."""
+    entry: dict = {"path": str(path), "width": None, "height": None, "faces": [],
+                   "error": None}
+    try:
+        image, width, height, _ = load_image(Path(path))
+    except ImageError as exc:
+        entry["error"] = str(exc)
+        return entry, None, None
+    entry.update(width=width, height=height)
+    return entry, image, analyzer.crops(image)
+
+
 def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
                     annotated_dir: Path | None = None, start: int = 0,
-                    batch: int = PHOTOS_PER_BATCH) -> list[dict]:
+                    batch: int = PHOTOS_PER_BATCH, readers: int = 1) -> list[dict]:
     """One predictions.json entry per image path; annotated copies into ``annotated_dir``
     (numbered from ``start``) when given. Unreadable images get ``error``, never raise.
-    The faces of ``batch`` photos are classified together."""
+    ``readers`` threads read and detect the next photos while the faces of ``batch``
+    photos are classified together."""
     entries: list[dict] = []
-    pending: list[tuple[dict, np.ndarray, int]] = []  # entry, image, its number
+    pending: list[tuple[dict, np.ndarray, tuple, int]] = []  # entry, image, crops, number
 
     def flush() -> None:
-        found = analyzer.analyze_many([image for _, image, _ in pending])
-        for (entry, image, number), faces in zip(pending, found, strict=True):
+        found = analyzer.predictions([crops for _, _, crops, _ in pending])
+        for (entry, image, _, number), faces in zip(pending, found, strict=True):
             entry["faces"] = [f.as_dict() for f in faces]
             if annotated_dir is not None:
                 ok, buf = cv2.imencode(".jpg", annotate(image, faces))
@@ -84,18 +105,12 @@ def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
                     write_bytes_atomic(Path(annotated_dir) / name, buf.tobytes())
         pending.clear()
 
-    for path in paths:
-        path = Path(path)
-        entry: dict = {"path": str(path), "width": None, "height": None, "faces": [],
-                       "error": None}
+    for entry, image, crops in ordered_map(lambda p: read_photo(analyzer, p), paths,
+                                           readers):
         entries.append(entry)
-        try:
-            image, width, height, _ = load_image(path)
-        except ImageError as exc:
-            entry["error"] = str(exc)
+        if image is None:
             continue
-        entry.update(width=width, height=height)
-        pending.append((entry, image, start + len(entries)))
+        pending.append((entry, image, crops, start + len(entries)))
         if len(pending) >= batch:
             flush()
     if pending:
@@ -112,11 +127,13 @@ def write_predictions(entries: list[dict], out: Path, write_csv: bool = False) -
 
 def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
                    write_csv: bool = False, annotated: bool = False,
-                   batch: int = PHOTOS_PER_BATCH) -> list[dict]:
-    """Analyse every image in one process; write ``out/predictions.json`` (+ extras)."""
+                   batch: int = PHOTOS_PER_BATCH, readers: int = READERS) -> list[dict]:
+    """Analyse every image in one process (``readers`` threads read and detect); write
+    ``out/predictions.json`` (+ extras)."""
     out = Path(out)
     entries = predict_entries(analyzer, iter_images(inputs),
-                              out / "annotated" if annotated else None, batch=batch)
+                              out / "annotated" if annotated else None, batch=batch,
+                              readers=readers)
     write_predictions(entries, out, write_csv)
     return entries
 

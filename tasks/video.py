@@ -25,9 +25,10 @@ gender coming and going within the window may be joined.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +36,10 @@ import cv2
 import numpy as np
 
 from core.storage import atomic_path, write_json_atomic
+from core.threads import ordered_map
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import box_iou
-from tasks.predict import GENDER_NAMES, annotate
+from tasks.predict import GENDER_NAMES, READERS, annotate
 
 MIN_SECONDS = 0.5  # a visitor in view for less is not counted
 GAP_SECONDS = 1.0  # a face unseen for up to this long keeps its track
@@ -316,14 +318,19 @@ def open_capture(source: str) -> cv2.VideoCapture:
 def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = False,
                   max_frames: int | None = None, min_seconds: float = MIN_SECONDS,
                   gap_seconds: float = GAP_SECONDS, return_seconds: float = RETURN_SECONDS,
-                  progress: Callable[[int, int | None], None] | None = None) -> dict:
+                  progress: Callable[[int, int | None], None] | None = None,
+                  readers: int | None = None) -> dict:
     """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl``,
     ``out/tracks.jsonl`` and (``stats``) ``out/stats.json``, ``out/timeline.csv``,
     ``out/people.png``. A face unseen for up to ``gap_seconds`` keeps its track; a person
     back within ``return_seconds`` (0: never) stays the same visitor; a visitor in view
     for less than ``min_seconds`` is not counted. ``progress(frames done, frames in the
-    file or None)`` is called every frame."""
+    file or None)`` is called every frame. ``readers`` threads detect the next frames
+    while this one is classified, tracked and written (default: ``READERS`` for a file,
+    1 for a camera, whose frames should not wait in a queue)."""
     cap = open_capture(source)
+    if readers is None:
+        readers = 1 if str(source).isdigit() else READERS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
@@ -346,16 +353,21 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                 tracks.write(json.dumps(counter.add(visitor)) + "\n")
             tracks.flush()
 
-        while max_frames is None or frame_index < max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
+        def frames() -> Iterator[np.ndarray]:
+            for _ in itertools.count() if max_frames is None else range(max_frames):
+                ok, frame = cap.read()
+                if not ok:
+                    return
+                yield frame
+
+        for frame, found in ordered_map(lambda f: (f, analyzer.crops(f)), frames(),
+                                        readers):
             if writer is None:
                 h, w = frame.shape[:2]
                 writer = cv2.VideoWriter(str(out / ".annotated.mp4"),
                                          cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
             close(tracker.close_ended(frame_index), frame_index)
-            preds = analyzer.analyze(frame)
+            preds = analyzer.predictions([found])[0]
             live = tracker.update(preds, frame_index,
                                   [face_thumbnail(frame, p.box) for p in preds])
             minute = int(frame_index / fps // 60)

@@ -327,6 +327,45 @@ def test_many_photos_in_one_batch_match_one_by_one(analyzer, scenes_dir):
             assert fa.age_band_probs == pytest.approx(fb.age_band_probs, abs=2e-4)
 
 
+def test_reader_threads_give_the_answers_of_one_thread(analyzer, scenes_dir, tmp_path):
+    """Photos read and detected by two threads ahead of the classifier: every entry in
+    the input's order, an unreadable file in between, the same faces and probabilities."""
+    from tasks.predict import predict_entries
+
+    paths = sorted(scenes_dir.glob("*.jpg"))[:5]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths = [*paths[:2], bad, *paths[2:]]
+    one = predict_entries(analyzer, paths, batch=2, readers=1)
+    two = predict_entries(analyzer, paths, batch=2, readers=2)
+    assert [e["path"] for e in two] == [str(p) for p in paths]
+    assert two[2]["error"] and not two[2]["faces"]
+    assert sum(len(e["faces"]) for e in two) >= 5
+    for a, b in zip(one, two, strict=True):
+        assert [f["box"] for f in a["faces"]] == [f["box"] for f in b["faces"]]
+        for fa, fb in zip(a["faces"], b["faces"], strict=True):
+            assert fa["age_band_probs"] == pytest.approx(fb["age_band_probs"], abs=2e-4)
+
+
+def test_ordered_map_keeps_order_and_raises_at_its_item():
+    import time
+
+    from core.threads import ordered_map
+
+    def slow_square(x: int) -> int:
+        time.sleep(0.01 * (x % 3))  # later items often finish first
+        if x == 7:
+            raise ValueError("seven")
+        return x * x
+
+    assert list(ordered_map(slow_square, range(7), threads=3)) == [x * x for x in range(7)]
+    got = []
+    with pytest.raises(ValueError, match="seven"):
+        for value in ordered_map(slow_square, range(20), threads=3):
+            got.append(value)
+    assert got == [x * x for x in range(7)]
+
+
 def test_onnx_model_folder_problems_are_one_line(onnx_model, scenes_dir, tmp_path):
     import shutil
 
