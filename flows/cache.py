@@ -94,10 +94,15 @@ def train_key(c: Sections, crop_shards: list[Shard] | None = None) -> str:
                        train.CODE_VERSION)
 
 
+# train settings added since models were first trained, with the value that means "off"
+TRAIN_OFF = {"ema_momentum": None, "age_mean_weight": 0.0}
+
+
 def train_settings(cfg: train.TrainConfig) -> dict:
-    """The train section without ``ema_momentum`` while it is off, so models trained
-    before it existed stay current."""
-    return cfg.model_dump(exclude=None if cfg.ema_momentum is not None else {"ema_momentum"})
+    """The train section without the settings of ``TRAIN_OFF`` while they are off, so
+    models trained before they existed stay current."""
+    return cfg.model_dump(exclude={k for k, off in TRAIN_OFF.items()
+                                   if getattr(cfg, k) == off})
 
 
 def evaluate_key(train_cache_key: str | None) -> str:

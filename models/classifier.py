@@ -23,7 +23,7 @@ from models.runtime import load_keras
 
 # backbone -> keras preprocessing mode applied by BackbonePreprocess
 PREPROCESS_MODE = {"resnet50": "caffe", "mobilenet_v3_small": "none", "mobilenet": "tf",
-                   "small_cnn": "unit"}
+                   "mobilenet_v2": "tf", "small_cnn": "unit"}
 
 
 class ModelConfig(BaseModel):
@@ -31,15 +31,18 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backbone: Literal["resnet50", "mobilenet_v3_small", "mobilenet", "small_cnn"] = Field(
+    backbone: Literal["resnet50", "mobilenet_v3_small", "mobilenet", "mobilenet_v2",
+                      "small_cnn"] = Field(
         "resnet50", description="resnet50 (the original; GPU), mobilenet_v3_small / "
-        "mobilenet (v1) / small_cnn for CPU runs."
+        "mobilenet (v1) / mobilenet_v2 / small_cnn for CPU runs."
     )
     weights: str = Field(
         "none", description="'none' (random init, as the original), 'imagenet' (downloads: "
         "needs the internet) or a path to a local Keras no-top weights file."
     )
-    alpha: float = Field(0.25, gt=0, le=1.0, description="Width multiplier for mobilenet.")
+    alpha: float = Field(0.25, gt=0, le=1.0, description="Width multiplier for mobilenet "
+                         "and mobilenet_v2 (pretrained files exist for v1 0.25/0.5/0.75/1 "
+                         "and v2 0.35/0.5/0.75/1).")
     cnn_filters: list[int] = Field(
         [16, 32, 64, 128], min_length=1, description="small_cnn: filters of each "
         "two-conv block (each block halves the resolution).")
@@ -94,6 +97,8 @@ def _backbone(cfg: ModelConfig, size: int):
             weights=weights, include_top=False, input_shape=shape,
             include_preprocessing=True),
         "mobilenet": lambda: keras.applications.MobileNet(
+            weights=weights, include_top=False, input_shape=shape, alpha=cfg.alpha),
+        "mobilenet_v2": lambda: keras.applications.MobileNetV2(
             weights=weights, include_top=False, input_shape=shape, alpha=cfg.alpha),
     }
     try:
@@ -176,6 +181,7 @@ def load_classifier(path: Path):
     """Load a saved classifier in Keras safe mode (our one custom layer is registered)."""
     keras = load_keras()
 
+    import models.losses  # noqa: F401  registers AgeLoss
     import models.preprocess  # noqa: F401  registers BackbonePreprocess
 
     return keras.saving.load_model(Path(path), safe_mode=True)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # training images/s on this project's 2-core CPU machine (measured, see docs/training.md),
 # for the warning before a long CPU training; scaled by (size / 224)^2 for other sizes
 CPU_IMAGES_PER_S_224 = {"resnet50": 5.0, "mobilenet_v3_small": 60.0, "mobilenet": 45.0,
-                        "small_cnn": 40.0}
+                        "mobilenet_v2": 22.0, "small_cnn": 40.0}
 LONG_CPU_TRAINING_S = 3 * 3600
 
 
@@ -67,6 +67,10 @@ class TrainConfig(BaseModel):
     age_sigma: float = Field(
         3.0, gt=0, description="model.exact_age: width in years of the Gaussian around the "
         "true age that the age head is trained to predict.")
+    age_mean_weight: float = Field(
+        0.0, ge=0, description="model.exact_age: add this times the absolute error, in "
+        "tens of years, of the age head's mean age to its loss (the mean term of the "
+        "mean-variance loss). 0: off.")
     ema_momentum: float | None = Field(
         None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
         "(Polyak averaging, e.g. 0.99 per batch): validation, the best checkpoint and the "
@@ -144,6 +148,7 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     validation metrics (the epoch of the saved model).
     """
     keras = load_keras()
+    from models.losses import AgeLoss
     train, val = crops.splits["train"], crops.splits["val"]
     if train.empty or val.empty:
         raise ValueError(f"need examples in both splits (train {len(train)}, val {len(val)})")
@@ -181,7 +186,7 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
                                             ema_momentum=cfg.ema_momentum or 0.99),
             loss={"gender": "sparse_categorical_crossentropy",
                   "age_band": "sparse_categorical_crossentropy",
-                  **({"age": "categorical_crossentropy"} if exact else {})},
+                  **({"age": AgeLoss(cfg.age_mean_weight)} if exact else {})},
             loss_weights={h: cfg.loss_weights.get(h, 1.0) for h in heads},
             metrics={"gender": ["accuracy"], "age_band": ["accuracy"]},
         )
