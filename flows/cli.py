@@ -447,7 +447,8 @@ def predict(
                               "network call (1: one call per photo)."),
     threads: int | None = typer.Option(None, min=1, help="Threads that read and detect "
                                        "the next photos while faces are classified "
-                                       "(default: the CPU count, at most 4; 1: in turn)."),
+                                       "(default: the CPU count, at most 4; 1: in turn). "
+                                       "Without --workers."),
     merged_json: bool = typer.Option(False, "--json", help="With --workers > 1: also merge "
                                      "the shards into predictions.json."),
     dask_address: str | None = typer.Option(None, help="With --workers > 1: run the shards "
