@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import cv2  # noqa: E402
 
 from core.images import load_image  # noqa: E402
 from core.threads import ordered_map  # noqa: E402
-from models.detector import DetectorConfig, FaceDetector  # noqa: E402
+from models.detector import DetectorConfig, get_detector  # noqa: E402
 
 SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -36,12 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     paths = sorted((SHARED / "faces" / "aaf").glob("*.jpg"))[:args.photos]
     cfg = DetectorConfig(kind=args.detector)
-    local = threading.local()
 
     def faces(path: Path) -> int:
-        if not hasattr(local, "net"):
-            local.net = FaceDetector(cfg)
-        return len(local.net.detect(load_image(path)[0]))
+        return len(get_detector(cfg).detect(load_image(path)[0]))
 
     rows = []
     for opencv_threads in (cv2.getNumThreads(), 1):

@@ -19,7 +19,6 @@ small faces are); phantoms and overlapping boxes are removed by the detector.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,13 @@ import numpy as np
 from core.labels import expected_age
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.calibration import apply_temperature
-from models.detector import INFERENCE_CONFIDENCE, DetectorConfig, Face, FaceDetector
+from models.detector import (
+    INFERENCE_CONFIDENCE,
+    DetectorConfig,
+    Face,
+    FaceDetector,
+    get_detector,
+)
 from models.face_crop import CropSpec, face_crop
 
 
@@ -136,17 +141,12 @@ class FaceAnalyzer:
             self.notes.append(
                 "the model expects landmark-aligned faces; res10 finds no landmarks, so "
                 "faces are box-cropped (accuracy may drop): use the yunet detector")
-        self._local = threading.local()
-        self._local.detector = FaceDetector(self.detector_cfg)  # bad weights fail here
+        get_detector(self.detector_cfg)  # missing or bad weights fail here
 
     @property
     def detector(self) -> FaceDetector:
-        """This thread's detector: an OpenCV network must not run in two threads at once,
-        so each thread that detects (``tasks.predict``'s readers) loads its own."""
-        detector = getattr(self._local, "detector", None)
-        if detector is None:
-            detector = self._local.detector = FaceDetector(self.detector_cfg)
-        return detector
+        """This thread's detector (each reader thread of ``tasks.predict`` has its own)."""
+        return get_detector(self.detector_cfg)
 
     def crops(self, image: np.ndarray) -> tuple[list[Face], np.ndarray]:
         """Detected faces and their classifier inputs (RGB, size x size, float32), cut by

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -426,10 +427,17 @@ class FaceDetector:
                                self.cfg)
 
 
-@functools.cache
+_networks = threading.local()
+
+
 def get_detector(cfg: DetectorConfig) -> FaceDetector:
-    """One detector per process and config: worker processes load the network once."""
-    return FaceDetector(cfg)
+    """This thread's detector for ``cfg``, loaded once: worker processes load the network
+    once, and reader threads (``core.threads``) each load their own, as an OpenCV network
+    must not run in two threads at once."""
+    loaded = _networks.__dict__.setdefault("by_config", {})
+    if cfg not in loaded:
+        loaded[cfg] = FaceDetector(cfg)
+    return loaded[cfg]
 
 
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -18,7 +18,6 @@ second person not at all, so 0.5 separates the two with room on both sides.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from core.boxes import read_box_file
 from core.threads import ordered_map
-from models.detector import DetectorConfig, FaceDetector, box_iou, faces_from_rows
+from models.detector import DetectorConfig, box_iou, faces_from_rows, get_detector
 
 MATCH_IOU = 0.5
 
@@ -37,11 +36,8 @@ def count_faces(paths: Sequence[Path], configs: dict[str, DetectorConfig],
     """Faces found per photo under each named config. Configs that share the network and
     its input (kind, size, aspect, mean) share one forward pass per photo; ``threads``
     threads work on photos at once, each with its own networks."""
-    local = threading.local()
 
     def one(path: Path) -> list[int]:
-        if not hasattr(local, "nets"):
-            local.nets = {}
         image = cv2.imread(str(path))
         if image is None:
             raise ValueError(f"{path}: cannot be decoded")
@@ -51,9 +47,7 @@ def count_faces(paths: Sequence[Path], configs: dict[str, DetectorConfig],
         for cfg in configs.values():
             key = (cfg.kind, cfg.input_size, cfg.input_aspect, cfg.mean)
             if key not in rows_by_input:
-                if key not in local.nets:
-                    local.nets[key] = FaceDetector(cfg)
-                rows_by_input[key] = local.nets[key].raw_detections(image)
+                rows_by_input[key] = get_detector(cfg).raw_detections(image)
             found.append(len(faces_from_rows(rows_by_input[key], w, h, cfg)))
         return found
 
