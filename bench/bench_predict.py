@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.storage import write_json_atomic  # noqa: E402
-from tasks.predict import READERS  # noqa: E402
+from core.threads import READERS  # noqa: E402
 
 SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
 # runs kface predict in this process and reports its peak RSS and whether TF was imported

@@ -8,6 +8,7 @@ paths never holds more than a handful of decoded images.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +16,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+# threads that read and detect photos or frames ahead of the classifier (one process):
+# OpenCV releases the GIL, and one network per thread runs faster than one on all cores
+READERS = min(4, os.cpu_count() or 1)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 1,

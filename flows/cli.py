@@ -467,7 +467,7 @@ def predict(
         _predict_flow(_model_dir(model), paths, out, shard_size, threshold, csv, annotated,
                       workers, detector, merged_json, dask_address)
         return
-    from tasks.predict import READERS
+    from core.threads import READERS
 
     entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,
                              annotated, batch, threads or READERS)
@@ -558,9 +558,9 @@ def video(
     visitor in tracks.jsonl (seconds in view, averaged probabilities and age)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from tasks.video import VideoError, analyze_video
+    from tasks.video import VideoError, analyze_video, is_camera
 
-    if not source.isdigit() and not Path(source).exists():
+    if not is_camera(source) and not Path(source).exists():
         _fail(f"video {source} not found")
     analyzer = _analyzer(model, threshold, detector)
     with Progress("[progress.description]{task.description}", BarColumn(),

@@ -17,7 +17,6 @@ second person not at all, so 0.5 separates the two with room on both sides.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,14 +24,14 @@ import cv2
 import numpy as np
 
 from core.boxes import read_box_file
-from core.threads import ordered_map
+from core.threads import READERS, ordered_map
 from models.detector import DetectorConfig, box_iou, faces_from_rows, get_detector
 
 MATCH_IOU = 0.5
 
 
 def count_faces(paths: Sequence[Path], configs: dict[str, DetectorConfig],
-                threads: int = min(4, os.cpu_count() or 1)) -> dict[str, np.ndarray]:
+                threads: int = READERS) -> dict[str, np.ndarray]:
     """Faces found per photo under each named config. Configs that share the network and
     its input (kind, size, aspect, mean) share one forward pass per photo; ``threads``
     threads work on photos at once, each with its own networks."""

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from core.labels import AGE_BANDS, GENDERS
+from core.threads import READERS
 from models.analyzer import FaceAnalyzer
 from models.calibration import apply_temperature
 from tasks.evaluate import FEW_SUBJECTS, calibration_metrics, degenerate_warnings, score_split
-from tasks.predict import READERS, predict_entries
+from tasks.predict import predict_entries
 from tasks.select import DataConfig, DatasetError, labels_path, scan_labelled
 
 

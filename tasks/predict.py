@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,15 +21,12 @@ import numpy as np
 
 from core.images import IMAGE_SUFFIXES, ImageError, load_image
 from core.storage import write_bytes_atomic, write_json_atomic
-from core.threads import ordered_map
+from core.threads import READERS, ordered_map
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import LANDMARK_COLUMNS, Face
 
 GENDER_NAMES = {"M": "Man", "F": "Woman"}
 PHOTOS_PER_BATCH = 16  # photos whose faces go through the classifier together
-# threads that read and detect photos ahead of the classifier (one process): OpenCV
-# releases the GIL, and one network per thread runs faster than one network on all cores
-READERS = min(4, os.cpu_count() or 1)
 
 
 def iter_images(inputs: Iterable[Path]) -> Iterator[Path]:

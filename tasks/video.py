@@ -36,10 +36,10 @@ import cv2
 import numpy as np
 
 from core.storage import atomic_path, write_json_atomic
-from core.threads import ordered_map
+from core.threads import READERS, ordered_map
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import box_iou
-from tasks.predict import GENDER_NAMES, READERS, annotate
+from tasks.predict import GENDER_NAMES, annotate
 
 MIN_SECONDS = 0.5  # a visitor in view for less is not counted
 GAP_SECONDS = 1.0  # a face unseen for up to this long keeps its track
@@ -308,8 +308,13 @@ class PeopleCounter:
                 "age": visitor.age}
 
 
+def is_camera(source: str) -> bool:
+    """A camera index ("0"), not a file."""
+    return str(source).isdigit()
+
+
 def open_capture(source: str) -> cv2.VideoCapture:
-    cap = cv2.VideoCapture(int(source) if str(source).isdigit() else str(source))
+    cap = cv2.VideoCapture(int(source) if is_camera(source) else str(source))
     if not cap.isOpened():
         raise VideoError(f"cannot open video {source!r}: not a readable video file or camera")
     return cap
@@ -330,7 +335,7 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
     1 for a camera, whose frames should not wait in a queue)."""
     cap = open_capture(source)
     if readers is None:
-        readers = 1 if str(source).isdigit() else READERS
+        readers = 1 if is_camera(source) else READERS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
