@@ -3,17 +3,20 @@
 The held-out fifth of the All-Age-Faces people (``aaf_quality.held_out``: chosen by a hash
 of the file name, never trained or tuned on) goes once through the model's own inference
 path (``kface evaluate``'s: detector, crop, calibration; the best face of each photo).
-Then, for three shops (the mix of the faces the model was trained on, read from its run
+Those people are then split in two by another hash of the file name: the *reference*
+half plays the labelled photos of people like the shop's that a user runs ``kface
+evaluate`` on (its ``soft_confusion.json``), the *visitor* half the shop's visitors.
+For three shops (the mix of the faces the model was trained on, read from its run
 folder's train and val splits; a young shop 55/30/10/5%; an older one 10/20/30/40% for
 20s/30s/40s/50s) and 100 and 500 visitors, ``--draws`` shops are drawn: each visitor's
-band from the shop's mix, then a held-out person of that band. Printed for each: the
+band from the shop's mix, then a visitor-half person of that band. Printed for each: the
 share of visitors counted in a wrong band (half the summed absolute count errors over
 the visitors) when each visitor is counted by their most likely band (argmax), by
-``kface stats``' estimator (summed calibrated probabilities), and by a prior-adjusted
-estimator (the shop's mix re-estimated by EM, Saerens et al. 2002); and how often the true
-count of each band falls inside ``kface stats``' 95% interval (the lowest band's figure
-and each band's). Also the held-out people's age-band calibration error (ECE) with and
-without the model's temperature.
+``kface stats``' default estimator (summed calibrated probabilities) and by ``kface stats
+--reference`` (mix-corrected); how often the true count of each band falls inside each
+estimator's 95% interval (the lowest band's figure; each band's in the JSON), and the
+corrected interval's mean width. Also the held-out people's age-band calibration error
+(ECE) with and without the model's temperature.
 
 ``python bench/bench_counts.py --model bench/out/aaf-quality/run-utk/experiments/default/model``
 (a model trained by ``bench/aaf_quality.py``; predictions are cached beside the model's
@@ -23,6 +26,7 @@ sha256 under ``--work``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -56,9 +60,10 @@ def held_out_folder(work: Path) -> Path:
     return folder
 
 
-def predictions(model: Path, work: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Per held-out person with a face: the true band index and the calibrated age-band
-    probabilities (cached by the model's sha256), and the temperature."""
+def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Per held-out person with a face: the file name, the true band and gender indices
+    and the calibrated probabilities of both heads (cached by the model's sha256), and the
+    temperature."""
     from core.storage import file_sha256
     from models.analyzer import FaceAnalyzer, resolve_model_dir
     from tasks.evaluate_folder import folder_predictions
@@ -67,15 +72,23 @@ def predictions(model: Path, work: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     model_dir, _ = resolve_model_dir(model)
     network = next(p for p in (model_dir / "model.onnx", model_dir / "model.keras")
                    if p.exists())
-    cache = work / f"held-out-{file_sha256(network)[:16]}.npz"
+    cache = work / f"held-out-{file_sha256(network)[:16]}-2.npz"
     labels = json.loads((model_dir / "labels.json").read_text())
     if not cache.exists():
         analyzer = FaceAnalyzer(model_dir)
         frame, probs, _ = folder_predictions(analyzer, DataConfig(
             root=held_out_folder(work), layout="labelled"))
-        np.savez(cache, truth=frame.age_idx.to_numpy(), band=probs["age_band"])
-    data = np.load(cache)
-    return data["truth"], data["band"], labels.get("temperature") or {}
+        np.savez(cache, files=frame.path.to_numpy(str), band_truth=frame.age_idx.to_numpy(),
+                 gender_truth=frame.gender_idx.to_numpy(), band=probs["age_band"],
+                 gender=probs["gender"])
+    return dict(np.load(cache)), labels.get("temperature") or {}
+
+
+def reference_half(files: np.ndarray) -> np.ndarray:
+    """The held-out people who play the user's labelled reference (a hash of the file
+    name, independent of the one that held them out)."""
+    return np.array([int(hashlib.sha256(f"reference:{f}".encode()).hexdigest(), 16) % 2 == 0
+                     for f in files])
 
 
 def run_prior(model: Path) -> np.ndarray:
@@ -89,53 +102,45 @@ def run_prior(model: Path) -> np.ndarray:
     return np.array([shares.get(b, 0.0) for b in AGE_BANDS])
 
 
-def prior_adjusted(probs: np.ndarray, prior: np.ndarray, iterations: int = 200) -> np.ndarray:
-    """Counts after re-estimating the shop's mix by EM (Saerens et al. 2002): each
-    visitor's probabilities re-weighted by (shop mix / training mix), the shop mix the
-    mean of the re-weighted probabilities, until it settles."""
-    mix = prior.copy()
-    for _ in range(iterations):
-        weighted = probs * (mix / prior)
-        weighted /= weighted.sum(1, keepdims=True)
-        new = weighted.mean(0)
-        if np.abs(new - mix).max() < 1e-6:
-            break
-        mix = new
-    return weighted.sum(0)
-
-
-def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visitors: int,
-             draws: int, rng: np.random.Generator, prior: np.ndarray) -> dict:
-    """Wrong-band shares (argmax, summed probabilities, prior-adjusted) and interval
+def simulate(truth: np.ndarray, probs: np.ndarray, reference: dict,
+             mix: tuple[float, ...], visitors: int, draws: int,
+             rng: np.random.Generator) -> dict:
+    """Wrong-band shares (argmax, summed probabilities, mix-corrected) and the intervals'
     coverage."""
-    from tasks.stats import counts_with_intervals
+    from tasks.stats import counts_with_intervals, mix_corrected_counts
 
     people = [np.flatnonzero(truth == b) for b in range(len(AGE_BANDS))]
-    wrong_argmax, wrong_sum, wrong_em, inside = [], [], [], []
+    wrong = {"argmax": [], "summed": [], "corrected": []}
+    inside = {"summed": [], "corrected": []}
+    width = []
     for _ in range(draws):
         bands = rng.choice(len(AGE_BANDS), size=visitors, p=mix)
         chosen = np.array([rng.choice(people[b]) for b in bands])
         true = np.bincount(bands, minlength=len(AGE_BANDS))
         p = probs[chosen]
+        corrected, _ = mix_corrected_counts(p, reference, rng)
+        for name, counts in (("summed", counts_with_intervals(p, list(AGE_BANDS))),
+                             ("corrected", corrected)):
+            estimate = np.array([counts[b]["estimate"] for b in AGE_BANDS])
+            wrong[name].append(np.abs(estimate - true).sum() / (2 * visitors))
+            inside[name].append([counts[b]["low"] <= t <= counts[b]["high"]
+                                 for b, t in zip(AGE_BANDS, true, strict=True)])
+        width.append(np.mean([corrected[b]["high"] - corrected[b]["low"] for b in AGE_BANDS]))
         argmax = np.bincount(p.argmax(1), minlength=len(AGE_BANDS))
-        counts = counts_with_intervals(p, list(AGE_BANDS))
-        estimate = np.array([counts[b]["estimate"] for b in AGE_BANDS])
-        wrong_argmax.append(np.abs(argmax - true).sum() / (2 * visitors))
-        wrong_sum.append(np.abs(estimate - true).sum() / (2 * visitors))
-        wrong_em.append(np.abs(prior_adjusted(p, prior) - true).sum() / (2 * visitors))
-        inside.append([counts[b]["low"] <= t <= counts[b]["high"]
-                       for b, t in zip(AGE_BANDS, true, strict=True)])
-    coverage = np.mean(inside, axis=0)
-    return {"wrong_band_argmax": round(float(np.mean(wrong_argmax)), 4),
-            "wrong_band_estimator": round(float(np.mean(wrong_sum)), 4),
-            "wrong_band_prior_adjusted": round(float(np.mean(wrong_em)), 4),
-            "coverage_min": round(float(coverage.min()), 3),
-            "coverage_by_band": dict(zip(AGE_BANDS, np.round(coverage, 3).tolist(),
-                                         strict=True))}
+        wrong["argmax"].append(np.abs(argmax - true).sum() / (2 * visitors))
+    row = {f"wrong_band_{k}": round(float(np.mean(v)), 4) for k, v in wrong.items()}
+    for name, hits in inside.items():
+        coverage = np.mean(hits, axis=0)
+        row[f"coverage_min_{name}"] = round(float(coverage.min()), 3)
+        row[f"coverage_by_band_{name}"] = dict(zip(AGE_BANDS, np.round(coverage, 3).tolist(),
+                                                   strict=True))
+    row["corrected_interval_width"] = round(float(np.mean(width)), 1)
+    return row
 
 
 def main() -> None:
     from models.calibration import apply_temperature, calibration_error
+    from tasks.stats import soft_confusion
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a trained model folder")
@@ -144,7 +149,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    truth, probs, temperature = predictions(args.model, args.work)
+    data, temperature = predictions(args.model, args.work)
+    truth, probs = data["band_truth"], data["band"]
     t = temperature.get("age_band", 1.0)
     result = {"model": str(args.model), "held_out_people": int(len(truth)),
               "age_band_accuracy": round(float((probs.argmax(1) == truth).mean()), 4),
@@ -155,18 +161,27 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]
+    half = reference_half(data["files"])
+    reference = soft_confusion(probs[half], truth[half], list(AGE_BANDS))
+    result["reference_people"] = int(half.sum())
+    result["visitor_people"] = int((~half).sum())
     shops = {"training mix": tuple(prior), **SHOPS}
-    print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong band: argmax':>20}"
-          f"{'summed (kface stats)':>22}{'prior-adjusted':>16}"
-          f"{'95% coverage (lowest band)':>28}")
+    print(f"reference: {half.sum()} held-out people; visitors drawn from the other "
+          f"{(~half).sum()}")
+    print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong: argmax':>15}"
+          f"{'summed':>8}{'corrected':>11}{'coverage: summed':>18}{'corrected':>11}"
+          f"{'width':>7}")
     for name, mix in shops.items():
         for visitors in (100, 500):
             row = {"shop": name, "mix": [round(m, 3) for m in mix], "visitors": visitors,
-                   **simulate(truth, probs, mix, visitors, args.draws, rng, prior)}
+                   **simulate(truth[~half], probs[~half], reference, mix, visitors,
+                              args.draws, rng)}
             result["shops"].append(row)
             print(f"{name:<14}{'/'.join(f'{m:.2f}' for m in mix):<24}{visitors:>9}"
-                  f"{row['wrong_band_argmax']:>20.1%}{row['wrong_band_estimator']:>22.1%}"
-                  f"{row['wrong_band_prior_adjusted']:>16.1%}{row['coverage_min']:>28.1%}")
+                  f"{row['wrong_band_argmax']:>15.1%}{row['wrong_band_summed']:>8.1%}"
+                  f"{row['wrong_band_corrected']:>11.1%}{row['coverage_min_summed']:>18.1%}"
+                  f"{row['coverage_min_corrected']:>11.1%}"
+                  f"{row['corrected_interval_width']:>7.1f}")
     print(json.dumps(result, indent=2))
 
 

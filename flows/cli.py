@@ -393,6 +393,11 @@ DetectorKindOpt = typer.Option(
     None, "--detector", help="Face detector: res10 or yunet (default: the one the model "
     "was trained on, recorded in its labels.json).")
 
+ReferenceOpt = typer.Option(
+    None, "--reference", help="soft_confusion.json of kface evaluate on labelled people "
+    "like the shop's: counts corrected for a shop whose age mix differs from the training "
+    "data's (see docs: which estimator)")
+
 
 def _analyzer(model: Path, threshold: float | None, detector: str | None = None):
     from models.analyzer import FaceAnalyzer, ModelFolderError
@@ -553,15 +558,25 @@ def video(
     return_seconds: float = typer.Option(
         10.0, min=0, help="A person who leaves the view and is back within this long, "
         "looking alike, stays the same visitor (0: every return is a new visitor)."),
+    reference: Path | None = ReferenceOpt,
 ) -> None:
     """Annotate a video (or camera) with tracked, smoothed predictions; one line per
     visitor in tracks.jsonl (seconds in view, averaged probabilities and age)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from core.labels import AGE_BANDS, GENDERS
+    from tasks.stats import StatsError, load_reference
     from tasks.video import VideoError, analyze_video, is_camera
 
     if not is_camera(source) and not Path(source).exists():
         _fail(f"video {source} not found")
+    if reference is not None:
+        if not stats:
+            _fail("--reference corrects the counts of --stats: add --stats")
+        try:  # before minutes of video, not after
+            load_reference(reference, {"gender": list(GENDERS), "age_band": list(AGE_BANDS)})
+        except StatsError as exc:
+            _fail(str(exc))
     analyzer = _analyzer(model, threshold, detector)
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console,
@@ -571,20 +586,15 @@ def video(
             summary = analyze_video(
                 analyzer, source, out, stats, max_frames, min_seconds, gap_seconds,
                 return_seconds, lambda done, total: bar.update(frames, completed=done,
-                                                               total=total))
-        except VideoError as exc:
+                                                               total=total),
+                reference=reference)
+        except (VideoError, StatsError) as exc:
             bar.stop()
             _fail(str(exc))
     console.print(f"{summary['frames']} frames, {summary['tracks']} tracks, "
                   f"{summary['visitors']} visitors (in view >= {min_seconds} s) -> {out}")
     if stats:
-        from rich.table import Table
-
-        table = Table("age band x gender", "visitors")
-        for cls, n in summary["people"].items():
-            table.add_row(cls, str(n))
-        table.add_row("total", str(sum(summary["people"].values())))
-        Console(soft_wrap=True).print(table)
+        _print_counts(summary["counts"])
 
 
 @app.command()
@@ -616,19 +626,22 @@ def evaluate_cmd(
     """Score a model (or an exported ONNX model) on any labelled photo folder: the same
     report as the pipeline's evaluate stage (intervals by person, baselines, confusion,
     age error, calibration), for people the model never saw."""
+    from core.storage import write_json_atomic
     from tasks.evaluate import write_report
     from tasks.evaluate_folder import evaluate_folder
     from tasks.select import DataConfig, DatasetError
+    from tasks.stats import REFERENCE_FILE
 
     if not data_root.is_dir():
         _fail(f"--data-root {data_root} is not a folder")
     analyzer = _analyzer(model, threshold, detector)
     try:
-        metrics = evaluate_folder(analyzer, DataConfig(root=data_root, layout="labelled",
-                                                       labels=labels))
+        metrics, confusion = evaluate_folder(analyzer, DataConfig(
+            root=data_root, layout="labelled", labels=labels))
     except DatasetError as exc:
         _fail(str(exc))
     report = write_report(metrics, {}, {}, {}, out)  # no history, split or merge report
+    write_json_atomic(out / REFERENCE_FILE, confusion)
     for warning in metrics["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
     from rich.table import Table
@@ -648,6 +661,26 @@ def evaluate_cmd(
         extra.append(f"age-band ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}")
     console.print(f"{metrics['examples']} faces of {metrics['subjects']} people"
                   + (f"; {', '.join(extra)}" if extra else "") + f" -> {report}")
+    console.print(f"for counts corrected for a shop's mix: kface stats ... --reference "
+                  f"{out / REFERENCE_FILE}")
+
+
+def _print_counts(stats: dict) -> None:
+    """The counts table of ``tasks.stats.visitor_stats`` and what its interval covers."""
+    from rich.table import Table
+
+    table = Table("class", "estimate", "95% interval", "most likely class")
+    for head in ("age_band", "gender", "joint"):
+        for cls, c in stats[head].items():
+            argmax = stats["argmax"].get(head, {}).get(cls, "")
+            table.add_row(cls, f"{c['estimate']:.1f}", f"{c['low']:.1f}-{c['high']:.1f}",
+                          str(argmax))
+    table.add_row("total", str(stats["visitors"]), "", str(stats["visitors"]))
+    Console(soft_wrap=True).print(table)
+    for warning in stats["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"[yellow]note:[/] {stats['estimator']}; the interval covers "
+                  f"{stats['interval_covers']}")
 
 
 @app.command("stats")
@@ -655,26 +688,18 @@ def stats_cmd(
     source: Path = typer.Argument(..., help="predictions.json (kface predict) or "
                                   "tracks.jsonl (kface video)."),
     out: Path = typer.Option(Path("artifacts/stats"), help="Folder for stats.json."),
+    reference: Path | None = ReferenceOpt,
 ) -> None:
     """People per age band, gender and age band x gender, with 95% intervals, from the
     visitors' calibrated probabilities (see docs: what the interval covers)."""
-    from rich.table import Table
-
     from tasks.stats import StatsError, visitor_stats, write_stats_json
 
     try:
-        stats = visitor_stats(source)
+        stats = visitor_stats(source, reference)
     except StatsError as exc:
         _fail(str(exc))
     path = write_stats_json(stats, out)
-    table = Table("class", "estimate", "95% interval", "most likely class")
-    for head in ("age_band", "gender", "joint"):
-        for cls, c in stats[head].items():
-            argmax = stats["argmax"].get(head, {}).get(cls, "")
-            table.add_row(cls, f"{c['estimate']:.1f}", f"{c['low']:.1f}-{c['high']:.1f}",
-                          str(argmax))
-    Console(soft_wrap=True).print(table)
-    console.print(f"[yellow]note:[/] the interval covers {stats['interval_covers']}")
+    _print_counts(stats)
     console.print(f"{stats['visitors']} visitors -> {path}")
 
 

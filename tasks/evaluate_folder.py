@@ -10,7 +10,9 @@ person, baselines, confusion matrices, per class and per joint class, the exact-
 head's MAE and signed error per band, calibration before and after the model's
 temperature. The baselines use the folder's own class shares (the model's training
 shares are not recorded), which favours them. Photos without a face or unreadable are
-counted and left out.
+counted and left out. Beside the report, ``soft_confusion.json``: per true class, the mean
+and covariance of the model's probabilities, with which ``kface stats --reference``
+corrects a shop's counts for its mix (``tasks.stats``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from models.calibration import apply_temperature
 from tasks.evaluate import FEW_SUBJECTS, calibration_metrics, degenerate_warnings, score_split
 from tasks.predict import predict_entries
 from tasks.select import DataConfig, DatasetError, labels_path, scan_labelled
+from tasks.stats import reference
 
 
 def folder_predictions(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
@@ -76,8 +79,11 @@ def age_metrics(frame: pd.DataFrame, years: np.ndarray) -> dict:
                                      for b in AGE_BANDS if (bands == b).any()}}
 
 
-def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16) -> dict:
-    """The report's metrics for the labelled folder ``data`` (see the module docstring)."""
+def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
+                    ) -> tuple[dict, dict]:
+    """The report's metrics for the labelled folder ``data`` (see the module docstring),
+    and the soft confusion of its people (``tasks.stats.reference``: what ``kface stats
+    --reference`` corrects a shop's counts with)."""
     frame, probs, left_out = folder_predictions(analyzer, data, batch)
     counts = {"gender": np.bincount(frame.gender_idx, minlength=len(GENDERS)),
               "age_band": np.bincount(frame.age_idx, minlength=len(AGE_BANDS))}
@@ -101,5 +107,7 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16) -
         warnings.append(f"{left_out['no_face']} photos without a face and "
                         f"{left_out['unreadable']} unreadable ones are left out of the scores")
     metrics["warnings"] = warnings
-    return metrics
+    truth = {"gender": frame.gender_idx.to_numpy(), "age_band": frame.age_idx.to_numpy()}
+    return metrics, reference(probs, truth, {"gender": list(GENDERS),
+                                             "age_band": list(AGE_BANDS)})
 

@@ -1,24 +1,38 @@
 """``kface stats``: people per age band, gender and their joint cells, with 95% intervals,
 from a predictions file (``predictions.json``: each face is a visitor) or a tracks file
-(``tracks.jsonl``: each counted track is a visitor).
+(``tracks.jsonl``: each counted visitor).
 
-Estimator: each visitor adds their calibrated probabilities to the counts (the expected
-count of a class is the sum of the visitors' probabilities of it), and the interval is
-that of a sum of independent Bernoulli draws with those probabilities (Poisson-binomial:
-variance ``sum p (1 - p)``, normal approximation, clipped to 0..N). It is right when the
-probabilities are calibrated for the people counted, which ``labels.json``'s temperature
-makes them for people like the validation split. What it does not cover: a shop whose
-mix of ages differs from the training data's (the probabilities then lean towards the
-training mix; measured on held-out people with ``bench/bench_counts.py``, 17-18% of 500
-visitors in a wrong band at a young or an older shop's mix, and intervals covering the
-truth in 0-28% of shops), so the interval says how sure the counts are given the model,
-not how right the model is for that shop. Counting each visitor by their most likely
-class (``argmax``) is reported beside it. NumPy only (it runs in the light install).
+Two estimators:
+
+- **Summed probabilities** (the default): each visitor adds their calibrated
+  probabilities to the counts, and the interval is that of a sum of independent Bernoulli
+  draws with those probabilities (Poisson-binomial: variance ``sum p (1 - p)``, normal
+  approximation, clipped to 0..N). Right when the probabilities are calibrated for the
+  people counted: a shop whose mix is the training data's. A shop whose age mix differs
+  gets counts that lean towards the training mix, and an interval that misses (held-out
+  people, 500 visitors of a young or an older shop: 17-18% of visitors in a wrong band,
+  coverage near 0; ``bench/bench_counts.py``).
+- **Mix-corrected** (``--reference``, a ``soft_confusion.json`` that ``kface evaluate``
+  writes for labelled photos of people like the shop's): label-shift estimation in the
+  spirit of BBSE (Lipton et al. 2018), in Bayesian form. The reference says, per true
+  class, what the model's probabilities look like (their mean, one row of the *soft
+  confusion*, and covariance). A shop's mix ``pi`` then predicts the visitors' mean
+  probabilities ``pi @ C`` with a known spread (the visitors' own noise and the
+  reference's finite size); a flat Dirichlet prior on ``pi`` and that Gaussian likelihood
+  give a posterior (importance sampling, a fixed seed), whose mean is the estimate, and
+  whose draws of the realised counts (multinomial) give the 95% interval. It assumes
+  only that people of one class look to the model the same in the shop as in the
+  reference (label shift), not that the shop's mix is the training mix. The reference
+  must come from people like the shop's: one from another population (the model's own
+  validation split of AAF and UTKFace faces, for AAF-only people) biases it.
+
+NumPy only (it runs in the light install).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +44,17 @@ INTERVAL_COVERS = ("the sampling noise given the model's probabilities, not a sh
                    "age mix differs from the training data's: there the age-band counts "
                    "lean towards the training mix (held-out people, 500 visitors of a "
                    "young or older shop: 17-18% of visitors in a wrong band; "
-                   "docs/training.md, 'Counts a shop can trust')")
+                   "docs/training.md, 'Counts a shop can trust'). For such a shop give "
+                   "--reference: a soft_confusion.json of kface evaluate on labelled "
+                   "people like the shop's")
+CORRECTED_COVERS = ("the visitors' sampling noise, the reference's finite size and any mix "
+                    "of classes in the shop, provided the reference's people look to the "
+                    "model like the shop's (conservative: the realised counts are drawn "
+                    "anew from each posterior mix)")
+REFERENCE_FILE = "soft_confusion.json"
+MIX_DRAWS = 20_000  # importance-sampling draws of the shop's mix (half from the prior)
+MIN_PEOPLE = 2  # per class of a reference: a mean and a covariance need two
+FEW_PEOPLE = 30  # per class of a reference: below this a warning
 
 
 class StatsError(ValueError):
@@ -74,21 +98,165 @@ def counts_with_intervals(probs: np.ndarray, names: list[str]) -> dict[str, dict
             for name, e, h in zip(names, estimate, half, strict=True)}
 
 
-def visitor_stats(path: Path) -> dict:
+def soft_confusion(probs: np.ndarray, truth: np.ndarray, names: list[str]) -> dict:
+    """A head's soft confusion on labelled people: per true class, how many people, the
+    mean of the model's probabilities (one row) and their covariance."""
+    probs, truth = np.asarray(probs, np.float64), np.asarray(truth)
+    rows = {}
+    for k, name in enumerate(names):
+        p = probs[truth == k]
+        rows[name] = {"people": int(len(p)),
+                      "mean": p.mean(0).round(6).tolist() if len(p) else None,
+                      "cov": np.cov(p.T).round(8).tolist() if len(p) >= MIN_PEOPLE else None}
+    return {"classes": list(names), "rows": rows}
+
+
+def joint_probabilities(band: np.ndarray, gender: np.ndarray) -> np.ndarray:
+    """Per visitor, the age band x gender cells' probabilities (the heads independent)."""
+    return (band[:, :, None] * gender[:, None, :]).reshape(
+        len(band), band.shape[1] * gender.shape[1])
+
+
+def joint_names(names: dict[str, list[str]]) -> list[str]:
+    return [f"{a}_{g}" for a in names["age_band"] for g in names["gender"]]
+
+
+def reference(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+              names: dict[str, list[str]]) -> dict:
+    """The ``soft_confusion.json`` of labelled people (``probs``/``truth`` per head,
+    ``gender`` and ``age_band``): the soft confusion of each head and of the joint cells."""
+    joint_truth = truth["age_band"] * len(names["gender"]) + truth["gender"]
+    return {"about": "per true class: how many labelled people, the mean (a row of the soft "
+                     "confusion) and covariance of the model's calibrated probabilities; "
+                     "kface stats --reference corrects counts for a shop's mix with it",
+            "people": int(len(truth["age_band"])),
+            "heads": {"age_band": soft_confusion(probs["age_band"], truth["age_band"],
+                                                 names["age_band"]),
+                      "gender": soft_confusion(probs["gender"], truth["gender"],
+                                               names["gender"]),
+                      "joint": soft_confusion(joint_probabilities(probs["age_band"],
+                                                                  probs["gender"]),
+                                              joint_truth, joint_names(names))}}
+
+
+def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[str]]:
+    """A ``soft_confusion.json`` checked against the visitors' classes, and warnings. The
+    age band and gender heads need ``MIN_PEOPLE`` labelled people per class; a joint cell
+    with fewer drops the joint head (its cells are then counted by summed probabilities)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StatsError(f"reference {path} not found: run kface evaluate on labelled photos "
+                         f"of people like the shop's and give its {REFERENCE_FILE}")
+    wanted = {"age_band": names["age_band"], "gender": names["gender"],
+              "joint": joint_names(names)}
+    try:
+        heads = json.loads(path.read_text())["heads"]
+        people = {h: {c: int(heads[h]["rows"][c]["people"]) for c in heads[h]["classes"]}
+                  for h in wanted}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StatsError(f"reference {path} is not a {REFERENCE_FILE} of kface evaluate "
+                         f"(no {exc})") from None
+    for head, classes in wanted.items():
+        if list(people[head]) != classes:
+            raise StatsError(f"reference {path}: its {head} classes {list(people[head])} are "
+                             f"not the visitors' {classes}")
+    for head in ("age_band", "gender"):
+        for cls, n in people[head].items():
+            if n < MIN_PEOPLE:
+                raise StatsError(f"reference {path}: {n} labelled people of {cls}; at least "
+                                 f"{MIN_PEOPLE} are needed (label more people of {cls})")
+    few = [c for c, n in people["joint"].items() if n < MIN_PEOPLE]
+    warnings = [f"the reference has {people['joint'][c]} labelled people of {c}: the age "
+                f"band x gender cells are not corrected (summed probabilities)" for c in few]
+    if few:
+        del heads["joint"]
+    warnings += [f"the reference has only {n} labelled people of {c}: its interval is wide"
+                 for head in ("age_band", "gender") for c, n in people[head].items()
+                 if n < FEW_PEOPLE]
+    return heads, warnings
+
+
+def _log_dirichlet(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return (math.lgamma(alpha.sum()) - sum(math.lgamma(a) for a in alpha)
+            + (np.log(np.clip(x, 1e-300, None)) * (alpha - 1)).sum(1))
+
+
+def mix_corrected_counts(probs: np.ndarray, head: dict, rng: np.random.Generator,
+                         draws: int = MIX_DRAWS) -> tuple[dict[str, dict], float]:
+    """Per class: the posterior mean count and 95% interval of the realised counts, for
+    visitors with ``probs`` and a reference ``head`` (see the module docstring); and the
+    effective number of importance draws."""
+    names = head["classes"]
+    k, n = len(names), len(probs)
+    if n == 0:
+        return {c: {"estimate": 0.0, "low": 0.0, "high": 0.0} for c in names}, 0.0
+    rows = [head["rows"][c] for c in names]
+    d = k - 1  # the probabilities sum to one: the last is implied
+    mean = np.array([r["mean"] for r in rows], np.float64)[:, :d]
+    cov = np.array([r["cov"] for r in rows], np.float64)[:, :d, :d]
+    people = np.array([r["people"] for r in rows], np.float64)
+    second = cov + mean[:, :, None] * mean[:, None, :]  # E[p p^T] per class
+    observed = np.asarray(probs, np.float64)[:, :d].mean(0)
+
+    def log_likelihood(pi: np.ndarray) -> np.ndarray:
+        mu = pi @ mean
+        spread = np.einsum("mk,kij->mij", pi, second) - mu[:, :, None] * mu[:, None, :]
+        var = spread / n + np.einsum("mk,kij->mij", pi ** 2, cov / people[:, None, None])
+        var += 1e-10 * np.eye(d)
+        diff = observed - mu
+        return (-0.5 * (diff * np.linalg.solve(var, diff[..., None])[..., 0]).sum(1)
+                - 0.5 * np.linalg.slogdet(var)[1])
+
+    flat = np.ones(k)
+    pilot = rng.dirichlet(flat, draws // 2)
+    w = np.exp(log_likelihood(pilot) - log_likelihood(pilot).max())
+    w /= w.sum()
+    centre = w @ pilot  # a Dirichlet fitted to the pilot's weighted moments, widened 2x
+    spread = np.maximum(w @ (pilot - centre) ** 2, 1e-8)
+    total = np.clip(np.median(centre * (1 - centre) / spread - 1) / 4, k, 1e4)
+    alpha = np.maximum(centre * total, 1.0)
+    pi = np.vstack([pilot, rng.dirichlet(alpha, draws - draws // 2)])
+    log_prior = math.lgamma(k)  # the flat Dirichlet's density, (k-1)!
+    log_proposal = np.logaddexp(np.log(0.5) + log_prior,
+                                np.log(0.5) + _log_dirichlet(pi, alpha))
+    log_w = log_likelihood(pi) + log_prior - log_proposal
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    pick = rng.choice(len(pi), size=4000, p=w)
+    realised = rng.multinomial(n, pi[pick] / pi[pick].sum(1, keepdims=True))
+    estimate = n * (w @ pi)
+    low, high = np.percentile(realised, [2.5, 97.5], axis=0)
+    return ({c: {"estimate": round(float(e), 1), "low": round(float(lo), 1),
+                 "high": round(float(hi), 1)}
+             for c, e, lo, hi in zip(names, estimate, low, high, strict=True)},
+            float(1 / (w ** 2).sum()))
+
+
+def visitor_stats(path: Path, reference_path: Path | None = None) -> dict:
     """Counts with intervals for ``age_band``, ``gender`` and their ``joint`` cells (the
-    two heads taken as independent for each visitor), and the argmax counts beside."""
+    two heads taken as independent for each visitor), and the argmax counts beside: by
+    summed probabilities, or mix-corrected with a reference (``soft_confusion.json``)."""
     names, gender, band = visitor_probabilities(path)
-    joint_names = [f"{a}_{g}" for a in names["age_band"] for g in names["gender"]]
-    joint = (band[:, :, None] * gender[:, None, :]).reshape(len(band), -1)
-    argmax = {head: {n: int((p.argmax(1) == i).sum()) if len(p) else 0
-                     for i, n in enumerate(names[head])}
-              for head, p in (("gender", gender), ("age_band", band))}
-    return {"input": str(path), "visitors": int(len(band)),
-            "estimator": "sum of calibrated probabilities; 95% Poisson-binomial interval",
-            "interval_covers": INTERVAL_COVERS,
-            "age_band": counts_with_intervals(band, names["age_band"]),
-            "gender": counts_with_intervals(gender, names["gender"]),
-            "joint": counts_with_intervals(joint, joint_names), "argmax": argmax}
+    joint = joint_probabilities(band, gender)
+    probs = {"age_band": band, "gender": gender, "joint": joint}
+    classes = {**names, "joint": joint_names(names)}
+    argmax = {h: {n: int((p.argmax(1) == i).sum()) for i, n in enumerate(classes[h])}
+              for h, p in probs.items()}
+    stats = {"input": str(path), "visitors": int(len(band)), "argmax": argmax, "warnings": []}
+    if reference_path is None or not len(band):
+        stats.update({"estimator": "sum of calibrated probabilities; 95% Poisson-binomial "
+                                   "interval", "interval_covers": INTERVAL_COVERS})
+        stats.update({h: counts_with_intervals(probs[h], classes[h]) for h in probs})
+        return stats
+    heads, stats["warnings"] = load_reference(reference_path, names)
+    rng = np.random.default_rng(0)  # the same input gives the same numbers
+    stats.update({"estimator": "mix-corrected (Bayesian label shift, flat Dirichlet prior) "
+                               "with the reference; 95% posterior interval",
+                  "reference": str(reference_path), "interval_covers": CORRECTED_COVERS})
+    for h in probs:
+        stats[h] = (mix_corrected_counts(probs[h], heads[h], rng)[0] if h in heads
+                    else counts_with_intervals(probs[h], joint_names(names)))
+    return stats
 
 
 def write_stats_json(stats: dict, out: Path) -> Path:

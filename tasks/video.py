@@ -40,6 +40,7 @@ from core.threads import READERS, ordered_map
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import box_iou
 from tasks.predict import GENDER_NAMES, annotate
+from tasks.stats import visitor_stats
 
 MIN_SECONDS = 0.5  # a visitor in view for less is not counted
 GAP_SECONDS = 1.0  # a face unseen for up to this long keeps its track
@@ -324,9 +325,10 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                   max_frames: int | None = None, min_seconds: float = MIN_SECONDS,
                   gap_seconds: float = GAP_SECONDS, return_seconds: float = RETURN_SECONDS,
                   progress: Callable[[int, int | None], None] | None = None,
-                  readers: int | None = None) -> dict:
+                  readers: int | None = None, reference: Path | None = None) -> dict:
     """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl``,
-    ``out/tracks.jsonl`` and (``stats``) ``out/stats.json``, ``out/timeline.csv``,
+    ``out/tracks.jsonl`` and (``stats``) ``out/stats.json`` (the visitors' counts with
+    intervals, ``tasks.stats``, mix-corrected with a ``reference``), ``out/timeline.csv``,
     ``out/people.png``. A face unseen for up to ``gap_seconds`` keeps its track; a person
     back within ``return_seconds`` (0: never) stays the same visitor; a visitor in view
     for less than ``min_seconds`` is not counted. ``progress(frames done, frames in the
@@ -404,15 +406,17 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                "min_seconds": min_seconds, "gap_seconds": gap_seconds,
                "return_seconds": return_seconds}
     if stats:
-        summary["people"] = write_stats(counter, out)
+        summary["people"], summary["counts"] = write_stats(counter, out, reference)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
-def write_stats(counter: PeopleCounter, out: Path) -> dict:
-    """Distinct people per age band x gender (one per track), per-minute timeline, chart
-    (``people.png``; left out where matplotlib is not installed, as in the light
-    inference install)."""
+def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None
+                ) -> tuple[dict, dict]:
+    """Visitors per age band x gender by their most likely class (``people``), per-minute
+    timeline, chart (``people.png``; left out where matplotlib is not installed, as in the
+    light inference install), and the counts with 95% intervals of ``kface stats`` over
+    ``tracks.jsonl`` (``counts``), all in ``stats.json``."""
 
     classes = counter.classes
     minutes = sorted(counter.per_minute)
@@ -423,10 +427,11 @@ def write_stats(counter: PeopleCounter, out: Path) -> dict:
     with atomic_path(out / "timeline.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     people = {c: counter.people.get(c, 0) for c in classes}
-    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes})
+    counts = visitor_stats(out / "tracks.jsonl", reference)
+    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes, **counts})
     if importlib.util.find_spec("matplotlib") is not None:
         write_chart(people, out / "people.png")
-    return people
+    return people, counts
 
 
 def write_chart(people: dict[str, int], path: Path) -> None:

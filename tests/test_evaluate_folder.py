@@ -52,6 +52,45 @@ def test_the_report_scores_the_folder_with_intervals_age_and_calibration(keras_r
     assert "age_band" in res.stdout and "people" in res.stderr
 
 
+def test_the_soft_confusion_corrects_counts_with_kface_stats(keras_report, tiny_run,
+                                                             customers, tmp_path):
+    """evaluate writes soft_confusion.json (per true class: people, mean and covariance
+    of the probabilities); stats --reference counts a predictions file with it, and a
+    reference that is not one is one line."""
+    _, out, metrics = keras_report
+    ref = json.loads((out / "soft_confusion.json").read_text())
+    assert ref["people"] == metrics["examples"]
+    band = ref["heads"]["age_band"]
+    assert band["classes"] == ["20s", "30s", "40s", "50s"]
+    assert sum(r["people"] for r in band["rows"].values()) == metrics["examples"]
+    for row in band["rows"].values():
+        assert abs(sum(row["mean"]) - 1) < 1e-4 and len(row["cov"]) == 4
+    assert len(ref["heads"]["joint"]["rows"]) == 8
+    photos = sorted(customers.glob("*.jpg"))[:12]
+    res = run_kface("predict", *map(str, photos), "--model", str(tiny_run["model_dir"]),
+                    "--out", str(tmp_path / "p"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "s"), "--reference", str(out / "soft_confusion.json"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["estimator"].startswith("mix-corrected") and "mix-corrected" in res.stderr
+    # the 40 people hold no man in his 40s: the joint cells fall back, and say so
+    assert ref["heads"]["joint"]["rows"]["40s_M"]["people"] == 0
+    assert any("40s_M" in w and "not corrected" in w for w in stats["warnings"])
+    n = stats["visitors"]
+    for head in ("age_band", "gender", "joint"):
+        assert abs(sum(c["estimate"] for c in stats[head].values()) - n) < 0.2, head
+        assert all(0 <= c["low"] <= c["estimate"] <= c["high"] <= n
+                   for c in stats[head].values())
+    (tmp_path / "bad.json").write_text(json.dumps({"heads": {}}))
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "s2"), "--reference", str(tmp_path / "bad.json"))
+    assert res.returncode == 2 and "is not a soft_confusion.json" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s2").exists()
+
+
 def test_an_exported_onnx_model_scores_the_same(keras_report, onnx_model, customers, tmp_path):
     _, _, keras = keras_report
     res = run_kface("evaluate", "--model", str(onnx_model), "--data-root", str(customers),

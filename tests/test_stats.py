@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import make_video, run_kface
 
-from tasks.stats import counts_with_intervals
+from tasks.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,46 @@ def test_over_confident_probabilities_give_intervals_that_miss():
         c = counts_with_intervals(apply_temperature(probs, 0.4), ["a", "b", "c", "d"])["d"]
         inside += c["low"] <= np.bincount(truth, minlength=4)[3] <= c["high"]
     assert inside / shops < 0.8
+
+
+def test_mix_corrected_counts_cover_a_shop_whose_mix_differs():
+    """A simulated model whose probabilities of a person of class k follow Dirichlet(1 +
+    3 e_k) (weak, like the age head): summed probabilities lean towards an even mix, so a
+    young shop's counts are biased and their intervals miss. With a reference of 150
+    labelled people per class, the mix-corrected counts are closer to the truth and their
+    95% intervals cover every class's true count in >= 90% of shops."""
+    rng = np.random.default_rng(2)
+    names, k = ["20s", "30s", "40s", "50s"], 4
+
+    def people(classes):
+        return np.array([rng.dirichlet(1 + 3 * np.eye(k)[c]) for c in classes])
+
+    ref_truth = np.repeat(np.arange(k), 150)
+    reference = soft_confusion(people(ref_truth), ref_truth, names)
+    assert [reference["rows"][n]["people"] for n in names] == [150] * 4
+    shops, inside, summed_in = 60, np.zeros(k), np.zeros(k)
+    wrong = {"summed": [], "corrected": []}
+    for _ in range(shops):
+        truth = rng.choice(k, size=500, p=[0.55, 0.30, 0.10, 0.05])
+        true = np.bincount(truth, minlength=k)
+        probs = people(truth)
+        corrected, effective = mix_corrected_counts(probs, reference, rng)
+        assert effective > 200  # the importance draws are not degenerate
+        for name, counts in (("summed", counts_with_intervals(probs, names)),
+                             ("corrected", corrected)):
+            est = np.array([counts[n]["estimate"] for n in names])
+            wrong[name].append(np.abs(est - true).sum() / 1000)
+            hits = np.array([counts[n]["low"] <= t <= counts[n]["high"]
+                             for n, t in zip(names, true, strict=True)])
+            if name == "corrected":
+                inside += hits
+                assert all(counts[n]["low"] <= counts[n]["estimate"] <= counts[n]["high"]
+                           for n in names)
+            else:
+                summed_in += hits
+    assert np.all(inside / shops >= 0.9), inside / shops
+    assert (summed_in / shops).min() < 0.5  # the default interval misses such a shop
+    assert np.mean(wrong["corrected"]) < 0.6 * np.mean(wrong["summed"]), wrong
 
 
 def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path):
