@@ -3,9 +3,10 @@
 The held-out fifth of the All-Age-Faces people (``aaf_quality.held_out``: chosen by a hash
 of the file name, never trained or tuned on) goes once through the model's own inference
 path (``kface evaluate``'s: detector, crop, calibration; the best face of each photo).
-Those people are then split in two by another hash of the file name: the *reference*
-half plays the labelled photos of people like the shop's that a user runs ``kface
-evaluate`` on (its ``soft_confusion.json``), the *visitor* half the shop's visitors.
+For each shop those people are split in two at random, half and half within each band:
+the *reference* half plays the labelled photos of people like the shop's that a user runs
+``kface evaluate`` on (its ``soft_confusion.json``), the *visitor* half the shop's
+visitors (a fresh split per shop, so that the coverage averages over references too).
 For three shops (the mix of the faces the model was trained on, read from its run
 folder's train and val splits; a young shop 55/30/10/5%; an older one 10/20/30/40% for
 20s/30s/40s/50s) and 100 and 500 visitors, ``--draws`` shops are drawn: each visitor's
@@ -26,7 +27,6 @@ sha256 under ``--work``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -84,13 +84,6 @@ def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
     return dict(np.load(cache)), labels.get("temperature") or {}
 
 
-def reference_half(files: np.ndarray) -> np.ndarray:
-    """The held-out people who play the user's labelled reference (a hash of the file
-    name, independent of the one that held them out)."""
-    return np.array([int(hashlib.sha256(f"reference:{f}".encode()).hexdigest(), 16) % 2 == 0
-                     for f in files])
-
-
 def run_prior(model: Path) -> np.ndarray:
     """The age-band shares of the faces the model was trained and calibrated on (its run
     folder's train and val splits): the prior its probabilities carry."""
@@ -102,18 +95,28 @@ def run_prior(model: Path) -> np.ndarray:
     return np.array([shares.get(b, 0.0) for b in AGE_BANDS])
 
 
-def simulate(truth: np.ndarray, probs: np.ndarray, reference: dict,
-             mix: tuple[float, ...], visitors: int, draws: int,
-             rng: np.random.Generator) -> dict:
+def split_halves(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random half of the people of each band: the reference (True); the rest visitors."""
+    half = np.zeros(len(truth), bool)
+    for band in np.unique(truth):
+        people = rng.permutation(np.flatnonzero(truth == band))
+        half[people[: len(people) // 2]] = True
+    return half
+
+
+def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visitors: int,
+             draws: int, rng: np.random.Generator) -> dict:
     """Wrong-band shares (argmax, summed probabilities, mix-corrected) and the intervals'
     coverage."""
-    from tasks.stats import counts_with_intervals, mix_corrected_counts
+    from tasks.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
 
-    people = [np.flatnonzero(truth == b) for b in range(len(AGE_BANDS))]
     wrong = {"argmax": [], "summed": [], "corrected": []}
     inside = {"summed": [], "corrected": []}
     width = []
     for _ in range(draws):
+        half = split_halves(truth, rng)
+        reference = soft_confusion(probs[half], truth[half], list(AGE_BANDS))
+        people = [np.flatnonzero(~half & (truth == b)) for b in range(len(AGE_BANDS))]
         bands = rng.choice(len(AGE_BANDS), size=visitors, p=mix)
         chosen = np.array([rng.choice(people[b]) for b in bands])
         true = np.bincount(bands, minlength=len(AGE_BANDS))
@@ -140,7 +143,6 @@ def simulate(truth: np.ndarray, probs: np.ndarray, reference: dict,
 
 def main() -> None:
     from models.calibration import apply_temperature, calibration_error
-    from tasks.stats import soft_confusion
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a trained model folder")
@@ -161,21 +163,17 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]
-    half = reference_half(data["files"])
-    reference = soft_confusion(probs[half], truth[half], list(AGE_BANDS))
-    result["reference_people"] = int(half.sum())
-    result["visitor_people"] = int((~half).sum())
+    result["reference_people"] = result["visitor_people"] = len(truth) // 2
     shops = {"training mix": tuple(prior), **SHOPS}
-    print(f"reference: {half.sum()} held-out people; visitors drawn from the other "
-          f"{(~half).sum()}")
+    print(f"per shop: a reference of half the {len(truth)} held-out people (by band), "
+          "visitors drawn from the other half")
     print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong: argmax':>15}"
           f"{'summed':>8}{'corrected':>11}{'coverage: summed':>18}{'corrected':>11}"
           f"{'width':>7}")
     for name, mix in shops.items():
         for visitors in (100, 500):
             row = {"shop": name, "mix": [round(m, 3) for m in mix], "visitors": visitors,
-                   **simulate(truth[~half], probs[~half], reference, mix, visitors,
-                              args.draws, rng)}
+                   **simulate(truth, probs, mix, visitors, args.draws, rng)}
             result["shops"].append(row)
             print(f"{name:<14}{'/'.join(f'{m:.2f}' for m in mix):<24}{visitors:>9}"
                   f"{row['wrong_band_argmax']:>15.1%}{row['wrong_band_summed']:>8.1%}"

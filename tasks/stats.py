@@ -10,7 +10,7 @@ Two estimators:
   approximation, clipped to 0..N). Right when the probabilities are calibrated for the
   people counted: a shop whose mix is the training data's. A shop whose age mix differs
   gets counts that lean towards the training mix, and an interval that misses (held-out
-  people, 500 visitors of a young or an older shop: 17-18% of visitors in a wrong band,
+  people, 500 visitors of a young or an older shop: 13-19% of visitors in a wrong band,
   coverage near 0; ``bench/bench_counts.py``).
 - **Mix-corrected** (``--reference``, a ``soft_confusion.json`` that ``kface evaluate``
   writes for labelled photos of people like the shop's): label-shift estimation in the
@@ -24,7 +24,10 @@ Two estimators:
   only that people of one class look to the model the same in the shop as in the
   reference (label shift), not that the shop's mix is the training mix. The reference
   must come from people like the shop's: one from another population (the model's own
-  validation split of AAF and UTKFace faces, for AAF-only people) biases it.
+  validation split of AAF and UTKFace faces, for AAF-only people) biases it. Measured on
+  held-out people (500 visitors): the interval covers every band's true count in 93-99%
+  of shops at every mix, and is wide (about +-70 visitors per band with the quality
+  recipe: the model's age estimate is weak).
 
 NumPy only (it runs in the light install).
 """
@@ -43,7 +46,7 @@ Z95 = 1.959964
 INTERVAL_COVERS = ("the sampling noise given the model's probabilities, not a shop whose "
                    "age mix differs from the training data's: there the age-band counts "
                    "lean towards the training mix (held-out people, 500 visitors of a "
-                   "young or older shop: 17-18% of visitors in a wrong band; "
+                   "young or older shop: 13-19% of visitors in a wrong band; "
                    "docs/training.md, 'Counts a shop can trust'). For such a shop give "
                    "--reference: a soft_confusion.json of kface evaluate on labelled "
                    "people like the shop's")
