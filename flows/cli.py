@@ -641,7 +641,10 @@ def evaluate_cmd(
     except DatasetError as exc:
         _fail(str(exc))
     report = write_report(metrics, {}, {}, {}, out)  # no history, split or merge report
-    write_json_atomic(out / REFERENCE_FILE, confusion)
+    # counts must come from the same model (and detector) as the reference
+    write_json_atomic(out / REFERENCE_FILE, {"model": str(model.resolve()),
+                                             "detector": analyzer.detector_cfg.kind,
+                                             **confusion})
     for warning in metrics["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
     from rich.table import Table
@@ -681,6 +684,10 @@ def _print_counts(stats: dict) -> None:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"[yellow]note:[/] {stats['estimator']}; the interval covers "
                   f"{stats['interval_covers']}")
+    if stats.get("reference_model"):
+        console.print(f"[yellow]note:[/] the reference was made with the model "
+                      f"{stats['reference_model']} (detector {stats['reference_detector']}): "
+                      "count with the same")
 
 
 @app.command("stats")

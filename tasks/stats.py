@@ -143,7 +143,8 @@ def reference(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray],
 
 
 def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[str]]:
-    """A ``soft_confusion.json`` checked against the visitors' classes, and warnings. The
+    """A ``soft_confusion.json`` (its ``heads``, and the ``model`` and ``detector`` it was
+    made with) checked against the visitors' classes, and warnings. The
     age band and gender heads need ``MIN_PEOPLE`` labelled people per class; a joint cell
     with fewer drops the joint head (its cells are then counted by summed probabilities)."""
     path = Path(path)
@@ -153,7 +154,8 @@ def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[
     wanted = {"age_band": names["age_band"], "gender": names["gender"],
               "joint": joint_names(names)}
     try:
-        heads = json.loads(path.read_text())["heads"]
+        data = json.loads(path.read_text())
+        heads = data["heads"]
         people = {h: {c: int(heads[h]["rows"][c]["people"]) for c in heads[h]["classes"]}
                   for h in wanted}
     except (ValueError, KeyError, TypeError) as exc:
@@ -176,7 +178,7 @@ def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[
     warnings += [f"the reference has only {n} labelled people of {c}: its interval is wide"
                  for head in ("age_band", "gender") for c, n in people[head].items()
                  if n < FEW_PEOPLE]
-    return heads, warnings
+    return {**data, "heads": heads}, warnings
 
 
 def _log_dirichlet(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -251,11 +253,14 @@ def visitor_stats(path: Path, reference_path: Path | None = None) -> dict:
                                    "interval", "interval_covers": INTERVAL_COVERS})
         stats.update({h: counts_with_intervals(probs[h], classes[h]) for h in probs})
         return stats
-    heads, stats["warnings"] = load_reference(reference_path, names)
+    ref, stats["warnings"] = load_reference(reference_path, names)
+    heads = ref["heads"]
     rng = np.random.default_rng(0)  # the same input gives the same numbers
     stats.update({"estimator": "mix-corrected (Bayesian label shift, flat Dirichlet prior) "
                                "with the reference; 95% posterior interval",
-                  "reference": str(reference_path), "interval_covers": CORRECTED_COVERS})
+                  "reference": str(reference_path), "interval_covers": CORRECTED_COVERS,
+                  # the counts must come from the model (and detector) the reference did
+                  "reference_model": ref.get("model"), "reference_detector": ref.get("detector")})
     for h in probs:
         stats[h] = (mix_corrected_counts(probs[h], heads[h], rng)[0] if h in heads
                     else counts_with_intervals(probs[h], joint_names(names)))

@@ -124,6 +124,44 @@ def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path
     assert json.loads((tmp_path / "t" / "stats.json").read_text())["visitors"] == 1
 
 
+def test_video_stats_with_a_reference(tiny_run, aaf_dir, tmp_path):
+    """video --stats --reference writes mix-corrected counts with intervals into its
+    stats.json; --reference without --stats, or a reference that is not one, is one line
+    before any frame is read."""
+    from core.labels import AGE_BANDS, GENDERS
+    from tasks.stats import reference
+
+    rng = np.random.default_rng(3)
+    truth = {"age_band": np.repeat(np.arange(4), 40), "gender": np.tile([0, 1], 80)}
+    probs = {"age_band": np.array([rng.dirichlet(1 + 3 * np.eye(4)[c])
+                                   for c in truth["age_band"]]),
+             "gender": np.array([rng.dirichlet(1 + 9 * np.eye(2)[c])
+                                 for c in truth["gender"]])}
+    ref = tmp_path / "soft_confusion.json"
+    ref.write_text(json.dumps(reference(probs, truth, {"age_band": list(AGE_BANDS),
+                                                       "gender": list(GENDERS)})))
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, aaf_dir)
+    model = str(tiny_run["model_dir"])
+    res = run_kface("video", str(clip), "--model", model, "--out", str(tmp_path / "v"),
+                    "--stats", "--reference", str(ref))
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = json.loads((tmp_path / "v" / "stats.json").read_text())
+    assert stats["estimator"].startswith("mix-corrected") and stats["visitors"] == 2
+    assert sum(stats["people"].values()) == 2  # the argmax counts stay beside
+    for head in ("age_band", "gender", "joint"):
+        assert abs(sum(c["estimate"] for c in stats[head].values()) - 2) < 0.2, head
+        assert all(0 <= c["low"] <= c["estimate"] <= c["high"] <= 2
+                   for c in stats[head].values())
+    res = run_kface("video", str(clip), "--model", model, "--out", str(tmp_path / "w"),
+                    "--reference", str(ref))
+    assert res.returncode == 2 and "add --stats" in res.stderr
+    res = run_kface("video", str(clip), "--model", model, "--out", str(tmp_path / "w"),
+                    "--stats", "--reference", str(clip))
+    assert res.returncode == 2 and "is not a soft_confusion.json" in res.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_stats_of_a_file_without_probabilities_is_one_line(tmp_path):
     old = tmp_path / "tracks.jsonl"
     old.write_text(json.dumps({"track_id": 1, "frames": 30, "class": "30s_M"}) + "\n")
