@@ -212,13 +212,13 @@ def mix_corrected_counts(probs: np.ndarray, head: dict, rng: np.random.Generator
         return (-0.5 * (diff * np.linalg.solve(var, diff[..., None])[..., 0]).sum(1)
                 - 0.5 * np.linalg.slogdet(var)[1])
 
-    flat = np.ones(k)
-    pilot = rng.dirichlet(flat, draws // 2)
-    w = np.exp(log_likelihood(pilot) - log_likelihood(pilot).max())
+    pilot = rng.dirichlet(np.ones(k), draws // 2)  # from the flat prior
+    log_w = log_likelihood(pilot)
+    w = np.exp(log_w - log_w.max())
     w /= w.sum()
     centre = w @ pilot  # a Dirichlet fitted to the pilot's weighted moments, widened 2x
-    spread = np.maximum(w @ (pilot - centre) ** 2, 1e-8)
-    total = np.clip(np.median(centre * (1 - centre) / spread - 1) / 4, k, 1e4)
+    var = np.maximum(w @ (pilot - centre) ** 2, 1e-8)
+    total = np.clip(np.median(centre * (1 - centre) / var - 1) / 4, k, 1e4)
     alpha = np.maximum(centre * total, 1.0)
     pi = np.vstack([pilot, rng.dirichlet(alpha, draws - draws // 2)])
     log_prior = math.lgamma(k)  # the flat Dirichlet's density, (k-1)!
