@@ -284,7 +284,7 @@ def visitor_stats(path: Path, reference_path: Path | None = None) -> dict:
     argmax = {h: {n: int((p.argmax(1) == i).sum()) for i, n in enumerate(classes[h])}
               for h, p in probs.items()}
     stats = {"input": str(path), "visitors": int(len(band)), "argmax": argmax, "warnings": []}
-    if reference_path is None or not len(band):
+    if reference_path is None or not len(band):  # (nobody to count: nothing to correct)
         stats.update({"estimator": "sum of calibrated probabilities; 95% Poisson-binomial "
                                    "interval", "interval_covers": INTERVAL_COVERS})
         stats.update({h: counts_with_intervals(probs[h], classes[h]) for h in probs})
@@ -299,7 +299,7 @@ def visitor_stats(path: Path, reference_path: Path | None = None) -> dict:
                   "reference_model": ref.get("model"), "reference_detector": ref.get("detector")})
     for h in probs:
         if h not in heads:  # a joint cell the reference lacks people of
-            stats[h] = counts_with_intervals(probs[h], joint_names(names))
+            stats[h] = counts_with_intervals(probs[h], classes[h])
             continue
         stats[h], effective = mix_corrected_counts(probs[h], heads[h], rng)
         if effective < FEW_DRAWS:
