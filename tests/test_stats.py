@@ -99,6 +99,20 @@ def test_mix_corrected_counts_cover_a_shop_whose_mix_differs():
     assert np.mean(wrong["corrected"]) < 0.6 * np.mean(wrong["summed"]), wrong
 
 
+def test_a_model_that_cannot_tell_the_bands_apart_gives_wide_intervals():
+    """Every band's people get the same probabilities (an untrained model): the shop's
+    mix cannot be read from them, so the corrected counts must stay wide, not pile the
+    visitors into one band with a narrow interval."""
+    rng = np.random.default_rng(4)
+    names = ["20s", "30s", "40s", "50s"]
+    ref_truth = np.repeat(np.arange(4), [16, 16, 5, 3])
+    reference = soft_confusion(rng.dirichlet([40, 55, 45, 20], len(ref_truth)), ref_truth,
+                               names)
+    counts, _ = mix_corrected_counts(rng.dirichlet([40, 55, 45, 20], 12), reference, rng)
+    assert all(counts[n]["estimate"] < 8 for n in names), counts
+    assert all(counts[n]["high"] - counts[n]["low"] >= 4 for n in names), counts
+
+
 def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path):
     from tasks.predict import predict_images
     from tasks.video import analyze_video
