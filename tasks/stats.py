@@ -20,9 +20,9 @@ Two estimators:
   probabilities ``pi @ C`` with a known spread (the visitors' own noise and the
   reference's finite size); a flat Dirichlet prior on ``pi`` and that Gaussian likelihood
   give a posterior (adaptive importance sampling, a fixed seed), whose mean is the
-  estimate, and whose draws of the realised counts (multinomial) give the 95% interval. It assumes
-  only that people of one class look to the model the same in the shop as in the
-  reference (label shift), not that the shop's mix is the training mix. The reference
+  estimate, and whose draws of the realised counts (multinomial) give the 95% interval.
+  It assumes only that people of one class look to the model the same in the shop as in
+  the reference (label shift), not that the shop's mix is the training mix. The reference
   must come from people like the shop's: one from another population (the model's own
   validation split of AAF and UTKFace faces, for AAF-only people) biases it. Measured on
   held-out people (500 visitors): the interval covers every band's true count in 93-100%
@@ -163,8 +163,9 @@ def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[
         people = {h: {c: int(heads[h]["rows"][c]["people"]) for c in heads[h]["classes"]}
                   for h in wanted}
     except (ValueError, KeyError, TypeError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise StatsError(f"reference {path} is not a {REFERENCE_FILE} of kface evaluate "
-                         f"(no {exc})") from None
+                         f"({what})") from None
     for head, classes in wanted.items():
         if list(people[head]) != classes:
             raise StatsError(f"reference {path}: its {head} classes {list(people[head])} are "
