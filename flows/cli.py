@@ -661,7 +661,11 @@ def evaluate_cmd(
         extra.append(f"age MAE {metrics['age']['mae_years']:.1f} years")
     if "calibration" in metrics:
         c = metrics["calibration"]["age_band"]
-        extra.append(f"age-band ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}")
+        floor = c.get("ece_floor") or {}
+        extra.append(f"age-band ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}"
+                     + (f" (a calibrated model shows {floor['mean']:.3f}, up to "
+                        f"{floor['p95']:.3f}, on as many faces)"
+                        if floor.get("mean") is not None else ""))
     console.print(f"{metrics['examples']} faces of {metrics['subjects']} people"
                   + (f"; {', '.join(extra)}" if extra else "") + f" -> {report}")
     console.print(f"for counts corrected for a shop's mix: kface stats ... --reference "

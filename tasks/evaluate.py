@@ -425,12 +425,21 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
                   f"Every inference path divides each head's logits by the temperature "
                   f"fitted on the validation split after training (labels.json). On the "
                   f"{scored} split: expected calibration error (ECE, 15 bins) and mean top "
-                  "probability, before and after.", "",
-                  "| head | temperature | ECE before | ECE after | mean top probability "
-                  "before | after | accuracy |", "|---|---|---|---|---|---|---|"]
+                  "probability, before and after. ECE is never zero on finite data: "
+                  "*calibrated* is the ECE a perfectly calibrated model with these "
+                  "probabilities shows on as many faces (its mean, and 95% of draws below "
+                  "the second figure); an ECE after below that second figure is what a "
+                  "calibrated model shows.", "",
+                  "| head | temperature | ECE before | ECE after | calibrated | mean top "
+                  "probability before | after | accuracy |",
+                  "|---|---|---|---|---|---|---|---|"]
         for head, c in calibration.items():
+            floor = c.get("ece_floor") or {}
+            shown = (f"{floor['mean']:.3f} (<= {floor['p95']:.3f})"
+                     if floor.get("mean") is not None else "-")
             lines.append(f"| {head} | {c['temperature']:.2f} | {c['ece_before']:.3f} | "
-                         f"**{c['ece_after']:.3f}** | {c['mean_confidence_before']:.3f} | "
+                         f"**{c['ece_after']:.3f}** | {shown} | "
+                         f"{c['mean_confidence_before']:.3f} | "
                          f"{c['mean_confidence_after']:.3f} | {metrics[head]['accuracy']:.3f} |")
         lines += ["", "![reliability](reliability.png)"]
     lines += [

@@ -6,7 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from models.calibration import apply_temperature, calibrate, calibration_error, fit_temperature
+from models.calibration import (
+    apply_temperature,
+    calibrate,
+    calibration_error,
+    calibration_report,
+    ece_floor,
+    fit_temperature,
+)
 
 
 def population(n=6000, k=4, seed=0):
@@ -39,6 +46,32 @@ def test_a_calibrated_model_keeps_t_near_one():
     report = calibrate({"age_band": truth}, {"age_band": labels})["age_band"]
     assert report["temperature"] == pytest.approx(1.0, abs=0.1)
     assert report["ece_after"] < 0.03 and report["examples"] == len(labels)
+
+
+def test_the_ece_floor_is_what_calibrated_models_show_on_as_many_examples():
+    """Twenty calibrated populations of 400: their ECE averages the floor's mean and
+    stays under its 95th percentile about 95% of the time; the floor shrinks with n."""
+    observed, floors, inside = [], [], 0
+    for seed in range(20):
+        truth, labels = population(n=400, seed=100 + seed)
+        floor = ece_floor(truth)
+        observed.append(calibration_error(truth, labels))
+        floors.append(floor["mean"])
+        inside += observed[-1] <= floor["p95"]
+    assert 0.75 < np.mean(observed) / np.mean(floors) < 1.33
+    assert inside >= 16  # 19 expected
+    truth, _ = population(n=6400, seed=7)
+    assert ece_floor(truth)["mean"] < ece_floor(truth[:400])["mean"] / 2.5  # ~1/sqrt(n)
+
+
+def test_an_over_confident_model_is_told_apart_from_the_floor():
+    truth, labels = population(n=2000, seed=4)  # (1 in 20 calibrated ones lies above p95)
+    sharp = apply_temperature(truth, 0.5)
+    before = calibration_report(sharp, labels, 1.0)
+    assert not before["consistent"] and before["ece_after"] > 2 * before["ece_floor"]["p95"]
+    after = calibration_report(sharp, labels, fit_temperature(sharp, labels))
+    assert after["consistent"]
+    assert calibration_report(sharp[:0], labels[:0], 1.0)["ece_floor"]["mean"] is None
 
 
 def test_the_trained_model_carries_its_temperature_and_inference_applies_it(tiny_run):

@@ -41,15 +41,19 @@ def test_the_report_scores_the_folder_with_intervals_age_and_calibration(keras_r
         assert lo <= metrics[head]["accuracy"] <= hi
         assert "majority_class" in metrics[head]["baselines"]
         assert metrics["calibration"][head]["temperature"] > 0
+        floor = metrics["calibration"][head]["ece_floor"]  # a calibrated model's ECE here
+        assert 0 < floor["mean"] <= floor["p95"] < 1
     assert 0 < metrics["age"]["mae_years"] < 40 and metrics["age"]["examples"] == \
         metrics["examples"]
     assert set(metrics["age"]["signed_error_by_band"]) <= {"20s", "30s", "40s", "50s"}
     text = (out / "report.md").read_text()
     assert "Scored on **folder**" in text and "## Calibration" in text
+    assert f"(<= {metrics['calibration']['age_band']['ece_floor']['p95']:.3f})" in text
     assert "mean signed error (predicted - true) per true band" in text
     for png in ("confusion_gender.png", "confusion_age_band.png", "reliability.png"):
         assert (out / png).stat().st_size > 0
     assert "age_band" in res.stdout and "people" in res.stderr
+    assert "a calibrated model shows" in res.stderr
 
 
 def test_the_soft_confusion_corrects_counts_with_kface_stats(keras_report, tiny_run,
