@@ -3,21 +3,32 @@
 The held-out fifth of the All-Age-Faces people (``aaf_quality.held_out``: chosen by a hash
 of the file name, never trained or tuned on) goes once through the model's own inference
 path (``kface evaluate``'s: detector, crop, calibration; the best face of each photo).
-For each shop those people are split in two at random, half and half within each band:
-the *reference* half plays the labelled photos of people like the shop's that a user runs
-``kface evaluate`` on (its ``soft_confusion.json``), the *visitor* half the shop's
-visitors (a fresh split per shop, so that the coverage averages over references too).
-For three shops (the mix of the faces the model was trained on, read from its run
-folder's train and val splits; a young shop 55/30/10/5%; an older one 10/20/30/40% for
-20s/30s/40s/50s) and 100 and 500 visitors, ``--draws`` shops are drawn: each visitor's
-band from the shop's mix, then a visitor-half person of that band. Printed for each: the
+Those people are the shop's *population* (``--design population``, the default): for
+each shop a *reference* of half as many people (by band) is drawn from them with
+replacement, an iid sample like the labelled photos of people like the shop's that a
+user runs ``kface evaluate`` on (its ``soft_confusion.json``; a fresh one per shop, so
+that the coverage averages over references too), and the visitors are drawn from the
+same population: for three shops (the mix of the faces the model was trained on, read
+from its run folder's train and val splits; a young shop 55/30/10/5%; an older one
+10/20/30/40% for 20s/30s/40s/50s) and 100 and 500 visitors, ``--draws`` shops, each
+visitor's band from the shop's mix, then a person of that band. ``--design halves`` is
+stricter than a shop: the people of each band are cut in two halves, the reference comes
+from one and the visitors from the other, so 500 visitors of a skewed shop reuse the few
+people of a band in their half (the older shop's 200 visitors in their 50s come from 59
+people, each about 3.4 times), and the visitors carry those people's quirks, which the
+reference does not share. Printed for each: the
 share of visitors counted in a wrong band (half the summed absolute count errors over
 the visitors) when each visitor is counted by their most likely band (argmax), by
 ``kface stats``' default estimator (summed calibrated probabilities) and by ``kface stats
 --reference`` (mix-corrected); how often the true count of each band falls inside each
 estimator's 95% interval (the lowest band's figure; each band's in the JSON), and the
-corrected interval's mean width. Also the held-out people's age-band calibration error
-(ECE) with and without the model's temperature.
+corrected interval's mean width. And the model's own limit (``perfect ref``): the
+mix-corrected estimate when the reference is the visitors' pool itself, the very people
+the visitors are drawn from (no reference noise, no difference between reference and
+shop people); what is left is the visitors' sampling noise seen through the model's weak age
+signal, which no estimator of these probabilities removes. Also the held-out people's
+age-band calibration error (ECE) with and without the model's temperature, and the ECE a
+perfectly calibrated model would show on as many people (``models.calibration.ece_floor``).
 
 ``python bench/bench_counts.py --model bench/out/aaf-quality/run-utk/experiments/default/model``
 (a model trained by ``bench/aaf_quality.py``; predictions are cached beside the model's
@@ -95,33 +106,51 @@ def run_prior(model: Path) -> np.ndarray:
     return np.array([shares.get(b, 0.0) for b in AGE_BANDS])
 
 
-def split_halves(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random half of the people of each band: the reference (True); the rest visitors."""
-    half = np.zeros(len(truth), bool)
+def draw_people(truth: np.ndarray, rng: np.random.Generator, share: float = 0.5,
+                design: str = "population") -> tuple[np.ndarray, np.ndarray]:
+    """The reference's people (indices) and the visitors' pool (a mask), per band:
+    ``population``: the held-out people are the population; the reference is ``share``
+    of each band's count drawn from them with replacement (an iid sample, as a user's
+    labelled people are), the pool is everyone. ``halves``: each band cut in two random
+    halves; ``share`` of the people (at most half) from the first are the reference, the
+    second is the pool (stricter: 500 visitors of a skewed shop reuse the pool's few
+    people of a band, whose quirks the reference does not share)."""
+    reference, pool = [], np.zeros(len(truth), bool)
     for band in np.unique(truth):
         people = rng.permutation(np.flatnonzero(truth == band))
-        half[people[: len(people) // 2]] = True
-    return half
+        if design == "population":
+            reference.append(rng.choice(people, int(len(people) * share)))
+            pool[people] = True
+        else:
+            reference.append(people[: min(int(len(people) * share), len(people) // 2)])
+            pool[people[len(people) // 2:]] = True
+    return np.concatenate(reference), pool
 
 
 def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visitors: int,
-             draws: int, rng: np.random.Generator) -> dict:
+             draws: int, rng: np.random.Generator, share: float = 0.5,
+             design: str = "population") -> dict:
     """Wrong-band shares (argmax, summed probabilities, mix-corrected) and the intervals'
     coverage."""
     from tasks.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
 
-    wrong = {"argmax": [], "summed": [], "corrected": []}
+    wrong = {"argmax": [], "summed": [], "corrected": [], "perfect_reference": []}
     inside = {"summed": [], "corrected": []}
     width = []
     for _ in range(draws):
-        half = split_halves(truth, rng)
+        half, pool = draw_people(truth, rng, share, design)
         reference = soft_confusion(probs[half], truth[half], list(AGE_BANDS))
-        people = [np.flatnonzero(~half & (truth == b)) for b in range(len(AGE_BANDS))]
+        people = [np.flatnonzero(pool & (truth == b)) for b in range(len(AGE_BANDS))]
         bands = rng.choice(len(AGE_BANDS), size=visitors, p=mix)
         chosen = np.array([rng.choice(people[b]) for b in bands])
         true = np.bincount(bands, minlength=len(AGE_BANDS))
         p = probs[chosen]
         corrected, _ = mix_corrected_counts(p, reference, rng)
+        # the model's own limit: a reference of the visitors' own people
+        perfect, _ = mix_corrected_counts(p, soft_confusion(probs[pool], truth[pool],
+                                                            list(AGE_BANDS)), rng)
+        estimate = np.array([perfect[b]["estimate"] for b in AGE_BANDS])
+        wrong["perfect_reference"].append(np.abs(estimate - true).sum() / (2 * visitors))
         for name, counts in (("summed", counts_with_intervals(p, list(AGE_BANDS))),
                              ("corrected", corrected)):
             estimate = np.array([counts[b]["estimate"] for b in AGE_BANDS])
@@ -142,13 +171,20 @@ def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visit
 
 
 def main() -> None:
-    from models.calibration import apply_temperature, calibration_error
+    from models.calibration import apply_temperature, calibration_error, ece_floor
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a trained model folder")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "counts")
     ap.add_argument("--draws", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--design", choices=("population", "halves"), default="population",
+                    help="population: reference and visitors drawn from all held-out "
+                         "people; halves: from two disjoint halves (stricter)")
+    ap.add_argument("--reference-share", type=float, default=0.5,
+                    help="the reference's size as a share of each band's held-out people "
+                         "(at most 0.5 with --design halves)")
+    ap.add_argument("--visitors", type=int, nargs="+", default=[100, 500])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data, temperature = predictions(args.model, args.work)
@@ -158,26 +194,38 @@ def main() -> None:
               "age_band_accuracy": round(float((probs.argmax(1) == truth).mean()), 4),
               "age_band_temperature": t,
               "age_band_ece_calibrated": round(calibration_error(probs, truth), 4),
+              # what a perfectly calibrated model would show on as many people
+              "age_band_ece_floor": {k: round(v, 4) for k, v in ece_floor(probs).items()},
               "age_band_ece_uncalibrated": round(calibration_error(
                   apply_temperature(probs, 1 / t), truth), 4), "shops": []}
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]
-    result["reference_people"] = result["visitor_people"] = len(truth) // 2
+    halves = args.design == "halves"
+    share = min(args.reference_share, 0.5) if halves else args.reference_share
+    counts = np.bincount(truth)
+    result["design"] = args.design
+    result["reference_people"] = int(sum(min(int(c * share), c // 2) if halves
+                                         else int(c * share) for c in counts))
+    result["visitor_people"] = int(sum(c - c // 2 for c in counts) if halves else len(truth))
     shops = {"training mix": tuple(prior), **SHOPS}
-    print(f"per shop: a reference of half the {len(truth)} held-out people (by band), "
-          "visitors drawn from the other half")
+    print(f"per shop: a reference of {result['reference_people']} people and visitors "
+          + (f"from the other {result['visitor_people']} (disjoint halves by band)" if halves
+             else f"drawn from all {len(truth)} held-out people (with replacement)"))
     print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong: argmax':>15}"
-          f"{'summed':>8}{'corrected':>11}{'coverage: summed':>18}{'corrected':>11}"
-          f"{'width':>7}")
+          f"{'summed':>8}{'corrected':>11}{'perfect ref':>13}{'coverage: summed':>18}"
+          f"{'corrected':>11}{'width':>7}")
     for name, mix in shops.items():
-        for visitors in (100, 500):
+        for visitors in args.visitors:
             row = {"shop": name, "mix": [round(m, 3) for m in mix], "visitors": visitors,
-                   **simulate(truth, probs, mix, visitors, args.draws, rng)}
+                   **simulate(truth, probs, mix, visitors, args.draws, rng, share,
+                              args.design)}
             result["shops"].append(row)
             print(f"{name:<14}{'/'.join(f'{m:.2f}' for m in mix):<24}{visitors:>9}"
                   f"{row['wrong_band_argmax']:>15.1%}{row['wrong_band_summed']:>8.1%}"
-                  f"{row['wrong_band_corrected']:>11.1%}{row['coverage_min_summed']:>18.1%}"
+                  f"{row['wrong_band_corrected']:>11.1%}"
+                  f"{row['wrong_band_perfect_reference']:>13.1%}"
+                  f"{row['coverage_min_summed']:>18.1%}"
                   f"{row['coverage_min_corrected']:>11.1%}"
                   f"{row['corrected_interval_width']:>7.1f}")
     print(json.dumps(result, indent=2))
