@@ -202,12 +202,10 @@ def main() -> None:
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]
     halves = args.design == "halves"
-    share = min(args.reference_share, 0.5) if halves else args.reference_share
-    counts = np.bincount(truth)
-    result["design"] = args.design
-    result["reference_people"] = int(sum(min(int(c * share), c // 2) if halves
-                                         else int(c * share) for c in counts))
-    result["visitor_people"] = int(sum(c - c // 2 for c in counts) if halves else len(truth))
+    share = args.reference_share
+    reference, pool = draw_people(truth, np.random.default_rng(), share, args.design)
+    result["design"] = args.design  # (the sizes are the same in every draw)
+    result["reference_people"], result["visitor_people"] = len(reference), int(pool.sum())
     shops = {"training mix": tuple(prior), **SHOPS}
     print(f"per shop: a reference of {result['reference_people']} people and visitors "
           + (f"from the other {result['visitor_people']} (disjoint halves by band)" if halves

@@ -69,6 +69,12 @@ def _bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
     return np.minimum((confidence * bins).astype(int), bins - 1)
 
 
+def _ece(which: np.ndarray, correct: np.ndarray, confidence: np.ndarray, bins: int) -> float:
+    """Sum over bins of n/N * |accuracy - confidence| = |hits - summed confidence| / N."""
+    return float(np.abs(np.bincount(which, correct, bins)
+                        - np.bincount(which, confidence, bins)).sum() / len(which))
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[dict]:
     """Per confidence bin with examples: its range, count, mean top probability and
     accuracy (the reliability diagram's bars)."""
@@ -84,10 +90,12 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list
 
 def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
     """Expected calibration error: sum over bins of n/N * |accuracy - confidence|."""
-    rows = reliability(probs, labels, bins)
-    total = sum(r["n"] for r in rows)
-    return float(sum(r["n"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows)
-                 ) if total else 0.0
+    probs = np.asarray(probs, np.float64)
+    if len(probs) == 0:
+        return 0.0
+    confidence = probs.max(axis=1)
+    return _ece(_bin_of(confidence, bins), probs.argmax(axis=1) == np.asarray(labels),
+                confidence, bins)
 
 
 def ece_floor(probs: np.ndarray, bins: int = BINS, draws: int = FLOOR_DRAWS,
@@ -104,10 +112,8 @@ def ece_floor(probs: np.ndarray, bins: int = BINS, draws: int = FLOOR_DRAWS,
     if n == 0:
         return {"mean": None, "p95": None, "draws": 0}
     which = _bin_of(confidence, bins)
-    expected = np.bincount(which, confidence, bins)
     rng = np.random.default_rng(seed)
-    eces = [np.abs(np.bincount(which, rng.random(n) < confidence, bins) - expected).sum() / n
-            for _ in range(draws)]
+    eces = [_ece(which, rng.random(n) < confidence, confidence, bins) for _ in range(draws)]
     return {"mean": float(np.mean(eces)), "p95": float(np.percentile(eces, 95)),
             "draws": draws}
 
