@@ -2,12 +2,20 @@
 
 A fixed fifth of ../shared/data/faces/aaf, chosen by person (sha256 of the file name,
 never by looking at results), is held out: no recipe is trained or tuned on it. The rest
-is a labelled folder (optionally with the UTKFace faces, padded so that the detector
-finds them) that ``kface run`` prepares, splits 70/15/15, trains on and reports on. Then
-the trained model scores the held-out people: their faces detected and cropped with the
-run's own settings, accuracy with 95% intervals by bootstrap over people.
+is what ``kface run`` prepares, splits 70/15/15 (by person, within each folder), trains
+on and reports on:
 
-``python bench/aaf_quality.py [-c configs/aaf-pretrained.yaml] [--utkface]
+* ``--folders`` (the quality recipe's data): four labelled folders in one run, AAF less
+  its held-out fifth, AAF's faces aged 15-19 and 60-69, UTKFace and UTKFace's 64 px
+  chips (both as face chips), with ages 15-69 kept (``data.folders``, ``data.ages``);
+* ``--utkface``: one folder of the AAF photos and the UTKFace faces padded so that a
+  detector finds them (the earlier recipes' data); neither: the AAF photos alone.
+
+Then the trained model scores the held-out people: their faces detected and cut with the
+run's own settings, accuracy with 95% intervals by bootstrap over people. The run's own
+test people (``dev_test_aaf``) are what recipes are chosen on.
+
+``python bench/aaf_quality.py [-c configs/aaf-pretrained.yaml] [--folders | --utkface]
 [--experiment NAME] [--set key=value ...] [--dev-only]``
 """
 
@@ -24,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
-WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+WEIGHTS = {"mobilefacenet": SHARED / "weights" / "mobilefacenet",
+           "mobilenet": SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"}
 
 
 def held_out(name: str) -> bool:
@@ -62,6 +71,30 @@ def dev_folder(work: Path, utkface: bool) -> Path:
     return folder
 
 
+def quality_folders(work: Path) -> list[dict]:
+    """``data.folders`` of the quality recipe: the shared labelled folders, AAF without
+    its held-out fifth (a labels CSV of the others, written into ``work``)."""
+    import pandas as pd
+
+    faces = SHARED / "faces"
+    work.mkdir(parents=True, exist_ok=True)
+    labels = pd.read_csv(faces / "aaf" / "labels.csv")
+    dev = work / "aaf-dev-labels.csv"
+    labels[~labels.file.map(held_out)].to_csv(dev, index=False)
+    return [{"name": "aaf", "root": str(faces / "aaf"), "labels": str(dev)},
+            {"name": "aaf-more-ages", "root": str(faces / "aaf-more-ages")},
+            {"name": "utkface", "root": str(faces / "utkface"), "chips": True},
+            {"name": "utkface-64", "root": str(faces / "utkface-64"), "chips": True}]
+
+
+def folders_overrides(work: Path) -> list[str]:
+    """The ``--set`` arguments that point a run at ``quality_folders`` (ages 15-69)."""
+    import json as json_
+
+    return ["--set", f"data.folders={json_.dumps(quality_folders(work))}",
+            "--set", "data.ages=[15, 69]"]
+
+
 def dev_test_aaf(out: Path, experiment: str) -> dict:
     """The run's own test split, AAF people only (the held-out fifth's kind of faces, but
     not held-out people): what recipes are compared and tuned on."""
@@ -75,29 +108,26 @@ def dev_test_aaf(out: Path, experiment: str) -> dict:
     folder = cfg.folder
     crops = load_index(crop_files(cfg), folder.faces, folder.split)
     test = crops.splits["test"]
-    test = test[test.subject_id.str.startswith("aaf-")].reset_index(drop=True)
+    aaf = (test.source == "aaf" if "source" in test  # several folders; one
+           else test.subject_id.str.startswith("aaf-"))
+    test = test[aaf].reset_index(drop=True)
     model = load_classifier(folder.model_file)
     metrics = compute_metrics(test, predict_frame(model, test, crops.files, cfg.crops.size))
     return {"people": len(test), "gender": round(metrics["gender"]["accuracy"], 4),
             "age_band": round(metrics["age_band"]["accuracy"], 4)}
 
 
-def holdout_scores(out: Path, experiment: str) -> dict:
-    """Detect and crop the held-out AAF people with the run's settings; score the
-    experiment's model on them (bootstrap over people)."""
+def held_out_crops(cfg):
+    """The held-out AAF people detected and cut with a run's settings (``cfg``): the
+    labels of those with a face, and their crops (RGB uint8)."""
     import numpy as np
     import pandas as pd
 
     from core.images import load_image
-    from core.labels import AGE_BANDS, GENDERS, age_to_band, expected_age
-    from flows.config import load_config
-    from models.classifier import load_classifier
     from models.detector import LANDMARK_COLUMNS
     from models.face_crop import face_crop
     from tasks.detect import detect_images
-    from tasks.evaluate import compute_metrics, subject_bootstrap
 
-    cfg = load_config(out / "experiments" / experiment / "config.yaml")
     aaf_dir = SHARED / "faces" / "aaf"
     labels = pd.read_csv(aaf_dir / "labels.csv")
     labels = labels[labels.file.map(held_out)].reset_index(drop=True)
@@ -108,26 +138,32 @@ def holdout_scores(out: Path, experiment: str) -> dict:
     crops = np.stack([face_crop(load_image(aaf_dir / r.file)[0],
                                 (r.left, r.top, r.right, r.bottom),
                                 pts if np.isfinite(pts).all() else None, spec)[0]
-                      for r, pts in zip(found.itertuples(), points, strict=True)]
-                     ).astype(np.float32)
-    model = load_classifier(out / "experiments" / experiment / "model" / "model.keras")
-    probs = model.predict(crops, batch_size=64, verbose=0)
-    ages = expected_age(probs["age"]) if "age" in probs else None
-    mirrored = model.predict(crops[:, :, ::-1], batch_size=64, verbose=0)
-    averaged = {h: (np.asarray(probs[h]) + np.asarray(mirrored[h])) / 2 for h in probs}
+                      for r, pts in zip(found.itertuples(), points, strict=True)])
+    return found.assign(held_out_people=len(labels)), crops
+
+
+def held_out_metrics(found, probs: dict, labels: dict) -> dict:
+    """Scores of a model's probabilities (its saved form: flip-averaged when its recipe
+    says so) on the held-out people: accuracy with 95% intervals by bootstrap over people,
+    within one band, macro-F1, the age MAE in years."""
+    import numpy as np
+
+    from core.labels import AGE_BANDS, AGES, GENDERS, age_to_band, expected_age
+    from tasks.evaluate import compute_metrics, subject_bootstrap
+
     frame = found.assign(
         subject_id=found.file, age_band=found.age.map(age_to_band),
         gender_idx=found.gender.map(GENDERS.index),
         age_idx=found.age.map(age_to_band).map(AGE_BANDS.index),
         joint_class=found.age.map(age_to_band) + "_" + found.gender)
-    metrics = compute_metrics(frame, {h: np.asarray(probs[h]) for h in ("gender", "age_band")})
+    probs = {h: np.asarray(p) for h, p in probs.items()}
+    metrics = compute_metrics(frame, {h: probs[h] for h in ("gender", "age_band")})
     ci = subject_bootstrap(frame.subject_id.to_numpy(), {
-        "gender": (frame.gender_idx.to_numpy(), np.asarray(probs["gender"]).argmax(1), 2),
-        "age_band": (frame.age_idx.to_numpy(), np.asarray(probs["age_band"]).argmax(1), 4)})
-    flip = compute_metrics(frame, averaged)
-    return {"held_out_people": len(labels), "faces_found": len(found),
-            "flip_averaged": {"gender": round(flip["gender"]["accuracy"], 4),
-                              "age_band": round(flip["age_band"]["accuracy"], 4)},
+        "gender": (frame.gender_idx.to_numpy(), probs["gender"].argmax(1), 2),
+        "age_band": (frame.age_idx.to_numpy(), probs["age_band"].argmax(1), 4)})
+    ages = expected_age(probs["age"], labels.get("ages", AGES)) if "age" in probs else None
+    people = int(found["held_out_people"].iloc[0]) if "held_out_people" in found else None
+    return {"held_out_people": people, "faces_found": len(found),
             "gender": round(metrics["gender"]["accuracy"], 4),
             "gender_ci95": [round(x, 3) for x in ci["gender"]["accuracy"]],
             "age_band": round(metrics["age_band"]["accuracy"], 4),
@@ -138,24 +174,49 @@ def holdout_scores(out: Path, experiment: str) -> dict:
             "age_band_macro_f1": round(metrics["age_band"]["macro_f1"], 4)}
 
 
+def holdout_scores(out: Path, experiment: str) -> dict:
+    """Detect and crop the held-out AAF people with the run's settings; score the
+    experiment's model on them (bootstrap over people)."""
+    import json as json_
+
+    from flows.config import load_config
+    from models.classifier import load_classifier
+
+    exp = out / "experiments" / experiment
+    found, crops = held_out_crops(load_config(exp / "config.yaml"))
+    model = load_classifier(exp / "model" / "model.keras")
+    probs = model.predict(crops.astype("float32"), batch_size=64, verbose=0)
+    return held_out_metrics(found, probs, json_.loads((exp / "model" / "labels.json")
+                                                      .read_text()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-c", "--config", type=Path, default=REPO / "configs" / "aaf-pretrained.yaml")
     ap.add_argument("--utkface", action="store_true", help="add the padded UTKFace faces")
+    ap.add_argument("--folders", action="store_true", help="the quality recipe's four "
+                    "labelled folders (see the module docstring)")
     ap.add_argument("--experiment", default="default")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "aaf-quality")
     ap.add_argument("--dev-only", action="store_true", help="score a trained experiment on "
                     "the run's own AAF test people only: no training, no held-out people")
     args = ap.parse_args()
-    data = dev_folder(args.work, args.utkface)
-    out = args.work / ("run-utk" if args.utkface else "run")
+    out = args.work / ("run-folders" if args.folders else
+                       "run-utk" if args.utkface else "run")
     if args.dev_only:
         print(json.dumps(dev_test_aaf(out, args.experiment)))
         return
-    cmd = [sys.executable, "-m", "flows.cli", "run", "-c", str(args.config), "--data-root",
-           str(data), "--layout", "labelled", "--out", str(out), "--experiment",
-           args.experiment, "--set", f"model.weights={WEIGHTS}"]
+    from flows.config import load_config
+
+    backbone = load_config(args.config).model.backbone
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-c", str(args.config), "--layout",
+           "labelled", "--out", str(out), "--experiment", args.experiment,
+           *(["--set", f"model.weights={WEIGHTS[backbone]}"] if backbone in WEIGHTS else [])]
+    if args.folders:
+        cmd += folders_overrides(args.work)
+    else:
+        cmd += ["--data-root", str(dev_folder(args.work, args.utkface))]
     for item in args.sets:
         cmd += ["--set", item]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
@@ -166,6 +227,7 @@ def main() -> None:
     train = json.loads((exp / "stages" / "train.json").read_text())
     evaluate = json.loads((exp / "stages" / "evaluate.json").read_text())
     result = {"config": str(args.config), "sets": args.sets, "utkface": args.utkface,
+              "folders": args.folders,
               "experiment": args.experiment, "train_faces": train["train_examples"],
               "training_minutes": round(train["seconds"] / 60, 1),
               "epochs_run": train["epochs_run"], "best_epoch": train["best_epoch"],

@@ -76,11 +76,8 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
             weights_sha256(config.detector)
     except (DatasetError, LabelsError, DetectorError) as exc:
         raise InputError(str(exc)) from exc
-    weights = config.model.weights
-    if "train" in stages and weights not in ("none", "imagenet") and not Path(
-            weights).is_file():
-        raise InputError(f"model.weights: file {weights} not found (a Keras no-top weights "
-                         "file, 'imagenet' or 'none')")
+    if "train" in stages:
+        check_weights(config.model)
     for stage in stages:
         problem = missing_input(config, stage, set(stages))
         if problem:
@@ -114,6 +111,22 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
                 f"stage '{stage}' reads {config.folder.output(name)}, which is "
                 f"{row.state} ({row.detail or 'not up to date'}): run with --stages "
                 f"{rebuild} (or --allow-stale to use it as it is)")
+
+
+def check_weights(model) -> None:
+    """The backbone's weights: a Keras no-top file, 'imagenet' or 'none'; MobileFaceNet's
+    folder of MXNet files (present, sha256 as published)."""
+    from models.mobilefacenet import MobileFaceNetError, weight_files
+
+    weights = model.weights
+    if model.backbone == "mobilefacenet":
+        try:
+            weight_files(weights)
+        except MobileFaceNetError as exc:
+            raise InputError(str(exc)) from None
+    elif weights not in ("none", "imagenet") and not Path(weights).is_file():
+        raise InputError(f"model.weights: file {weights} not found (a Keras no-top weights "
+                         "file, 'imagenet' or 'none')")
 
 
 def check_writable(folder: Path) -> None:

@@ -16,14 +16,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.labels import AGE_BANDS, AGES, GENDERS, band_matrix
 from models.runtime import load_keras
 
 # backbone -> keras preprocessing mode applied by BackbonePreprocess
 PREPROCESS_MODE = {"resnet50": "caffe", "mobilenet_v3_small": "none", "mobilenet": "tf",
-                   "mobilenet_v2": "tf", "small_cnn": "unit"}
+                   "mobilenet_v2": "tf", "small_cnn": "unit", "mobilefacenet": "arcface"}
+# backbones whose output is already a vector (an embedding): no pooling after them
+EMBEDDING_BACKBONES = ("mobilefacenet",)
+# backbone -> model.frozen_until -> the node whose output the frozen part ends with
+FROZEN_CUTS = {"mobilefacenet": {"28px": "_plus3", "14px": "_plus9", "7px": "_plus11",
+                                 "embedding": "fc1"}}
 
 
 class ModelConfig(BaseModel):
@@ -32,13 +37,16 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: Literal["resnet50", "mobilenet_v3_small", "mobilenet", "mobilenet_v2",
-                      "small_cnn"] = Field(
+                      "small_cnn", "mobilefacenet"] = Field(
         "resnet50", description="resnet50 (the original; GPU), mobilenet_v3_small / "
-        "mobilenet (v1) / mobilenet_v2 / small_cnn for CPU runs."
+        "mobilenet (v1) / mobilenet_v2 / small_cnn for CPU runs; mobilefacenet: "
+        "InsightFace's face-recognition network (112 px faces aligned by their landmarks; "
+        "model.weights: the folder of its MXNet files; the quality recipe's)."
     )
     weights: str = Field(
         "none", description="'none' (random init, as the original), 'imagenet' (downloads: "
-        "needs the internet) or a path to a local Keras no-top weights file."
+        "needs the internet), a path to a local Keras no-top weights file, or for "
+        "mobilefacenet the folder of its MXNet files (symbol + params, sha256 checked)."
     )
     alpha: float = Field(0.25, gt=0, le=1.0, description="Width multiplier for mobilenet "
                          "and mobilenet_v2 (pretrained files exist for v1 0.25/0.5/0.75/1 "
@@ -64,6 +72,19 @@ class ModelConfig(BaseModel):
         0.99, gt=0, lt=1, description="BatchNormalization momentum of the head (and of "
         "small_cnn). Keras' 0.99 (the original) adapts slowly on small data sets: 0.9 there."
     )
+    frozen_until: Literal["none", "28px", "14px", "7px", "embedding"] = Field(
+        "none", description="mobilefacenet: the backbone up to the end of its stage at "
+        "this resolution keeps its pretrained weights and only the rest (and the heads) "
+        "trains; with train.feature_cache its output is computed once per face, which is "
+        "what makes a CPU recipe fast ('14px': the first four stages, the quality "
+        "recipe's; 'embedding': all of the backbone). 'none': everything trains.")
+
+    @model_validator(mode="after")
+    def _frozen_needs_the_face_backbone(self):
+        if self.frozen_until != "none" and self.backbone not in FROZEN_CUTS:
+            raise ValueError(f"frozen_until {self.frozen_until!r} is for "
+                             f"{', '.join(FROZEN_CUTS)} (backbone is {self.backbone})")
+        return self
 
 
 class WeightsError(RuntimeError):
@@ -76,6 +97,8 @@ def _backbone(cfg: ModelConfig, size: int):
 
     shape = (size, size, 3)
     weights: str | None = None if cfg.weights == "none" else cfg.weights
+    if cfg.backbone == "mobilefacenet":
+        return _mobilefacenet(weights, size)
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise WeightsError(f"model.weights: file {weights} not found")
     if cfg.backbone == "small_cnn":
@@ -116,23 +139,87 @@ def _backbone(cfg: ModelConfig, size: int):
         raise
 
 
-def build_classifier(cfg: ModelConfig, size: int, exact_age: bool = False):
-    """Build the classifier (a ``keras.Model``) for ``size x size`` RGB input (0..255):
-    outputs ``gender`` and ``age_band``, and with ``exact_age`` also ``age`` (the band
-    then sums the age distribution). Keras is imported here, not at module import, so
-    that the config and the worker processes of other stages do not pay TensorFlow's
-    start-up."""
-    keras = load_keras()
-    from keras import layers
+def _mobilefacenet(weights: str | None, size: int, **part):
+    from models.mobilefacenet import INPUT_SIZE, MobileFaceNetError, build_mobilefacenet
 
+    if size != INPUT_SIZE:
+        raise WeightsError(f"mobilefacenet takes {INPUT_SIZE} px faces: set crops.size: "
+                           f"{INPUT_SIZE} (got {size})")
+    if weights is None or weights == "imagenet":
+        raise WeightsError("mobilefacenet is built from InsightFace's MXNet files: set "
+                           "model.weights to their folder, e.g. "
+                           "../shared/data/weights/mobilefacenet")
+    try:
+        return build_mobilefacenet(weights, **part)
+    except MobileFaceNetError as exc:
+        raise WeightsError(str(exc)) from None
+
+
+def _frozen_bn(cfg: ModelConfig) -> bool:
+    return cfg.backbone_bn == "frozen" or (cfg.backbone_bn == "auto"
+                                           and cfg.weights != "none")
+
+
+def build_classifier(cfg: ModelConfig, size: int, exact_age: bool = False,
+                     ages: tuple[int, ...] = AGES):
+    """Build the classifier (a ``keras.Model``) for ``size x size`` RGB input (0..255):
+    outputs ``gender`` and ``age_band``, and with ``exact_age`` also ``age`` over the
+    classes ``ages`` (the band then sums the age distribution, ages outside 20-59
+    counted towards the nearest band). With ``model.frozen_until`` it is the two parts
+    of ``build_parts`` in a row, the first not trainable. Keras is imported here, not
+    at module import, so that the config and the worker processes of other stages do
+    not pay TensorFlow's start-up."""
+    keras = load_keras()
     from models.preprocess import BackbonePreprocess
 
+    if cfg.frozen_until != "none":
+        return compose(*build_parts(cfg, size, exact_age, ages))
     inputs = keras.Input((size, size, 3), name="image")
     x = BackbonePreprocess(PREPROCESS_MODE[cfg.backbone], name="preprocess")(inputs)
-    frozen_bn = cfg.backbone_bn == "frozen" or (cfg.backbone_bn == "auto"
-                                                 and cfg.weights != "none")
-    x = _backbone(cfg, size)(x, training=False) if frozen_bn else _backbone(cfg, size)(x)
-    x = layers.GlobalAveragePooling2D()(x)
+    backbone = _backbone(cfg, size)
+    x = backbone(x, training=False) if _frozen_bn(cfg) else backbone(x)
+    return keras.Model(inputs, _heads(x, cfg, exact_age, ages), name="kface_classifier")
+
+
+def build_parts(cfg: ModelConfig, size: int, exact_age: bool = False,
+                ages: tuple[int, ...] = AGES):
+    """The classifier in two parts at ``model.frozen_until``: the frozen part (the image
+    to the backbone's output at the cut; not trainable) and the trained part (that
+    output to the heads). Training on cached features fits the second alone
+    (``tasks.feature_cache``); ``compose`` joins them into the classifier."""
+    keras = load_keras()
+    from models.preprocess import BackbonePreprocess
+
+    cut = FROZEN_CUTS[cfg.backbone][cfg.frozen_until]
+    image = keras.Input((size, size, 3), name="image")
+    x = BackbonePreprocess(PREPROCESS_MODE[cfg.backbone], name="preprocess")(image)
+    lower = keras.Model(image, _mobilefacenet(cfg.weights, size, name="frozen_backbone",
+                                              stop=cut)(x, training=False), name="frozen")
+    lower.trainable = False
+    features = keras.Input(lower.output.shape[1:], name="features")
+    x = features
+    if cut != "fc1":  # (the embedding itself: nothing of the backbone is left to train)
+        top = _mobilefacenet(cfg.weights, size, name="trained_backbone", start=cut)
+        x = top(x, training=False) if _frozen_bn(cfg) else top(x)
+    upper = keras.Model(features, _heads(x, cfg, exact_age, ages), name="trained")
+    return lower, upper
+
+
+def compose(lower, upper):
+    """The classifier: ``upper`` on ``lower``'s output (``build_parts``)."""
+    keras = load_keras()
+    image = keras.Input(lower.input.shape[1:], name="image")
+    return keras.Model(image, upper(lower(image)), name="kface_classifier")
+
+
+def _heads(x, cfg: ModelConfig, exact_age: bool, ages: tuple[int, ...]) -> dict:
+    """The original's head on the backbone's output ``x``: pooling (unless the backbone
+    gives an embedding), dropout, batch norm, dense 128, dropout, batch norm, and the
+    softmax outputs."""
+    from keras import layers
+
+    if cfg.backbone not in EMBEDDING_BACKBONES:
+        x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(cfg.dropout)(x)
     x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
     x = layers.Dense(cfg.dense_units, activation="relu")(x)
@@ -143,23 +230,21 @@ def build_classifier(cfg: ModelConfig, size: int, exact_age: bool = False):
     if not exact_age:
         band = layers.Dense(len(AGE_BANDS), activation="softmax", name="age_band",
                             dtype="float32")(x)
-        return keras.Model(inputs, {"gender": gender, "age_band": band},
-                           name="kface_classifier")
-    age = layers.Dense(len(AGES), activation="softmax", name="age", dtype="float32")(x)
+        return {"gender": gender, "age_band": band}
+    age = layers.Dense(len(ages), activation="softmax", name="age", dtype="float32")(x)
     to_band = layers.Dense(len(AGE_BANDS), use_bias=False, trainable=False,
                            name="age_band", dtype="float32")
     band = to_band(age)
-    to_band.set_weights([band_matrix()])
-    return keras.Model(inputs, {"gender": gender, "age_band": band, "age": age},
-                       name="kface_classifier")
+    to_band.set_weights([band_matrix(ages)])
+    return {"gender": gender, "age_band": band, "age": age}
 
 
-def age_targets(ages, sigma: float):
-    """Soft targets over ``AGES``: a Gaussian of ``sigma`` years around each age,
-    normalised to sum 1 (nearby ages are near misses, not plain errors)."""
+def age_targets(ages, sigma: float, classes: tuple[int, ...] = AGES):
+    """Soft targets over the age head's ``classes``: a Gaussian of ``sigma`` years around
+    each age, normalised to sum 1 (nearby ages are near misses, not plain errors)."""
     import numpy as np
 
-    diff = np.asarray(AGES, np.float32)[None, :] - np.asarray(ages, np.float32)[:, None]
+    diff = np.asarray(classes, np.float32)[None, :] - np.asarray(ages, np.float32)[:, None]
     weights = np.exp(-0.5 * (diff / sigma) ** 2)
     return (weights / weights.sum(1, keepdims=True)).astype(np.float32)
 

@@ -12,7 +12,8 @@ class BackbonePreprocess(layers.Layer):
     """Map RGB 0..255 pixels to what a backbone expects.
 
     ``caffe``: RGB->BGR and ImageNet mean subtraction (ResNet50); ``tf``: scale to
-    [-1, 1] (MobileNet v1); ``unit``: scale to [0, 1]; ``none``: unchanged (MobileNetV3
+    [-1, 1] (MobileNet v1); ``arcface``: ``(x - 127.5) / 128`` (InsightFace's
+    MobileFaceNet); ``unit``: scale to [0, 1]; ``none``: unchanged (MobileNetV3
     rescales inside itself).
     """
 
@@ -27,6 +28,8 @@ class BackbonePreprocess(layers.Layer):
                                                            dtype=x.dtype)
         elif self.mode == "tf":
             x = x / 127.5 - 1.0
+        elif self.mode == "arcface":
+            x = (x - 127.5) * 0.0078125
         elif self.mode == "unit":
             x = x / 255.0
         return x
