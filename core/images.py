@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -122,3 +123,27 @@ def load_image(path: Path, min_decode_side: int = 0,
     elif (w > h) != (width > height) and w != h:  # EXIF rotation swapped the axes
         width, height = height, width
     return image, width, height, factor
+
+
+@dataclass(frozen=True)
+class ImageRoots:
+    """Where a manifest's paths live. One folder (``root / path``), or several labelled
+    folders by name: then a path's first part names its folder (``aaf/0001.jpg`` is
+    ``folders['aaf'] / '0001.jpg'``). Small and picklable: worker processes get it."""
+
+    root: Path
+    folders: tuple[tuple[str, Path], ...] = ()
+
+    def __call__(self, rel: str) -> Path:
+        if not self.folders:
+            return Path(self.root) / rel
+        name, _, rest = rel.partition("/")
+        for folder, root in self.folders:
+            if folder == name:
+                return Path(root) / rest
+        raise ImageError(f"{rel}: no labelled folder named {name!r} in this run", "missing")
+
+
+def as_roots(root: Path | ImageRoots) -> ImageRoots:
+    """``root`` as ``ImageRoots`` (a plain folder is the one root)."""
+    return root if isinstance(root, ImageRoots) else ImageRoots(Path(root))

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from core.labels import AGES
 from core.sharding import Shard
 from core.storage import read_cache_key, replace_folder, write_bytes_atomic, write_parquet_atomic
 from flows import cache
@@ -181,19 +182,49 @@ def _detect_shards(c: StageConfig) -> list[Shard]:
     return c.memo_get("detect_shards", lambda: cache.detect_shards(c))
 
 
+def _chip_geometry(c: StageConfig) -> dict[str, dict]:
+    """Per folder of face chips: its five landmarks (given, or measured on its chips),
+    and how they were found."""
+    def measure() -> dict[str, dict]:
+        geometry = {}
+        for folder in c.data.chip_folders():
+            if folder.chip_landmarks is not None:
+                geometry[folder.name] = {"landmarks": [list(p) for p in folder.chip_landmarks],
+                                         "measured": False}
+                continue
+            paths = sorted(p for s in _detect_shards(c) for p in s.paths
+                           if p.startswith(f"{folder.name}/"))
+            if not paths:
+                continue
+            points, found, tried = detect.measure_chip_landmarks(c.data.image_roots(), paths)
+            geometry[folder.name] = {"landmarks": points, "measured": True,
+                                     "chips_with_a_face": found, "chips_tried": tried}
+        return geometry
+
+    return c.memo_get("chip_geometry", measure)
+
+
 def _detect_plan(c: StageConfig) -> ShardPlan:
     shards = _detect_shards(c)
-    keys = [detect.shard_cache_key(s, c.detector) for s in shards]
+    chips = {name: g["landmarks"] for name, g in _chip_geometry(c).items()}
+    keys = [detect.shard_cache_key(s, c.detector, chips) for s in shards]
     return ShardPlan(shards, [detect.stored_shard(c.folder.detections / s.filename, k)
-                              for s, k in zip(shards, keys, strict=True)])
+                              for s, k in zip(shards, keys, strict=True)], chips)
 
 
 def _detect_call(c: StageConfig, plan: ShardPlan, shard: Shard):
-    return detect.detect_shard, (c.data.root, shard, c.detector, c.folder.detections,
-                                 c.sharding.opencv_threads)
+    return detect.detect_shard, (c.data.image_roots(), shard, c.detector,
+                                 c.folder.detections, c.sharding.opencv_threads, plan.extra)
 
 
 def _detect_finish(c: StageConfig, plan: ShardPlan, summary: dict) -> None:
+    geometry = _chip_geometry(c)
+    if geometry:  # how each chips folder's faces were placed (docs/training.md)
+        summary["chip_geometry"] = geometry
+        for name, g in geometry.items():
+            _log().info("detect: chips folder %s: landmarks %s (fractions of the chip; %s)",
+                        name, g["landmarks"], "measured on {chips_with_a_face} of {chips_tried} "
+                        "chips".format(**g) if g["measured"] else "given")
     counts = summary["status_counts"]
     if not counts.get("error", 0) + counts.get("unreadable", 0):
         return
@@ -298,7 +329,7 @@ def _crops_plan(c: StageConfig) -> ShardPlan:
 
 def _crops_call(c: StageConfig, plan: ShardPlan, shard: Shard):
     boxes, landmarks = plan.extra.shard_faces(shard)
-    return crops.crop_shard, (c.data.root, shard, boxes, c.crops, c.folder.crops,
+    return crops.crop_shard, (c.data.image_roots(), shard, boxes, c.crops, c.folder.crops,
                               c.sharding.opencv_threads, landmarks, c.detector.margin)
 
 
@@ -358,7 +389,8 @@ def _evaluate_run(c: StageConfig, key: str) -> dict:
     model_labels = json.loads((folder.model / "labels.json").read_text())
     metrics = evaluate.evaluation_metrics(model, index, c.crops.size,
                                           synthetic_labels=labels_are_synthetic(c.data),
-                                          temperature=model_labels.get("temperature"))
+                                          temperature=model_labels.get("temperature"),
+                                          ages=tuple(model_labels.get("ages", AGES)))
     report_path = evaluate.write_report(metrics, train.load_history(folder.model),
                                         STAGE["split"].stored_summary(folder),
                                         STAGE["merge"].stored_summary(folder), folder.reports)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.labels import expected_age
+from core.labels import AGES, expected_age
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.calibration import apply_temperature
 from models.detector import (
@@ -180,7 +180,8 @@ class FaceAnalyzer:
         batches = [batch for _, batch in found if len(batch)]
         probs = self.classify(np.concatenate(batches) if batches
                               else np.zeros((0, self.size, self.size, 3), np.float32))
-        ages = expected_age(probs["age"]) if "age" in probs else None
+        ages = (expected_age(probs["age"], self.labels.get("ages", AGES)) if "age" in probs
+                else None)
         results, row = [], 0
         for faces, _ in found:
             results.append([self._prediction(f.box, f.score, probs["gender"][row + i],

@@ -127,8 +127,9 @@ def load_backend(folder: Path, threads: int = 0) -> tuple[Classifier, dict]:
     wrong = [f"{head}: labels.json has {n} classes, {path.name} "
              f"{got[head].shape[-1] if head in got else 'no such output'}"
              for head, n in widths.items() if head not in got or got[head].shape[-1] != n]
-    if "age" in got and got["age"].shape[-1] != len(AGES):
-        wrong.append(f"age: {got['age'].shape[-1]} outputs, expected {len(AGES)}")
+    ages = labels.get("ages", AGES)
+    if "age" in got and got["age"].shape[-1] != len(ages):
+        wrong.append(f"age: {got['age'].shape[-1]} outputs, labels.json has {len(ages)} ages")
     if wrong:
         raise ModelFolderError(f"{folder}: labels.json does not match {path.name} "
                                f"({'; '.join(wrong)}): keep each model's own labels.json")

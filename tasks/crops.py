@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.images import ImageError, load_image
+from core.images import ImageError, ImageRoots, as_roots, load_image
 from core.sharding import Shard
 from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.face_crop import CropError, CropSpec, face_crop
@@ -63,16 +63,17 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def crop_images(root: Path, paths: Sequence[str], boxes: Sequence[Sequence[int]],
+def crop_images(root: Path | ImageRoots, paths: Sequence[str], boxes: Sequence[Sequence[int]],
                 cfg: CropConfig, landmarks: Sequence[Landmarks] | None = None,
                 margin: float = 0.2) -> pa.Table:
-    """Cut each ``root / path``'s face (box, or landmarks with ``cfg.align``); a photo
-    that fails gets ``error`` set."""
+    """Cut each path's face (box, or landmarks with ``cfg.align``; read from ``root``, a
+    folder or the ``ImageRoots`` of several); a photo that fails gets ``error`` set."""
     spec = cfg.spec(margin)
+    roots = as_roots(root)
     images, errors = [], []
     for rel, box, points in zip(paths, boxes, landmarks or [None] * len(paths), strict=True):
         try:
-            image, *_ = load_image(Path(root) / rel)
+            image, *_ = load_image(roots(rel))
             images.append(encode_jpeg(face_crop(image, box, points, spec)[0],
                                       cfg.jpeg_quality))
             errors.append(None)
@@ -131,8 +132,8 @@ def _counts(ok: int, rows: int, cfg: CropConfig, landmarks: Sequence[Landmarks] 
     return counts
 
 
-def crop_shard(root: Path, shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig,
-               out_dir: Path, opencv_threads: int = 1,
+def crop_shard(root: Path | ImageRoots, shard: Shard, boxes: Sequence[Sequence[int]],
+               cfg: CropConfig, out_dir: Path, opencv_threads: int = 1,
                landmarks: Sequence[Landmarks] | None = None, margin: float = 0.2) -> dict:
     """Build one crop shard file unless it already holds this content's key."""
     cv2.setNumThreads(opencv_threads)

@@ -26,26 +26,36 @@ message, else null), ``reason`` (str, the error's short code, see ``ImageError``
 best face's five landmarks in pixels, ``eye_r_x, eye_r_y, eye_l_x, ..., mouth_l_y``
 (float32, ``models.detector.LANDMARK_COLUMNS``; null for res10, which finds none; shards
 written before landmarks existed lack the columns and read as null).
+
+Face chips (a labelled folder with ``chips: true``, ``data.folders``): images that are
+already aligned faces, too small and too tight for a detector (UTKFace's 64 px chips).
+No detector runs on them: each chip is one ``ok`` face whose box is the whole chip and
+whose landmarks are the folder's chip geometry (five points as fractions of the chip's
+side) scaled to the chip, so the crops stage maps the chip onto the template as it maps
+a detected face. ``measure_chip_landmarks`` finds that geometry: YuNet on enlarged,
+padded copies of up to 200 of the folder's chips, the median of each point.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.images import ImageError, load_image
+from core.images import ImageError, ImageRoots, as_roots, load_image
 from core.sharding import Shard
 from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.detector import (
     LANDMARK_COLUMNS,
     DetectorConfig,
+    Face,
     get_detector,
     result_settings,
     weights_sha256,
@@ -71,26 +81,82 @@ DETECTIONS_SCHEMA = pa.schema(
 )
 
 
-def shard_cache_key(shard: Shard, detector: DetectorConfig) -> str:
+ChipGeometry = Mapping[str, Sequence[Sequence[float]]]  # folder name -> five (x, y) fractions
+CHIP_SAMPLE = 200  # chips measured per folder
+CHIP_ENLARGE, CHIP_PAD = 4, 0.5  # a 64 px chip -> 256 px, padded by half its side
+
+
+def _chip_folder(rel: str, chips: ChipGeometry | None) -> str | None:
+    """The chips folder a manifest path belongs to, or None."""
+    if not chips:
+        return None
+    name = rel.partition("/")[0]
+    return name if name in chips else None
+
+
+def shard_cache_key(shard: Shard, detector: DetectorConfig,
+                    chips: ChipGeometry | None = None) -> str:
     """Content fingerprint + detector settings (``result_settings``: not the weights' paths,
-    whose sha256 stands for them) + weights sha256 + code version."""
+    whose sha256 stands for them) + weights sha256 + code version; with chips in the
+    shard, their folders' geometry (a shard without chips keeps the key it had)."""
+    used = sorted({name for p in shard.paths if (name := _chip_folder(p, chips))})
+    geometry = [[name, np.round(np.asarray(chips[name], float), 4).tolist()]
+                for name in used]
     return fingerprint(shard.content_fingerprint(), result_settings(detector),
-                       weights_sha256(detector), CODE_VERSION)
+                       weights_sha256(detector), CODE_VERSION, *([geometry] if used else []))
 
 
-def detect_images(root: Path, paths: Sequence[str], cfg: DetectorConfig) -> pa.Table:
-    """Run the detector on ``root / path`` for each path; one row per path, never raises
-    for a bad image (it becomes an ``error`` row)."""
-    detector = get_detector(cfg)
+def measure_chip_landmarks(root: Path | ImageRoots, paths: Sequence[str],
+                           sample: int = CHIP_SAMPLE) -> tuple[list[list[float]], int, int]:
+    """Where a folder of aligned face chips puts the five landmarks: YuNet (threshold
+    0.5) on up to ``sample`` chips (evenly spaced in ``paths``), each enlarged
+    ``CHIP_ENLARGE`` times and padded by ``CHIP_PAD`` of its side with its edge pixels
+    (a detector needs context around a face); per point the median, as fractions of the
+    chip's width and height. Returns the points, the chips where a face was found and
+    the chips tried."""
+    roots = as_roots(root)
+    detector = get_detector(DetectorConfig(kind="yunet", confidence=0.5))
+    picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1,
+                                                     min(sample, len(paths))).astype(int))]
+    found = []
+    for rel in picks:
+        try:
+            chip = load_image(roots(rel))[0]
+        except ImageError:
+            continue
+        h, w = chip.shape[:2]
+        big = cv2.resize(chip, (w * CHIP_ENLARGE, h * CHIP_ENLARGE),
+                         interpolation=cv2.INTER_CUBIC)
+        pad = int(round(max(w, h) * CHIP_ENLARGE * CHIP_PAD))
+        big = cv2.copyMakeBorder(big, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        faces = detector.detect(big)
+        if faces and faces[0].landmarks is not None:
+            points = (np.asarray(faces[0].landmarks) - pad) / CHIP_ENLARGE
+            found.append(points / [w, h])
+    if not found:
+        raise ValueError(f"no face found in {len(picks)} chips (e.g. {picks[:2]}): set "
+                         "the folder's chip_landmarks by hand")
+    return np.median(found, axis=0).round(4).tolist(), len(found), len(picks)
+
+
+def detect_images(root: Path | ImageRoots, paths: Sequence[str], cfg: DetectorConfig,
+                  chips: ChipGeometry | None = None) -> pa.Table:
+    """Run the detector on each path (read from ``root``: a folder, or the ``ImageRoots``
+    of several); one row per path, never raises for a bad image (it becomes an ``error``
+    row). A path in a folder of ``chips`` is not detected: its face is the whole chip,
+    with the folder's landmarks (see the module docstring)."""
+    roots = as_roots(root)
     cols: dict[str, list] = {name: [] for name in DETECTIONS_SCHEMA.names}
     for rel in paths:
         row = dict.fromkeys(DETECTIONS_SCHEMA.names)
         row["path"] = rel
+        chip = _chip_folder(rel, chips)
         try:
             image, width, height, factor = load_image(
-                Path(root) / rel, cfg.min_decode_side, cfg.max_pixels)
+                roots(rel), 0 if chip else cfg.min_decode_side, cfg.max_pixels)
             row.update(image_width=width, image_height=height, decode_factor=factor)
-            faces = detector.detect(image, width, height)
+            faces = (chip_faces(width, height, chips[chip]) if chip
+                     else get_detector(cfg).detect(image, width, height))
         except ImageError as exc:
             row.update(status="unreadable" if exc.transient else "error", error=str(exc),
                        reason=exc.reason, n_faces=0)
@@ -112,6 +178,14 @@ def detect_images(root: Path, paths: Sequence[str], cfg: DetectorConfig) -> pa.T
         for name in cols:
             cols[name].append(row[name])
     return pa.table(cols, schema=DETECTIONS_SCHEMA)
+
+
+def chip_faces(width: int, height: int, landmarks: Sequence[Sequence[float]]) -> list[Face]:
+    """The one face of an aligned chip: the whole chip, with the folder's landmarks."""
+    points = tuple((round(float(x) * width, 2), round(float(y) * height, 2))
+                   for x, y in landmarks)
+    box = (0, 0, width, height)
+    return [Face(1.0, box, box, points)]
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -138,8 +212,8 @@ def stored_shard(final: Path, key: str) -> dict | None:
             "ran_on": None}
 
 
-def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
-                 opencv_threads: int = 1) -> dict:
+def detect_shard(root: Path | ImageRoots, shard: Shard, cfg: DetectorConfig, out_dir: Path,
+                 opencv_threads: int = 1, chips: ChipGeometry | None = None) -> dict:
     """Detect one shard into ``out_dir/shard-<name>.parquet`` unless it is already there;
     a shard on disk with ``unreadable`` rows gets only those rows detected again.
 
@@ -147,7 +221,7 @@ def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
     """
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
-    key = shard_cache_key(shard, cfg)
+    key = shard_cache_key(shard, cfg, chips)
     retried, reused = 0, False
     if final.exists() and read_cache_key(final) == key:
         table = pq.read_table(final, columns=["status"])
@@ -157,11 +231,12 @@ def detect_shard(root: Path, shard: Shard, cfg: DetectorConfig, out_dir: Path,
             table = conform(pq.read_table(final).replace_schema_metadata(None))
             paths = table.filter(redo).column("path").to_pylist()
             table = pa.concat_tables([table.filter(pc.invert(redo)),
-                                      detect_images(root, paths, cfg)]).sort_by("path")
+                                      detect_images(root, paths, cfg, chips)]
+                                     ).sort_by("path")
             write_parquet_atomic(final, table, key, digest=False)
         reused = not retried
     else:
-        table = detect_images(root, shard.paths, cfg)
+        table = detect_images(root, shard.paths, cfg, chips)
         write_parquet_atomic(final, table, key, digest=False)
     counts = pc.value_counts(table.column("status")).to_pylist()
     return {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.labels import AGE_BANDS, GENDERS, expected_age
+from core.labels import AGE_BANDS, AGES, GENDERS, expected_age
 from core.storage import atomic_path, write_bytes_atomic, write_json_atomic
 from tasks.crop_stream import CropSet, has_exact_ages
 
@@ -41,11 +41,12 @@ def predict_frame(model, frame: pd.DataFrame, files: list[Path], size: int,
     return {head: np.asarray(p) for head, p in model.predict(data, verbose=0).items()}
 
 
-def age_error(frame: pd.DataFrame, age_probs: np.ndarray, train_ages: np.ndarray) -> dict:
-    """Mean absolute error in years of the exact-age head's expected age, beside always
-    answering the training split's median age."""
+def age_error(frame: pd.DataFrame, age_probs: np.ndarray, train_ages: np.ndarray,
+              ages: tuple[int, ...] = AGES) -> dict:
+    """Mean absolute error in years of the exact-age head's expected age (over its
+    classes ``ages``), beside always answering the training split's median age."""
     true = frame.age.to_numpy(np.float64)
-    predicted = expected_age(age_probs)
+    predicted = expected_age(age_probs, ages)
     return {"mae_years": float(np.mean(np.abs(predicted - true))),
             "baseline_median_mae_years": float(np.mean(np.abs(np.median(train_ages) - true)))}
 
@@ -193,11 +194,13 @@ def score_split(frame: pd.DataFrame, probs: dict[str, np.ndarray], train_counts:
 
 
 def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool = False,
-                       temperature: dict[str, float] | None = None) -> dict:
+                       temperature: dict[str, float] | None = None,
+                       ages: tuple[int, ...] = AGES) -> dict:
     """The report's metrics: the test split scored (validation when there is none), with
     intervals and baselines; validation summarised apart; the report's warnings; with the
     model's ``temperature`` (labels.json), the calibration of the scored split before and
-    after it (ECE, reliability bins). Reads the crops of the scored splits only."""
+    after it (ECE, reliability bins); ``ages``: the exact-age head's classes (labels.json).
+    Reads the crops of the scored splits only."""
     examples = crops.splits
     scored = "test" if len(examples.get("test", ())) else "val"
     train = examples["train"]
@@ -212,7 +215,7 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     if temperature:
         metrics["calibration"] = calibration_metrics(frame, probs, temperature)
     if "age" in probs and metrics["labels_have_ages"]:
-        metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy())
+        metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy(), ages)
     warnings = []
     if synthetic_labels:
         warnings.append("the labels of this dataset are SYNTHETIC (made up by the sample "

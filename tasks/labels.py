@@ -12,8 +12,9 @@ faces.parquet schema (one row per usable face; see docs/data-contracts.md): ``pa
 null), the K-Face attributes ``accessory``, ``light``,
 ``expression``, ``camera`` (null for a labelled folder), the photo's ``file_size``
 and ``mtime_ns`` (for the crop cache's fingerprints), and, only when the detector found
-landmarks (``detector.kind: yunet``), the ten landmark columns ``eye_r_x ... mouth_l_y``
-(float32 pixels). A res10 run's file is exactly as before landmarks existed, so its
+landmarks (``detector.kind: yunet``, or face chips), the ten landmark columns ``eye_r_x ...
+mouth_l_y`` (float32 pixels), and with several labelled folders (``data.folders``) the
+``source`` column. A res10 run's file is exactly as before landmarks existed, so its
 digest, and every cache after it, stays current.
 """
 
@@ -120,7 +121,8 @@ def merge_faces(manifest: pd.DataFrame, detections: pd.DataFrame,
         rows = rows.dropna(subset=["age_band"])
     rows = rows.assign(joint_class=rows.age_band + "_" + rows.gender)
     landmarks = [c for c in LANDMARK_COLUMNS if c in rows and rows[c].notna().any()]
-    rows = rows[FACES_COLUMNS + landmarks].sort_values("path").reset_index(drop=True)
+    source = ["source"] if "source" in rows else []
+    rows = rows[FACES_COLUMNS + landmarks + source].sort_values("path").reset_index(drop=True)
     for col in ("left", "top", "right", "bottom", "image_width", "image_height"):
         rows[col] = rows[col].astype("int32")
     for col in ("age", *landmarks):  # age: all null for K-Face, still a number column

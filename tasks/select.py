@@ -6,14 +6,23 @@ Two dataset layouts are supported:
   attribute and the 8-digit subject ID come from exactly one path component, matched by a
   full regular expression (never by substring or character offset).
 * ``labelled``: a folder of images plus a CSV with ``file``, ``age`` or ``age_band``,
-  ``gender`` and optionally ``subject_id`` (as in ``shared/data/faces/*/labels.csv``).
+  ``gender`` and optionally ``subject_id`` (as in ``shared/data/faces/*/labels.csv``);
+  or several such folders (``data.folders``), each with a name: a photo's manifest path
+  then starts with its folder's name (``aaf/0001.jpg``), its subject ID too
+  (``aaf/0001``), and the manifest has a ``source`` column. A folder of aligned face chips
+  (``chips: true``) joins without a detector (``tasks.detect``).
+
+Exact ages: a labelled CSV's ``age`` is kept for ages in ``data.ages`` (default 20-59);
+with a wider range (e.g. 15-69) a face outside 20-59 gets the nearest band, trains the
+exact-age head's ends and is never put in validation or test (``tasks.split``).
 
 Manifest schema (one row per selected image; see docs/data-contracts.md):
 ``path`` (str, relative to the data root, POSIX separators), ``subject_id`` (str),
 ``resolution``, ``accessory``, ``light``, ``expression``, ``camera`` (str, null for the
 labelled layout), ``age_band``, ``gender`` (str, null for K-Face: they come from the
 metadata CSV later), ``age`` (float32 years: a labelled CSV's exact age, null when it
-gives only bands and always for K-Face), ``file_size`` (int64 bytes), ``mtime_ns`` (int64).
+gives only bands and always for K-Face), ``file_size`` (int64 bytes), ``mtime_ns`` (int64),
+and with ``data.folders`` only, ``source`` (str, the folder's name).
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.labels import AGE_BANDS, age_to_band
+from core.images import ImageRoots
+from core.labels import AGE_BANDS, BAND_AGES, in_bands, nearest_band
 
 CODE_VERSION = "select-2"  # 2: exact ages kept
 
@@ -61,6 +71,31 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+SOURCE_FIELD = pa.field("source", pa.string())  # the manifest's column with data.folders
+
+
+class LabelledFolder(BaseModel):
+    """One of several labelled folders read by one run (``data.folders``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$",
+                      description="The folder's name (its 'source'): its photos' paths and "
+                      "subject IDs in the manifest start with it.")
+    root: Path = Field(..., description="The folder of images (read-only).")
+    labels: Path | None = Field(None, description="Its labels CSV (default: "
+                                "labels.csv in root).")
+    chips: bool = Field(
+        False, description="The images are face chips already aligned (as UTKFace's "
+        "'aligned and cropped' faces): no detector runs; every chip's face is placed by "
+        "chip_landmarks.")
+    chip_landmarks: list[tuple[float, float]] | None = Field(
+        None, min_length=5, max_length=5, description="chips: the five landmarks (right "
+        "eye, left eye, nose tip, right and left mouth corner) as fractions of the chip's "
+        "width and height. None: measured by YuNet on the folder's chips, enlarged and "
+        "padded (docs/training.md, 'Face chips').")
+
+
 class DataConfig(BaseModel):
     """Where the dataset is and how it is laid out."""
 
@@ -80,6 +115,43 @@ class DataConfig(BaseModel):
     labels: Path | None = Field(
         None, description="Labels CSV for the 'labelled' layout (default: labels.csv in data.root)."
     )
+    folders: list[LabelledFolder] = Field(
+        default_factory=list, description="Layout 'labelled': several labelled folders in "
+        "one run, each with a name, root and labels CSV (data.root and data.labels are "
+        "then not read); split by person within each.")
+    ages: tuple[int, int] = Field(
+        BAND_AGES, description="Exact ages kept from a labels CSV. Wider than 20-59 (e.g. "
+        "[15, 69]): faces outside 20-59 get the nearest band, train only (never validate "
+        "or test) and widen the exact-age head; counts and bands stay 20s-50s.")
+
+    @field_validator("folders")
+    @classmethod
+    def _unique_names(cls, value: list[LabelledFolder]) -> list[LabelledFolder]:
+        names = [f.name for f in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"folder names must differ: {', '.join(twice)} given twice")
+        return value
+
+    @field_validator("ages")
+    @classmethod
+    def _ages_cover_the_bands(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] > BAND_AGES[0] or value[1] < BAND_AGES[1] or value[0] < 0:
+            raise ValueError(f"must span at least {BAND_AGES[0]}-{BAND_AGES[1]} "
+                             f"(got {value[0]}-{value[1]})")
+        return value
+
+    def image_roots(self) -> ImageRoots:
+        """Where the manifest's paths are read from."""
+        return ImageRoots(self.root, tuple((f.name, f.root) for f in self.folders))
+
+    def labelled_folders(self) -> list[LabelledFolder]:
+        """The labelled folders a run reads: ``folders``, or the one ``root`` (unnamed)."""
+        return self.folders or [LabelledFolder.model_construct(  # (unnamed: not validated)
+            name="", root=self.root, labels=self.labels, chips=False, chip_landmarks=None)]
+
+    def chip_folders(self) -> list[LabelledFolder]:
+        return [f for f in self.folders if f.chips]
 
 
 class SelectionConfig(BaseModel):
@@ -273,21 +345,41 @@ def normalise_gender(value: str) -> str | None:
 
 
 def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
-    """Read a labelled image folder (images + labels CSV) into manifest rows and a report."""
-    root = Path(data.root)
-    _check_root(root)
-    labels = read_labels_csv(data)
+    """Read the labelled folder (or each of ``data.folders``) into manifest rows and a
+    report."""
     report = ScanReport()
+    frames = []
+    for folder in data.labelled_folders():
+        named = folder.name if data.folders else None
+        frame = _scan_folder(folder.root, folder.labels, data.ages, named, report)
+        frames.append(frame.assign(source=named) if named else frame)
+    report.selected = sum(len(f) for f in frames)
+    return pd.concat(frames, ignore_index=True).sort_values("path", kind="stable"
+                                                           ).reset_index(drop=True), report
+
+
+def _scan_folder(root: Path, labels_file: Path | None, ages: tuple[int, int],
+                 name: str | None, report: ScanReport) -> pd.DataFrame:
+    """One labelled folder's manifest rows; ``name`` prefixes paths and subject IDs."""
+    root = Path(root)
+    _check_root(root)
+    csv = Path(labels_file) if labels_file else root / "labels.csv"
+    labels = read_labels_file(csv)
+    prefix = f"{name}/" if name else ""
     rows: list[tuple] = []
     for line_no, rec in enumerate(labels.to_dict("records"), start=2):
         rel = rec["file"].replace("\\", "/")
         age = exact_age(rec.get("age"))
+        if age is not None and not ages[0] <= age < ages[1] + 1:
+            age = None  # outside the ages kept: the band decides, if the CSV gives one
         if "age_band" in rec and rec["age_band"]:
             band = normalise_age_band(rec["age_band"])
-            if age is not None and age_to_band(age) != band:
+            if age is not None and nearest_band(age) != band:
                 age = None  # an age that contradicts the given band is not used
+            if age is not None and not in_bands(age):
+                band = None  # a band given for an age outside the bands: not trusted
         else:
-            band = None if age is None else age_to_band(age)
+            band = None if age is None else nearest_band(age)
         gender = normalise_gender(rec["gender"])
         report.images += 1
         if band is None or gender is None:
@@ -296,22 +388,21 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
                 what = "age" if band is None else "gender"
                 value = rec.get("age_band") or rec.get("age") if band is None else rec["gender"]
                 report.excluded_label_examples.append(
-                    f"{labels_path(data).name} line {line_no}: {rel}: {what} {value!r} "
-                    "outside the bands 20s-50s / M,F"
-                )
+                    f"{csv.name} line {line_no}: {rel}: {what} {value!r} outside "
+                    f"{'the ages kept (data.ages) and ' if band is None else ''}"
+                    "the bands 20s-50s / M,F")
             continue
         path = root / rel
         try:
             st = path.stat()
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
-            report.note_unrecognised(rel)  # listed in the CSV but not on disk
+            report.note_unrecognised(prefix + rel)  # listed in the CSV but not on disk
             continue
-        subject = rec.get("subject_id") or Path(rel).stem
-        rows.append((rel, subject, None, None, None, None, None, band, gender, age, size,
-                     mtime))
-    report.selected = len(rows)
-    return _frame(rows), report
+        subject = prefix + (rec.get("subject_id") or Path(rel).stem)
+        rows.append((prefix + rel, subject, None, None, None, None, None, band, gender, age,
+                     size, mtime))
+    return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
 
 
 def labels_path(data: DataConfig) -> Path:
@@ -321,7 +412,11 @@ def labels_path(data: DataConfig) -> Path:
 
 def read_labels_csv(data: DataConfig) -> pd.DataFrame:
     """Read the labelled layout's CSV (all text), checking that it has the columns needed."""
-    path = labels_path(data)
+    return read_labels_file(labels_path(data))
+
+
+def read_labels_file(path: Path) -> pd.DataFrame:
+    """Read a labels CSV (all text), checking that it has the columns needed."""
     if not path.is_file():
         raise DatasetError(f"labels CSV {path} not found (set data.labels or --labels)")
     try:
@@ -340,11 +435,14 @@ def read_labels_csv(data: DataConfig) -> pd.DataFrame:
 def check_dataset(data: DataConfig) -> None:
     """Cheap checks of the dataset before a run (no scan): the root, the K-Face
     resolution folder or the labels CSV. Raises DatasetError."""
-    _check_root(Path(data.root))
     if data.layout == "kface":
+        _check_root(Path(data.root))
         _check_resolution_folder(data)
-    else:
-        read_labels_csv(data)
+        return
+    for folder in data.labelled_folders():
+        _check_root(Path(folder.root))
+        read_labels_file(Path(folder.labels) if folder.labels
+                         else Path(folder.root) / "labels.csv")
 
 
 def _check_resolution_folder(data: DataConfig) -> Path:
@@ -377,10 +475,13 @@ def select_images(data: DataConfig, sel: SelectionConfig) -> tuple[pa.Table, Sca
     else:
         frame, report = scan_labelled(data)
     if frame.empty:
+        where = (", ".join(str(f.root) for f in data.folders) if data.folders
+                 else data.root)
         raise DatasetError(
-            f"no images selected under {data.root} (layout {data.layout!r}): "
+            f"no images selected under {where} (layout {data.layout!r}): "
             f"{report.images} images seen, {report.unrecognised} files not in the layout, "
             f"e.g. {report.unrecognised_examples[:3]}"
         )
-    table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
+    schema = MANIFEST_SCHEMA.append(SOURCE_FIELD) if "source" in frame else MANIFEST_SCHEMA
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     return table, report

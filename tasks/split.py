@@ -7,6 +7,11 @@ first fold), then, among the rest, the validation people. Validation chooses the
 checkpoint and stops training; the report's headline numbers are on test only, people
 that nothing in training saw or chose on.
 
+With several labelled folders (a ``source`` column) the strata are the folder x joint
+class, so each folder is split by person in the same shares. Faces whose exact age lies
+outside the bands' 20-59 (``data.ages`` wider) are always in train: they train the
+exact-age head's ends and are never scored.
+
 ``image``: the original notebook's call, ``train_test_split(rows, test_size=val_fraction,
 random_state=seed, stratify=joint class)``, which puts the same people in both splits (its
 scores are on people it trained on). To reproduce it: ``strategy: image,
@@ -22,6 +27,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+
+from core.labels import BAND_AGES
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +64,27 @@ def split_by_image(faces: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
 
     split = np.full(len(faces), "train", dtype=object)
     idx = np.arange(len(faces))
-    strata = faces["joint_class"].to_numpy()
+    by = strata(faces).to_numpy()
     if cfg.test_fraction:
         idx, test_idx = train_test_split(idx, test_size=cfg.test_fraction,
-                                         random_state=cfg.seed, stratify=strata)
+                                         random_state=cfg.seed, stratify=by)
         split[test_idx] = "test"
     _, val_idx = train_test_split(idx, test_size=cfg.val_fraction / (1 - cfg.test_fraction),
-                                  random_state=cfg.seed, stratify=strata[idx])
+                                  random_state=cfg.seed, stratify=by[idx])
     split[val_idx] = "val"
     return pd.Series(split, index=faces.index, name="split")
 
 
+def strata(faces: pd.DataFrame) -> pd.Series:
+    """What a split is stratified on: the joint class, per folder when there are several."""
+    if "source" in faces:
+        return faces["source"].astype(str) + ":" + faces["joint_class"]
+    return faces["joint_class"]
+
+
 def _held_out_fold(faces: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
     """Row positions of the first of ``round(1 / fraction)`` subject-disjoint folds,
-    stratified on the joint class."""
+    stratified (``strata``)."""
     from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
     n_folds = max(2, round(1 / fraction))
@@ -81,7 +95,7 @@ def _held_out_fold(faces: pd.DataFrame, fraction: float, seed: int) -> np.ndarra
                          "split.val_fraction / split.test_fraction, or add subjects)")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     try:
-        return next(splitter.split(faces, faces["joint_class"], faces["subject_id"]))[1]
+        return next(splitter.split(faces, strata(faces), faces["subject_id"]))[1]
     except ValueError:  # every class has fewer faces than folds (a tiny sample)
         log.warning("split: too few faces per class to stratify %d folds; holding out "
                     "%.0f%% of the subjects at random", n_folds, 100 / n_folds)
@@ -90,17 +104,29 @@ def _held_out_fold(faces: pd.DataFrame, fraction: float, seed: int) -> np.ndarra
 
 
 def split_by_subject(faces: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
-    """Person-disjoint train / val / test, stratified on the joint class."""
+    """Person-disjoint train / val / test, stratified (``strata``); people with a face
+    outside the bands' ages only train."""
     split = np.full(len(faces), "train", dtype=object)
-    rest = np.arange(len(faces))
+    outside = _outside_bands(faces).to_numpy()
+    scored = ~faces["subject_id"].isin(faces.loc[outside, "subject_id"]).to_numpy()
+    rest = np.flatnonzero(scored)  # row positions of the people who may be held out
     if cfg.test_fraction:
-        test = _held_out_fold(faces, cfg.test_fraction, cfg.seed)
+        test = rest[_held_out_fold(faces.iloc[rest], cfg.test_fraction, cfg.seed)]
         split[test] = "test"
         rest = np.setdiff1d(rest, test)
     val_share = cfg.val_fraction / (1 - cfg.test_fraction)
     val = _held_out_fold(faces.iloc[rest], min(val_share, 0.5), cfg.seed)
     split[rest[val]] = "val"
     return pd.Series(split, index=faces.index, name="split")
+
+
+def _outside_bands(faces: pd.DataFrame) -> pd.Series:
+    """Faces whose exact age lies outside 20-59 (only where a wider ``data.ages`` kept
+    them)."""
+    if "age" not in faces:
+        return pd.Series(False, index=faces.index)
+    age = faces["age"]
+    return age.notna() & ((age < BAND_AGES[0]) | (age >= BAND_AGES[1] + 1))
 
 
 def split_faces(faces: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, dict]:
@@ -110,7 +136,7 @@ def split_faces(faces: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, di
     if cfg.strategy == "image":
         log.warning("split.strategy=image reproduces the original: the same subjects are in "
                     "train and val, so validation scores overstate accuracy on new people")
-        split = split_by_image(faces, cfg)
+        split = split_by_image(faces, cfg).where(~_outside_bands(faces), "train")
     else:
         split = split_by_subject(faces, cfg)
     out = pd.DataFrame({"path": faces["path"], "split": split})

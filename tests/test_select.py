@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
+from core.labels import age_to_band
 from tasks.select import (
     DataConfig,
     DatasetError,
     SelectionConfig,
-    age_to_band,
     is_selected,
     parse_kface_path,
     select_images,
