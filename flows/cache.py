@@ -70,11 +70,22 @@ def split_key(c: Sections) -> str:
                        split.CODE_VERSION)
 
 
+# model settings added since models were first trained, with the value that means "off"
+MODEL_OFF = {"frozen_until": "none"}
+
+
 def model_settings(model: ModelConfig) -> dict:
-    """The model section with a weights file replaced by its sha256 (not its path)."""
-    settings = model.model_dump(mode="json")
-    if model.weights not in ("none", "imagenet") and Path(model.weights).is_file():
-        settings["weights"] = file_sha256(Path(model.weights))
+    """The model section with a weights file replaced by its sha256 and a weights folder
+    (MobileFaceNet's) by its files' (not their path), without the settings of
+    ``MODEL_OFF`` while they are off (models trained before they existed stay current)."""
+    settings = model.model_dump(mode="json", exclude={
+        k for k, off in MODEL_OFF.items() if getattr(model, k) == off})
+    weights = Path(model.weights)
+    if model.weights not in ("none", "imagenet") and weights.is_file():
+        settings["weights"] = file_sha256(weights)
+    elif model.weights not in ("none", "imagenet") and weights.is_dir():
+        settings["weights"] = [file_sha256(f) for f in sorted(weights.iterdir())
+                               if f.is_file()]
     return settings
 
 
@@ -95,7 +106,7 @@ def train_key(c: Sections, crop_shards: list[Shard] | None = None) -> str:
 
 
 # train settings added since models were first trained, with the value that means "off"
-TRAIN_OFF = {"ema_momentum": None, "age_mean_weight": 0.0}
+TRAIN_OFF = {"ema_momentum": None, "age_mean_weight": 0.0, "feature_cache": True}
 
 
 def train_settings(cfg: train.TrainConfig) -> dict:

@@ -11,6 +11,13 @@ faces inside that window; batches are consecutive slices of that order. Evaluati
 only the rows of the split it scores, in file order. Decoding (OpenCV, which releases the
 GIL) and augmentation run in ``keras.utils.PyDataset`` worker threads. No ``tf.data``:
 the same pipeline feeds TensorFlow, JAX and PyTorch.
+
+What keeps a GPU fed (measured on an H200, docs/training.md): batches are uint8 (the
+model casts on the device: a quarter of the bytes to copy and to move to the GPU), the
+augmentation runs in OpenCV calls that release the GIL (no float copy of each image), and
+``workers`` threads really run in parallel: Keras' enqueuer holds at most
+``max_queue_size`` batches in flight, so it is twice the worker count (it was 4, which
+capped any number of workers at four).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.labels import AGE_BANDS, GENDERS
+from core.labels import AGE_BANDS, AGES, GENDERS
 from models.classifier import age_targets
 from models.runtime import load_keras
 
@@ -150,46 +157,67 @@ def decode(jpeg: bytes, size: int) -> np.ndarray:
 
 def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Random horizontal flip, rotation (``cfg.rotation`` turns), zoom and brightness, as
-    Keras' Random* layers do (edges repeated), with OpenCV on one image."""
+    Keras' Random* layers do (edges repeated), with OpenCV on one uint8 image (each call
+    releases the GIL; the brightness shift saturates at 0 and 255)."""
     if cfg.flip and rng.random() < 0.5:
-        image = image[:, ::-1]
+        image = cv2.flip(image, 1)
     if cfg.rotation or cfg.zoom:
         size = image.shape[0]
         angle = rng.uniform(-cfg.rotation, cfg.rotation) * 360.0
         scale = 1.0 / rng.uniform(1 - cfg.zoom, 1 + cfg.zoom)
         matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
-        image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size),
-                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        image = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)
     if cfg.brightness:
         delta = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
-        image = np.clip(image.astype(np.float32) + delta, 0, 255)
+        image = cv2.add(image, (delta, delta, delta, 0.0))
     return image
+
+
+class Targets:
+    """A split's training targets by row: the class indices, the soft exact-age targets
+    (with ``age_sigma``, over the head's ``age_classes``) and the sample weights."""
+
+    def __init__(self, index: pd.DataFrame, weights: np.ndarray | None = None,
+                 age_sigma: float | None = None, age_classes: tuple[int, ...] = AGES):
+        self.classes = {"gender": index.gender_idx.to_numpy(np.int32),
+                        "age_band": index.age_idx.to_numpy(np.int32)}
+        self.ages = index.age.to_numpy(np.float32) if age_sigma is not None else None
+        self.sigma, self.age_classes = age_sigma, age_classes
+        self.weights = (np.ones(len(index), np.float32) if weights is None
+                        else np.asarray(weights, np.float32))
+
+    def __call__(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        batch = {h: t[rows] for h, t in self.classes.items()}
+        if self.ages is not None:
+            batch["age"] = age_targets(self.ages[rows], self.sigma, self.age_classes)
+        return batch, self.weights[rows]
 
 
 def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: int, *,
                  labels: bool = True, weights: np.ndarray | None = None,
                  augment_cfg: AugmentConfig | None = None, seed: int | None = None,
-                 buffer_chunks: int = 64, workers: int = 2, age_sigma: float | None = None):
+                 buffer_chunks: int = 64, workers: int = 2, age_sigma: float | None = None,
+                 age_classes: tuple[int, ...] = AGES):
     """A ``keras.utils.PyDataset`` over ``index`` (one split of ``load_index``).
 
-    Yields ``(images float32 0..255, {"gender", "age_band"}, weights)`` batches, or only
+    Yields ``(images uint8 0..255, {"gender", "age_band"}, weights)`` batches, or only
     the images with ``labels=False``; with ``age_sigma`` the targets also hold ``age``
-    (``models.classifier.age_targets`` of the exact ages). With ``seed`` the order is
-    shuffled every epoch (see ``epoch_order``) and ``augment_cfg`` applies; without, rows
-    come in ``index`` order (what evaluation needs to line predictions up with rows)."""
+    (``models.classifier.age_targets`` of the exact ages over the head's
+    ``age_classes``). With ``seed`` the order is shuffled every epoch (see
+    ``epoch_order``) and ``augment_cfg`` applies; without, rows come in ``index`` order
+    (what evaluation needs to line predictions up with rows)."""
     keras = load_keras()
     chunk = index.file.to_numpy(np.int64) * 1_000_000 + index.rg.to_numpy(np.int64)
-    targets = {"gender": index.gender_idx.to_numpy(np.int32),
-               "age_band": index.age_idx.to_numpy(np.int32)}
-    ages = index.age.to_numpy(np.float32) if age_sigma is not None else None
-    weight = (np.ones(len(index), np.float32) if weights is None
-              else np.asarray(weights, np.float32))
+    targets = Targets(index, weights, age_sigma, age_classes)
     where = index[["file", "rg", "row"]].to_numpy(np.int64)
     cache = ChunkCache(files, 2 * buffer_chunks)
 
     class CropBatches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4)
+            # every worker needs a batch in flight (Keras bounds the futures by the queue)
+            super().__init__(workers=workers, use_multiprocessing=False,
+                             max_queue_size=max(4, 2 * workers))
             self.epoch = 0
             self.order = self._order()
 
@@ -208,16 +236,13 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
             rows = self.order[i * batch_size:(i + 1) * batch_size]
             rng = (np.random.default_rng([seed, self.epoch, i])
                    if augment_cfg is not None and seed is not None else None)
-            images = np.empty((len(rows), size, size, 3), np.float32)
+            images = np.empty((len(rows), size, size, 3), np.uint8)
             for k, r in enumerate(rows):
                 file, rg, row = where[r]
                 image = decode(cache.get(int(file), int(rg))[row], size)
                 images[k] = augment(image, augment_cfg, rng) if rng is not None else image
             if not labels:
                 return images
-            batch = {h: t[rows] for h, t in targets.items()}
-            if age_sigma is not None:
-                batch["age"] = age_targets(ages[rows], age_sigma)
-            return (images, batch, weight[rows])
+            return (images, *targets(rows))
 
     return CropBatches()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,13 +24,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.labels import AGE_BANDS, AGES, GENDERS, age_classes
 from core.storage import write_json_atomic
 from models.classifier import (
-    AGE_BANDS,
-    AGES,
-    GENDERS,
     ModelConfig,
     build_classifier,
+    build_parts,
+    compose,
     flip_averaged,
     load_classifier,
 )
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 # training images/s on this project's 2-core CPU machine (measured, see docs/training.md),
 # for the warning before a long CPU training; scaled by (size / 224)^2 for other sizes
 CPU_IMAGES_PER_S_224 = {"resnet50": 5.0, "mobilenet_v3_small": 60.0, "mobilenet": 45.0,
-                        "mobilenet_v2": 22.0, "small_cnn": 40.0}
+                        "mobilenet_v2": 22.0, "small_cnn": 40.0,
+                        "mobilefacenet": 6.2}  # (25 img/s at its 112 px)
 LONG_CPU_TRAINING_S = 3 * 3600
 
 
@@ -84,6 +87,11 @@ class TrainConfig(BaseModel):
     steps_per_epoch: int | None = Field(
         None, ge=1, description="Batches per epoch (default: the whole training split); "
         "for quick trials and benchmarks.")
+    feature_cache: bool = Field(
+        True, description="With model.frozen_until: compute the frozen part's output once "
+        "per face and its mirror image and train the rest on it (the augmentation is then "
+        "the mirror only). False: the frozen part runs in every step (slower; "
+        "train.augment applies).")
     shuffle_buffer_chunks: int = Field(
         64, ge=1, description="Row groups (64 crops each) shuffled together; memory holds "
         "twice this many.")
@@ -148,101 +156,187 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     validation metrics (the epoch of the saved model).
     """
     keras = load_keras()
-    from models.losses import AgeLoss
     train, val = crops.splits["train"], crops.splits["val"]
     if train.empty or val.empty:
         raise ValueError(f"need examples in both splits (train {len(train)}, val {len(val)})")
     gpus = check_device(len(train), size, model_cfg.backbone, cfg)
-    exact = model_cfg.exact_age and has_exact_ages(train, val)
-    if model_cfg.exact_age and not exact:
-        log.info("model.exact_age: the labels give age bands only (no exact age for every "
-                 "face, as with K-Face): training the age-band head alone")
-    heads = ["gender", "age_band", *(["age"] if exact else [])]
+    ages = exact_ages(model_cfg, train, val)
+    heads = ["gender", "age_band", *(["age"] if ages else [])]
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
-        keras.mixed_precision.set_global_policy(
-            "mixed_float16" if keras_backend() == "tensorflow" else "mixed_bfloat16")
-    else:
-        keras.mixed_precision.set_global_policy("float32")
-    train_data = crop_batches(
-        train, crops.files, size, cfg.batch_size, seed=cfg.seed, augment_cfg=cfg.augment,
-        weights=sample_weights(train.age_idx.to_numpy(), cfg.class_weighting),
-        buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers,
-        age_sigma=cfg.age_sigma if exact else None)
-    val_data = crop_batches(val, crops.files, size, cfg.batch_size, workers=cfg.workers,
-                            buffer_chunks=cfg.shuffle_buffer_chunks,
-                            age_sigma=cfg.age_sigma if exact else None)
-    steps = cfg.steps_per_epoch or len(train_data)
+    keras.mixed_precision.set_global_policy(precision_policy(cfg, gpus))
     model_dir.mkdir(parents=True, exist_ok=True)
     with _strategy(gpus).scope():
-        model = build_classifier(model_cfg, size, exact_age=exact)
-        if cfg.lr_schedule == "cosine":
-            lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps * cfg.epochs,
-                                                        alpha=0.01)
-        else:
-            lr = cfg.learning_rate
-        model.compile(
-            optimizer=keras.optimizers.Adam(lr, use_ema=cfg.ema_momentum is not None,
-                                            ema_momentum=cfg.ema_momentum or 0.99),
-            loss={"gender": "sparse_categorical_crossentropy",
-                  "age_band": "sparse_categorical_crossentropy",
-                  **({"age": AgeLoss(cfg.age_mean_weight)} if exact else {})},
-            loss_weights={h: cfg.loss_weights.get(h, 1.0) for h in heads},
-            metrics={"gender": ["accuracy"], "age_band": ["accuracy"]},
-        )
+        fit = fit_plan(crops, size, model_cfg, cfg, model_dir, ages)
+        compile_model(keras, fit.model, cfg, cfg.steps_per_epoch or len(fit.train), heads,
+                      ages)
     best = model_dir / "best.keras"
     history_csv = model_dir / "history.csv"
     checkpoint = best_checkpoint(keras, best, "val_age_band_accuracy")
     epochs_before = checkpoint.epochs_before
-    callbacks = [  # the backup last: an epoch it has saved is in the checkpoint and CSV
-        epoch_timer(keras, cfg.batch_size),
-        # the averaged weights are validated and checkpointed (swapped before the others)
-        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum else []),
-        checkpoint,
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
-        keras.callbacks.BackupAndRestore(str(model_dir / "backup"), double_checkpoint=True),
-    ]
-    if _tensorboard_available():
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
-    if cfg.lr_schedule == "legacy_exp":
-        callbacks.append(keras.callbacks.LearningRateScheduler(legacy_exp_decay))
-    if cfg.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_age_band_loss", mode="min", patience=cfg.early_stopping_patience))
-    model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=callbacks,
-              steps_per_epoch=cfg.steps_per_epoch, verbose=2)
-    del model, train_data, val_data  # the saved checkpoint is the result: free the
-    keras.backend.clear_session()    # training graphs before evaluation loads the model
+    fit.model.fit(fit.train, validation_data=fit.val, epochs=cfg.epochs,
+                  callbacks=training_callbacks(keras, cfg, len(train), checkpoint, history_csv,
+                                               model_dir, log_dir),
+                  steps_per_epoch=cfg.steps_per_epoch, verbose=2)
+    del fit  # the saved checkpoint is the result: free the training graphs
+    keras.backend.clear_session()  # before evaluation loads the model
     history = pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
-    if model_cfg.flip_average:  # the best checkpoint, wrapped to average with its mirror
-        wrapped = model_dir / ".flip_averaged.tmp.keras"
-        flip_averaged(load_classifier(best)).save(wrapped)
-        wrapped.replace(model_dir / "model.keras")
-        best.unlink()
-    else:
-        best.replace(model_dir / "model.keras")  # atomic rename of the best checkpoint
+    save_final_model(load_classifier(best), model_cfg, size, ages, model_dir)
+    best.unlink()
+    shutil.rmtree(model_dir / "features", ignore_errors=True)  # (kept only for a resume)
     chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
     speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
     calibration = fit_temperatures(model_dir / "model.keras", val, crops.files, size)
-    write_json_atomic(model_dir / "labels.json", {
-        "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
-        "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
-        "backbone": model_cfg.backbone, "outputs": heads,
-        **({"ages": list(AGES)} if exact else {}),
-        "flip_average": model_cfg.flip_average,
-        "crop": {"size": size, **(crop_spec or {})},
-        # divide each head's logits by this before the softmax (every inference path does)
-        "temperature": {h: c["temperature"] for h, c in calibration.items()},
-        "calibration": {"split": "val", **calibration},
-    })
+    write_json_atomic(model_dir / "labels.json", model_labels(
+        model_cfg, size, heads, ages, crop_spec, calibration))
     return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
             "val_gender_accuracy": chosen["val_gender_accuracy"],
             "val_age_band_accuracy": chosen["val_age_band_accuracy"],
             "train_examples": len(train), "val_examples": len(val), "heads": heads,
             "backend": keras_backend(), "gpus": gpus, "resumed_after_epochs": epochs_before,
             "last_epoch_train_images_per_s": None if speed is None else round(float(speed), 1)}
+
+
+def exact_ages(model_cfg: ModelConfig, train: pd.DataFrame, val: pd.DataFrame
+               ) -> tuple[int, ...]:
+    """The exact-age head's classes: the training ages (20-59, wider where ``data.ages``
+    kept more), or none when the head is off or the labels give bands only."""
+    if not model_cfg.exact_age:
+        return ()
+    if not has_exact_ages(train, val):
+        log.info("model.exact_age: the labels give age bands only (no exact age for every "
+                 "face, as with K-Face): training the age-band head alone")
+        return ()
+    return age_classes(int(train.age.min()), int(train.age.max()))
+
+
+def precision_policy(cfg: TrainConfig, gpus: list[str]) -> str:
+    """Mixed precision on a GPU (float16 on TensorFlow, bfloat16 on JAX and PyTorch)."""
+    if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
+        return "mixed_float16" if keras_backend() == "tensorflow" else "mixed_bfloat16"
+    return "float32"
+
+
+@dataclass
+class FitPlan:
+    """What ``fit`` trains and on what: the whole classifier on the streamed crops, or,
+    with ``model.frozen_until`` and ``train.feature_cache``, its trained part on the
+    frozen part's cached output (``tasks.feature_cache``)."""
+
+    model: object
+    train: object
+    val: object
+
+
+def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
+             model_dir: Path, ages: tuple[int, ...]) -> FitPlan:
+    train, val = crops.splits["train"], crops.splits["val"]
+    sigma = cfg.age_sigma if ages else None
+    weights = sample_weights(train.age_idx.to_numpy(), cfg.class_weighting)
+    if model_cfg.frozen_until != "none" and cfg.feature_cache:
+        from tasks.feature_cache import cache_features, feature_batches
+
+        log.info("train: the backbone up to %s is frozen; its output for every face and its "
+                 "mirror is computed once (the augmentation is the mirror only)",
+                 model_cfg.frozen_until)
+        lower, upper = build_parts(model_cfg, size, bool(ages), ages or AGES)
+        cached = {name: cache_features(lower, split, crops.files, size,
+                                       model_dir / "features" / f"{name}.npy",
+                                       workers=cfg.workers)
+                  for name, split in (("train", train), ("val", val))}
+        return FitPlan(upper, feature_batches(
+            cached["train"], train, cfg.batch_size, seed=cfg.seed, weights=weights,
+            age_sigma=sigma, age_classes=ages or AGES, workers=cfg.workers),
+            feature_batches(cached["val"], val, cfg.batch_size, age_sigma=sigma,
+                            age_classes=ages or AGES, workers=cfg.workers))
+    return FitPlan(
+        build_classifier(model_cfg, size, exact_age=bool(ages), ages=ages or AGES),
+        crop_batches(train, crops.files, size, cfg.batch_size, seed=cfg.seed,
+                     augment_cfg=cfg.augment, weights=weights,
+                     buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers,
+                     age_sigma=sigma, age_classes=ages or AGES),
+        crop_batches(val, crops.files, size, cfg.batch_size, workers=cfg.workers,
+                     buffer_chunks=cfg.shuffle_buffer_chunks, age_sigma=sigma,
+                     age_classes=ages or AGES))
+
+
+def compile_model(keras, model, cfg: TrainConfig, steps: int, heads: list[str],
+                  ages: tuple[int, ...]) -> None:
+    """Adam (cosine-decayed by default) on each head's loss, with accuracy metrics."""
+    from models.losses import AgeLoss
+
+    lr = (keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps * cfg.epochs,
+                                                 alpha=0.01)
+          if cfg.lr_schedule == "cosine" else cfg.learning_rate)
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr, use_ema=cfg.ema_momentum is not None,
+                                        ema_momentum=cfg.ema_momentum or 0.99),
+        loss={"gender": "sparse_categorical_crossentropy",
+              "age_band": "sparse_categorical_crossentropy",
+              **({"age": AgeLoss(cfg.age_mean_weight, list(ages))} if ages else {})},
+        loss_weights={h: cfg.loss_weights.get(h, 1.0) for h in heads},
+        metrics={"gender": ["accuracy"], "age_band": ["accuracy"]},
+    )
+
+
+def training_callbacks(keras, cfg: TrainConfig, examples: int, checkpoint, history_csv: Path,
+                       model_dir: Path, log_dir: Path) -> list:
+    """Timer, best checkpoint, CSV history, backup (last: an epoch it has saved is in the
+    checkpoint and the CSV), TensorBoard, the legacy schedule and early stopping."""
+    callbacks = [
+        epoch_timer(keras, cfg.batch_size, examples),
+        # the averaged weights are validated and checkpointed (swapped before the others)
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema_momentum else []),
+        checkpoint,
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        async_safe(keras.callbacks.BackupAndRestore(str(model_dir / "backup"),
+                                                    double_checkpoint=True)),
+    ]
+    if _tensorboard_available():
+        # (no graph: writing it reads the model from the batch hook, which on JAX syncs
+        # the training state from another thread while the next step consumes it)
+        callbacks.append(async_safe(keras.callbacks.TensorBoard(log_dir=str(log_dir),
+                                                                write_graph=False)))
+    if cfg.lr_schedule == "legacy_exp":
+        callbacks.append(keras.callbacks.LearningRateScheduler(legacy_exp_decay))
+    if cfg.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_age_band_loss", mode="min", patience=cfg.early_stopping_patience))
+    return callbacks
+
+
+def save_final_model(best, model_cfg: ModelConfig, size: int, ages: tuple[int, ...],
+                     model_dir: Path) -> None:
+    """``model_dir/model.keras``: the best checkpoint (with ``frozen_until`` and the feature
+    cache, the trained part it holds on a fresh frozen part), wrapped to average its
+    answers with the mirror image's when ``model.flip_average``; written to a temporary
+    file and renamed."""
+    model = best
+    if model_cfg.frozen_until != "none" and best.name == "trained":
+        lower, _ = build_parts(model_cfg, size, bool(ages), ages or AGES)
+        model = compose(lower, best)
+    if model_cfg.flip_average:
+        model = flip_averaged(model)
+    tmp = model_dir / ".model.tmp.keras"
+    model.save(tmp)
+    tmp.replace(model_dir / "model.keras")
+
+
+def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tuple[int, ...],
+                 crop_spec: dict | None, calibration: dict) -> dict:
+    """``labels.json``: what every inference path needs to use the model as trained."""
+    return {
+        "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
+        "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
+        "backbone": model_cfg.backbone, "outputs": heads,
+        **({"ages": list(ages)} if ages else {}),
+        "flip_average": model_cfg.flip_average,
+        "crop": {"size": size, **(crop_spec or {})},
+        # divide each head's logits by this before the softmax (every inference path does)
+        "temperature": {h: c["temperature"] for h, c in calibration.items()},
+        "calibration": {"split": "val", **calibration},
+    }
 
 
 def fit_temperatures(model_file: Path, val: pd.DataFrame, files: list[Path],
@@ -257,29 +351,43 @@ def fit_temperatures(model_file: Path, val: pd.DataFrame, files: list[Path],
                              "age_band": val.age_idx.to_numpy()})
 
 
-def epoch_timer(keras, batch_size: int):
+def epoch_timer(keras, batch_size: int, examples: int):
     """A callback adding ``train_seconds`` (the epoch's training, validation left out)
-    and ``train_images_per_s`` to each epoch's logs (so to history.csv/json)."""
+    and ``train_images_per_s`` to each epoch's logs (so to history.csv/json).
+
+    It has no per-batch hook: one would make Keras wait for every step's result before
+    it prepares the next (its callbacks run asynchronously only when no callback hooks
+    batches), which starves a GPU. The epoch's images are its steps' (Keras' ``steps``
+    parameter) times the batch size, the last batch counted at its size."""
     import time
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.trained, self.batches = time.perf_counter(), None, 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.batches += 1
+            self.start, self.trained = time.perf_counter(), None
 
         def on_test_begin(self, logs=None):
-            if self.trained is None and self.batches:  # validation at the end of an epoch
-                self.trained = time.perf_counter() - self.start
+            if self.trained is None:  # validation at the end of an epoch (Keras has
+                self.trained = time.perf_counter() - self.start  # synced the steps)
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = self.trained or (time.perf_counter() - self.start)
+            steps = self.params.get("steps") or math.ceil(examples / batch_size)
+            images = min(steps * batch_size, examples)
             if logs is not None:
                 logs["train_seconds"] = seconds
-                logs["train_images_per_s"] = self.batches * batch_size / seconds
+                logs["train_images_per_s"] = images / seconds
 
     return EpochTimer()
+
+
+def async_safe(callback):
+    """Mark a Keras callback whose per-batch hook neither saves nor reads the model
+    (BackupAndRestore saving per epoch; TensorBoard without its graph) as safe to call
+    asynchronously, so that it does not make Keras wait for every step (see
+    ``epoch_timer``). A hook that reads ``self.model`` is not: on JAX that syncs the
+    training state while the next step consumes it."""
+    callback.async_safe = True
+    return callback
 
 
 def best_checkpoint(keras, path: Path, monitor: str):
