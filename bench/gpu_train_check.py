@@ -4,10 +4,10 @@
 GPU machines often have JAX or PyTorch but no TensorFlow, and no package registry; so:
 
 1. Here, with ../shared and the registry: ``python bench/gpu_train_check.py prepare``
-   writes ``bench/out/gpu/``: ``seeds.parquet`` (600 real AAF faces as 224 px JPEG crops
-   with their labels, ~9 MB) and ``wheels/`` (keras, pydantic and the few other packages
-   the lent machines' image lacks, ~5 MB). Together well under the 64 MiB a device run
-   can carry.
+   writes ``bench/out/gpu/wheels/`` (keras, pydantic and the few other packages the lent
+   machines' image lacks, ~5 MB); ``python bench/gpu_face_model.py prepare`` writes the
+   real faces (``faces.parquet``, WebP), 600 of which, enlarged to 224 px, seed the crop
+   cache below. Together under the 64 MiB a device run can carry.
 2. On the GPU machine: ``bash bench/gpu_train_check.sh`` (installs the wheels into
    ``bench/out/gpu/site`` and runs step 3 with ``KERAS_BACKEND=jax``).
 3. ``python bench/gpu_train_check.py run [--faces 60000] [--epochs 2] [--batch 64]``
@@ -42,15 +42,8 @@ WHEELS = ["keras==3.15.1", "namex", "optree", "pydantic==2.12.5", "pydantic-core
           "annotated-types", "typing-inspection"]
 
 
-def prepare(size: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from bench_train_scale import seed_crops
-
+def prepare() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    jpegs, bands, genders = seed_crops(size)
-    pq.write_table(pa.table({"image": jpegs, "age_band": bands, "gender": genders}),
-                   OUT / "seeds.parquet")
     platforms = [arg for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
                                "manylinux_2_17_x86_64", "manylinux2014_x86_64")
                  for arg in ("--platform", p)]
@@ -81,8 +74,43 @@ def gpu_memory_peak_gb() -> float | None:
         return None
 
 
+def seed_faces(size: int, n: int = 600) -> tuple[list[bytes], list[str], list[str]]:
+    """``n`` of the carried real faces (``faces.parquet``), as ``size`` px JPEG crops."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    faces = pd.read_parquet(OUT / "faces.parquet").sample(n, random_state=0)
+    jpegs = [cv2.imencode(".jpg", cv2.resize(cv2.imdecode(np.frombuffer(b, np.uint8), 1),
+                                             (size, size), interpolation=cv2.INTER_CUBIC),
+                          [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for b in faces.image]
+    return jpegs, list(faces.age_band), list(faces.gender)
+
+
+def loaders(args) -> list[dict]:
+    """The input path alone (``bench/bench_loader.py``) on this machine's cores: today's
+    loader and the previous one, by worker count, on the crop cache of ``run``."""
+    from bench_loader import loader_alone, previous_loader, todays_loader
+    from bench_train_scale import _crops, build
+
+    from tasks.crop_stream import AugmentConfig
+
+    folder = OUT / f"cache-{args.faces}-{args.size}"
+    build(folder, args.faces, args.size, seed_faces(args.size))
+    crops = _crops(folder)
+    augment = AugmentConfig(rotation=0.08, zoom=0.15, brightness=0.2)
+    rows = []
+    for workers in args.loader_workers:
+        for name, make in (("today", todays_loader), ("previous", previous_loader)):
+            data = make(crops.splits["train"], crops.files, args.size, args.batch, augment,
+                        777, workers)
+            rows.append({"loader": name, "workers": workers, "batch": args.batch,
+                         "alone_images_per_s": round(loader_alone(data, 30), 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run(args) -> dict:
-    import pyarrow.parquet as pq
     from bench_train_scale import _crops, build
 
     from models.classifier import ModelConfig, load_classifier
@@ -90,10 +118,9 @@ def run(args) -> dict:
     from tasks.evaluate import evaluation_metrics
     from tasks.train import TrainConfig, train_model
 
-    seeds = pq.read_table(OUT / "seeds.parquet").to_pydict()
     folder = OUT / f"cache-{args.faces}-{args.size}"
     start = time.perf_counter()
-    build(folder, args.faces, args.size, (seeds["image"], seeds["age_band"], seeds["gender"]))
+    build(folder, args.faces, args.size, seed_faces(args.size))
     built = time.perf_counter() - start
     crops = _crops(folder)
     import shutil
@@ -115,6 +142,8 @@ def run(args) -> dict:
         "train_faces": result["train_examples"], "build_s": round(built, 1),
         "train_s": round(trained, 1), "evaluate_s": round(time.perf_counter() - start, 1),
         "epoch_train_seconds": [round(x, 1) for x in history.get("train_seconds", [])],
+        "epoch_train_images_per_s": [round(x, 1)
+                                     for x in history.get("train_images_per_s", [])],
         "train_images_per_s_last_epoch": result["last_epoch_train_images_per_s"],
         "gpu_memory_peak_gb": gpu_memory_peak_gb(),
         "test_gender_accuracy": round(metrics["gender"]["accuracy"], 3),
@@ -124,16 +153,20 @@ def run(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["prepare", "run"])
+    ap.add_argument("step", choices=["prepare", "run", "loaders"])
     ap.add_argument("--faces", type=int, default=60000)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=max(2, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=[1, 4, 14])
     args = ap.parse_args()
     if args.step == "prepare":
-        prepare(args.size)
+        prepare()
+        return
+    if args.step == "loaders":
+        (OUT / "loaders.log").write_text(json.dumps(loaders(args), indent=2) + "\n")
         return
     result = run(args)
     text = json.dumps(result, indent=2)
