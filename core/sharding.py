@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.content import stat_digest
 from core.storage import fingerprint
 
 if TYPE_CHECKING:
@@ -42,19 +43,33 @@ class ShardingConfig(BaseModel):
 @dataclass(frozen=True)
 class Shard:
     """One unit of sharded work and one file: the photos of one partition (see
-    ``partition_name``), sorted by path."""
+    ``partition_name``), sorted by path, with their sizes, and their mtimes and sha256
+    where the table it was planned from has them."""
 
     name: str
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
-    mtimes: tuple[int, ...]
+    mtimes: tuple[int, ...] = ()
+    hashes: tuple[str | None, ...] = ()
 
     @property
     def filename(self) -> str:
         return f"shard-{self.name}.parquet"
 
     def content_fingerprint(self) -> str:
-        return fingerprint(self.paths, self.sizes, self.mtimes)
+        """What the shard's photos are: their paths and sha256 (``core.content``; an
+        unreadable file's stat stands in), so that a copy with new mtimes keeps the key;
+        without hashes (a table of a kface before 2026-12, or a caller that took none),
+        the paths, sizes and mtimes (``stat_fingerprint``)."""
+        if not self.hashes:
+            return self.stat_fingerprint()
+        return fingerprint(self.paths, [h or stat_digest(s, m) for h, s, m in zip(
+            self.hashes, self.sizes, self.mtimes or [0] * len(self.paths), strict=True)])
+
+    def stat_fingerprint(self) -> str | None:
+        """Paths, sizes and mtimes: what shard keys were made of before content hashes
+        (their files are adopted, not recomputed); None without mtimes."""
+        return fingerprint(self.paths, self.sizes, self.mtimes) if self.mtimes else None
 
 
 def partition_name(subject_id: str, layout: str) -> str:
@@ -68,17 +83,29 @@ def partition_name(subject_id: str, layout: str) -> str:
 
 
 def plan_shards(table: pa.Table, layout: str) -> list[Shard]:
-    """Partition manifest-like rows (``path``, ``subject_id``, ``file_size``,
-    ``mtime_ns``) into shards by subject, sorted by shard name, paths sorted inside."""
+    """Partition manifest-like rows (``path``, ``subject_id``, ``file_size``, and
+    ``mtime_ns`` and ``sha256`` where present) into shards by subject, sorted by shard
+    name, paths sorted inside."""
     table = table.sort_by("path")
-    groups: dict[str, list[tuple[str, int, int]]] = {}
-    for path, subject, size, mtime in zip(
-            table.column("path").to_pylist(), table.column("subject_id").to_pylist(),
-            table.column("file_size").to_pylist(), table.column("mtime_ns").to_pylist(),
-            strict=True):
-        groups.setdefault(partition_name(subject, layout), []).append((path, size, mtime))
-    return [Shard(name, *(tuple(col) for col in zip(*rows, strict=True)))
-            for name, rows in sorted(groups.items())]
+    names = table.column_names
+    n = table.num_rows
+
+    def column(name: str) -> list:
+        return table.column(name).to_pylist() if name in names else [None] * n
+
+    groups: dict[str, list[tuple]] = {}
+    for path, subject, size, mtime, digest in zip(
+            column("path"), column("subject_id"), column("file_size"), column("mtime_ns"),
+            column("sha256"), strict=True):
+        groups.setdefault(partition_name(subject, layout), []).append(
+            (path, size, mtime, digest))
+    shards = []
+    for name, rows in sorted(groups.items()):
+        paths, sizes, mtimes, hashes = (tuple(col) for col in zip(*rows, strict=True))
+        shards.append(Shard(name, paths, sizes,
+                            mtimes if "mtime_ns" in names else (),
+                            hashes if "sha256" in names else ()))
+    return shards
 
 
 def batch_shards(shards: Sequence[Shard], shard_size: int) -> list[list[Shard]]:

@@ -124,8 +124,9 @@ def detect_shards(c: Sections) -> list[Shard]:
     """The detection shards of the run folder's manifest (empty before select ran)."""
     if not c.folder.manifest.exists():
         return []
-    manifest = pq.read_table(c.folder.manifest,
-                             columns=["path", "subject_id", "file_size", "mtime_ns"])
+    names = set(pq.read_schema(c.folder.manifest).names)
+    manifest = pq.read_table(c.folder.manifest, columns=[
+        n for n in ("path", "subject_id", "file_size", "mtime_ns", "sha256") if n in names])
     return plan_shards(manifest, c.data.layout)
 
 
@@ -158,9 +159,10 @@ def crop_plan(c: Sections) -> CropPlan:
     if not path.exists():
         return CropPlan([], {}, {})
     # landmarks only where they cut the crops: 10 floats a face are ~4x the boxes' memory
-    names = pq.read_schema(path).names if c.crops.align else []
-    landmark_columns = [col for col in LANDMARK_COLUMNS if col in names]
-    table = pq.read_table(path, columns=["path", "subject_id", "file_size", "mtime_ns",
+    names = pq.read_schema(path).names
+    landmark_columns = [col for col in LANDMARK_COLUMNS if col in names and c.crops.align]
+    content = [col for col in ("mtime_ns", "sha256") if col in names]
+    table = pq.read_table(path, columns=["path", "subject_id", "file_size", *content,
                                          "left", "top", "right", "bottom",
                                          *landmark_columns])
     faces = table.to_pandas()

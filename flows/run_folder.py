@@ -30,6 +30,11 @@ class RunFolder:
         return self.out / "manifest.parquet"
 
     @property
+    def file_hashes(self) -> Path:
+        """The photos' sha256 by path, size and mtime (``core.content``'s stat cache)."""
+        return self.out / "file_hashes.parquet"
+
+    @property
     def detections(self) -> Path:
         return self.out / "detections"
 

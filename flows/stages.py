@@ -121,9 +121,10 @@ class StageConfig:
     section is an AttributeError), and a memo for what its key computed and its work
     reuses (the scan, a plan)."""
 
-    def __init__(self, config: PipelineConfig, stage: Stage):
+    def __init__(self, config: PipelineConfig, stage: Stage, writing: bool = True):
         self.stage = stage.name
         self.folder = config.folder
+        self.writing = writing  # False for kface status, which only reads
         self.memo: dict[str, Any] = {}
         self._config = config  # for recipe_yaml only
         for name in stage.sections:
@@ -148,7 +149,10 @@ class StageConfig:
 # ------------------------------------------------------------------------------ select
 
 def _scan(c: StageConfig):
-    return c.memo_get("scan", lambda: select.select_images(c.data, c.selection))
+    """The selected photos with their sha256 (read only where the stat cache has no
+    entry of that size and mtime: ``core.content``)."""
+    return c.memo_get("scan", lambda: select.select_images(
+        c.data, c.selection, c.folder.file_hashes, save_hashes=c.writing))
 
 
 def _select_key(c: StageConfig) -> str:
@@ -167,9 +171,11 @@ def _select_run(c: StageConfig, key: str) -> dict:
                if c.data.layout == "kface" else "of the labelled photos")
     logger = _log()
     logger.info("select: %d of %d images selected (%d subjects; %s); %d files not in the "
-                "layout%s", table.num_rows, report.images, summary["subjects"], scanned,
-                report.unrecognised,
-                f", e.g. {report.unrecognised_examples[:3]}" if report.unrecognised else "")
+                "layout%s; %d photos read for their content hash (new, changed or copied; "
+                "the others by their size and mtime)", table.num_rows, report.images,
+                summary["subjects"], scanned, report.unrecognised,
+                f", e.g. {report.unrecognised_examples[:3]}" if report.unrecognised else "",
+                report.files_hashed)
     if report.excluded_labels:
         logger.warning("select: %d labelled images excluded: %s", report.excluded_labels,
                        report.excluded_label_examples[:5])
@@ -207,9 +213,12 @@ def _chip_geometry(c: StageConfig) -> dict[str, dict]:
 def _detect_plan(c: StageConfig) -> ShardPlan:
     shards = _detect_shards(c)
     chips = {name: g["landmarks"] for name, g in _chip_geometry(c).items()}
-    keys = [detect.shard_cache_key(s, c.detector, chips) for s in shards]
-    return ShardPlan(shards, [detect.stored_shard(c.folder.detections / s.filename, k)
-                              for s, k in zip(shards, keys, strict=True)], chips)
+    stored = [detect.stored_shard(c.folder.detections / s.filename,
+                                  detect.shard_cache_key(s, c.detector, chips),
+                                  detect.shard_cache_key(s, c.detector, chips, by_stat=True),
+                                  adopt=c.writing)
+              for s in shards]
+    return ShardPlan(shards, stored, chips)
 
 
 def _detect_call(c: StageConfig, plan: ShardPlan, shard: Shard):
@@ -390,7 +399,8 @@ def _evaluate_run(c: StageConfig, key: str) -> dict:
     metrics = evaluate.evaluation_metrics(model, index, c.crops.size,
                                           synthetic_labels=labels_are_synthetic(c.data),
                                           temperature=model_labels.get("temperature"),
-                                          ages=tuple(model_labels.get("ages", AGES)))
+                                          ages=tuple(model_labels.get("ages", AGES)),
+                                          age_line=model_labels.get("age_calibration"))
     report_path = evaluate.write_report(metrics, train.load_history(folder.model),
                                         STAGE["split"].stored_summary(folder),
                                         STAGE["merge"].stored_summary(folder), folder.reports)
@@ -540,7 +550,7 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     result: list[StageStatus] = []
     upstream_ok = True
     for stage in STAGE_TABLE:
-        c = StageConfig(config, stage)
+        c = StageConfig(config, stage, writing=False)
         output = c.folder.output(stage.writes)
         errors = None
         if stage.sharded:

@@ -95,15 +95,21 @@ def _chip_folder(rel: str, chips: ChipGeometry | None) -> str | None:
 
 
 def shard_cache_key(shard: Shard, detector: DetectorConfig,
-                    chips: ChipGeometry | None = None) -> str:
-    """Content fingerprint + detector settings (``result_settings``: not the weights' paths,
-    whose sha256 stands for them) + weights sha256 + code version; with chips in the
-    shard, their folders' geometry (a shard without chips keeps the key it had)."""
+                    chips: ChipGeometry | None = None, by_stat: bool = False) -> str | None:
+    """Content fingerprint (the photos' paths and sha256, ``Shard.content_fingerprint``)
+    + detector settings (``result_settings``: not the weights' paths, whose sha256 stands
+    for them) + weights sha256 + code version; with chips in the shard, their folders'
+    geometry (a shard without chips keeps the key it had). ``by_stat``: the key as it was
+    made before content hashes (paths, sizes, mtimes; None without mtimes), with which
+    ``stored_shard`` adopts the files of those runs."""
+    content = shard.stat_fingerprint() if by_stat else shard.content_fingerprint()
+    if content is None:
+        return None
     used = sorted({name for p in shard.paths if (name := _chip_folder(p, chips))})
     geometry = [[name, np.round(np.asarray(chips[name], float), 4).tolist()]
                 for name in used]
-    return fingerprint(shard.content_fingerprint(), result_settings(detector),
-                       weights_sha256(detector), CODE_VERSION, *([geometry] if used else []))
+    return fingerprint(content, result_settings(detector), weights_sha256(detector),
+                       CODE_VERSION, *([geometry] if used else []))
 
 
 def measure_chip_landmarks(root: Path | ImageRoots, paths: Sequence[str],
@@ -196,13 +202,20 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.table(columns, schema=DETECTIONS_SCHEMA)
 
 
-def stored_shard(final: Path, key: str) -> dict | None:
+def stored_shard(final: Path, key: str, stat_key: str | None = None,
+                 adopt: bool = False) -> dict | None:
     """The summary of a shard file that is complete for ``key`` (it holds the key and no
     ``unreadable`` row to retry), read from its status column; None when it needs work.
     The flow decides with it which shards to submit, and ``kface status`` what a run
-    would redo."""
-    if read_cache_key(final) != key:
+    would redo. A file holding ``stat_key`` (written before keys had content hashes, from
+    the same photos' sizes and mtimes) is current too; with ``adopt`` (a run, not
+    status) it is re-keyed in place, its detections kept."""
+    stored = read_cache_key(final)
+    if stored != key and (stat_key is None or stored != stat_key):
         return None
+    if stored != key and adopt:
+        write_parquet_atomic(final, pq.read_table(final).replace_schema_metadata(None), key,
+                             digest=False)
     statuses = pq.read_table(final, columns=["status"]).column("status")
     counts = {c["values"]: c["counts"] for c in pc.value_counts(statuses).to_pylist()}
     if counts.get("unreadable"):

@@ -11,7 +11,8 @@ faces.parquet schema (one row per usable face; see docs/data-contracts.md): ``pa
 ``image_height``, ``score``, ``age`` (exact years from a labelled folder's CSV, else
 null), the K-Face attributes ``accessory``, ``light``,
 ``expression``, ``camera`` (null for a labelled folder), the photo's ``file_size``
-and ``mtime_ns`` (for the crop cache's fingerprints), and, only when the detector found
+and ``sha256`` (its content: the crop cache's fingerprints; ``mtime_ns`` instead where
+the manifest has no hashes), and, only when the detector found
 landmarks (``detector.kind: yunet``, or face chips), the ten landmark columns ``eye_r_x ...
 mouth_l_y`` (float32 pixels), and with several labelled folders (``data.folders``) the
 ``source`` column. A res10 run's file is exactly as before landmarks existed, so its
@@ -95,7 +96,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
 
 FACES_COLUMNS = ["path", "subject_id", "age_band", "gender", "joint_class", "left", "top",
                  "right", "bottom", "image_width", "image_height", "score", "age", "accessory",
-                 "light", "expression", "camera", "file_size", "mtime_ns"]
+                 "light", "expression", "camera", "file_size"]
 
 
 def merge_faces(manifest: pd.DataFrame, detections: pd.DataFrame,
@@ -122,7 +123,9 @@ def merge_faces(manifest: pd.DataFrame, detections: pd.DataFrame,
     rows = rows.assign(joint_class=rows.age_band + "_" + rows.gender)
     landmarks = [c for c in LANDMARK_COLUMNS if c in rows and rows[c].notna().any()]
     source = ["source"] if "source" in rows else []
-    rows = rows[FACES_COLUMNS + landmarks + source].sort_values("path").reset_index(drop=True)
+    content = ["sha256"] if "sha256" in rows else ["mtime_ns"]  # (not both: a copy's new
+    rows = rows[FACES_COLUMNS + content + landmarks + source].sort_values(  # mtimes would
+        "path").reset_index(drop=True)  # change the faces, and every key after them)
     for col in ("left", "top", "right", "bottom", "image_width", "image_height"):
         rows[col] = rows[col].astype("int32")
     for col in ("age", *landmarks):  # age: all null for K-Face, still a number column

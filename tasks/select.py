@@ -22,7 +22,9 @@ Manifest schema (one row per selected image; see docs/data-contracts.md):
 labelled layout), ``age_band``, ``gender`` (str, null for K-Face: they come from the
 metadata CSV later), ``age`` (float32 years: a labelled CSV's exact age, null when it
 gives only bands and always for K-Face), ``file_size`` (int64 bytes), ``mtime_ns`` (int64),
-and with ``data.folders`` only, ``source`` (str, the folder's name).
+``sha256`` (str, the file's content: ``core.content``; added by the select stage, which
+keeps a stat cache so that an unchanged photo is not read again), and with
+``data.folders`` only, ``source`` (str, the folder's name).
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ class ScanReport:
     unrecognised_examples: list[str] = field(default_factory=list)
     excluded_labels: int = 0
     excluded_label_examples: list[str] = field(default_factory=list)
+    files_hashed: int = 0  # photos read for their sha256 (``core.content``)
 
     def note_unrecognised(self, rel: str) -> None:
         self.unrecognised += 1
@@ -468,8 +471,12 @@ def _frame(rows: list[tuple]) -> pd.DataFrame:
     return frame.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def select_images(data: DataConfig, sel: SelectionConfig) -> tuple[pa.Table, ScanReport]:
-    """Scan the dataset per its layout; return the manifest table and the scan report."""
+def select_images(data: DataConfig, sel: SelectionConfig, hash_cache: Path | None = None,
+                  save_hashes: bool = True) -> tuple[pa.Table, ScanReport]:
+    """Scan the dataset per its layout; return the manifest table and the scan report.
+    With ``hash_cache`` (the run folder's ``file_hashes.parquet``) the manifest gets each
+    photo's ``sha256`` (``core.content.content_hashes``: read only where the cache has no
+    entry of that size and mtime; the cache saved with ``save_hashes``)."""
     if data.layout == "kface":
         frame, report = scan_kface(data, sel)
     else:
@@ -484,4 +491,11 @@ def select_images(data: DataConfig, sel: SelectionConfig) -> tuple[pa.Table, Sca
         )
     schema = MANIFEST_SCHEMA.append(SOURCE_FIELD) if "source" in frame else MANIFEST_SCHEMA
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    if hash_cache is not None:
+        from core.content import content_hashes
+
+        hashes, report.files_hashed = content_hashes(
+            frame[["path", "file_size", "mtime_ns"]], data.image_roots(), hash_cache,
+            save=save_hashes)
+        table = table.append_column("sha256", pa.array(hashes, pa.string()))
     return table, report

@@ -25,7 +25,7 @@ def test_a_new_run_folder_is_all_missing(kface_tree, tmp_path):
 
 def test_a_current_manifest_is_done_and_a_changed_one_is_stale(kface_tree, tmp_path):
     cfg = config(kface_tree, tmp_path)
-    manifest, _ = select_images(cfg.data, cfg.selection)
+    manifest, _ = select_images(cfg.data, cfg.selection, cfg.folder.file_hashes)
     path = cfg.folder.manifest
     write_parquet_atomic(path, manifest, cache_key=select_key(cfg, manifest))
     states = {r.stage: r.state for r in pipeline_status(cfg)}
