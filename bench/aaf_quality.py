@@ -161,7 +161,8 @@ def held_out_metrics(found, probs: dict, labels: dict) -> dict:
     ci = subject_bootstrap(frame.subject_id.to_numpy(), {
         "gender": (frame.gender_idx.to_numpy(), probs["gender"].argmax(1), 2),
         "age_band": (frame.age_idx.to_numpy(), probs["age_band"].argmax(1), 4)})
-    ages = expected_age(probs["age"], labels.get("ages", AGES)) if "age" in probs else None
+    ages = (expected_age(probs["age"], labels.get("ages", AGES), labels.get("age_calibration"))
+            if "age" in probs else None)
     people = int(found["held_out_people"].iloc[0]) if "held_out_people" in found else None
     return {"held_out_people": people, "faces_found": len(found),
             "gender": round(metrics["gender"]["accuracy"], 4),

@@ -142,7 +142,7 @@ def train(cache: Path, lr: float, seed: int, out: Path, workers: int,
     probs = predict_frame(load_classifier(out / "model" / "model.keras"), test, crops.files,
                           112)
     labels = json.loads((out / "model" / "labels.json").read_text())
-    years = expected_age(probs["age"], labels["ages"])
+    years = expected_age(probs["age"], labels["ages"], labels.get("age_calibration"))
     scores = {}
     for name, rows in (("all", np.ones(len(test), bool)),
                        ("aaf", test.path.str.startswith("aaf/").to_numpy())):

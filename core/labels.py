@@ -51,9 +51,14 @@ def band_matrix(ages=AGES):
                     dtype="float32")
 
 
-def expected_age(age_probs, ages=AGES):
+def expected_age(age_probs, ages=AGES, line: dict | None = None):
     """Years: the mean of each row's distribution over ``ages`` (the ``age`` head's
-    classes, ``labels.json``'s ``ages``)."""
+    classes, ``labels.json``'s ``ages``), through the model's validation-fitted ``line``
+    (``labels.json``'s ``age_calibration``: slope, intercept) when it has one, kept
+    within the ages."""
     import numpy as np
 
-    return np.asarray(age_probs, np.float64) @ np.asarray(ages, np.float64)
+    years = np.asarray(age_probs, np.float64) @ np.asarray(ages, np.float64)
+    if line:
+        years = np.clip(line["slope"] * years + line["intercept"], min(ages), max(ages))
+    return years

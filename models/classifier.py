@@ -262,11 +262,12 @@ def flip_averaged(model):
     return keras.Model(inputs, outputs, name="kface_classifier_flip_averaged")
 
 
-def load_classifier(path: Path):
-    """Load a saved classifier in Keras safe mode (our one custom layer is registered)."""
+def load_classifier(path: Path, compile: bool = True):
+    """Load a saved classifier in Keras safe mode (our custom layers are registered);
+    ``compile=False`` leaves out its optimizer and losses (a model to save for serving)."""
     keras = load_keras()
 
     import models.losses  # noqa: F401  registers AgeLoss
     import models.preprocess  # noqa: F401  registers BackbonePreprocess
 
-    return keras.saving.load_model(Path(path), safe_mode=True)
+    return keras.saving.load_model(Path(path), safe_mode=True, compile=compile)

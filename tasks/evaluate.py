@@ -42,11 +42,12 @@ def predict_frame(model, frame: pd.DataFrame, files: list[Path], size: int,
 
 
 def age_error(frame: pd.DataFrame, age_probs: np.ndarray, train_ages: np.ndarray,
-              ages: tuple[int, ...] = AGES) -> dict:
+              ages: tuple[int, ...] = AGES, line: dict | None = None) -> dict:
     """Mean absolute error in years of the exact-age head's expected age (over its
-    classes ``ages``), beside always answering the training split's median age."""
+    classes ``ages``, through the model's age ``line``), beside always answering the
+    training split's median age."""
     true = frame.age.to_numpy(np.float64)
-    predicted = expected_age(age_probs, ages)
+    predicted = expected_age(age_probs, ages, line)
     return {"mae_years": float(np.mean(np.abs(predicted - true))),
             "baseline_median_mae_years": float(np.mean(np.abs(np.median(train_ages) - true)))}
 
@@ -195,11 +196,12 @@ def score_split(frame: pd.DataFrame, probs: dict[str, np.ndarray], train_counts:
 
 def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool = False,
                        temperature: dict[str, float] | None = None,
-                       ages: tuple[int, ...] = AGES) -> dict:
+                       ages: tuple[int, ...] = AGES, age_line: dict | None = None) -> dict:
     """The report's metrics: the test split scored (validation when there is none), with
     intervals and baselines; validation summarised apart; the report's warnings; with the
     model's ``temperature`` (labels.json), the calibration of the scored split before and
-    after it (ECE, reliability bins); ``ages``: the exact-age head's classes (labels.json).
+    after it (ECE, reliability bins); ``ages`` and ``age_line``: the exact-age head's
+    classes and age calibration (labels.json).
     Reads the crops of the scored splits only."""
     examples = crops.splits
     scored = "test" if len(examples.get("test", ())) else "val"
@@ -215,7 +217,7 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     if temperature:
         metrics["calibration"] = calibration_metrics(frame, probs, temperature)
     if "age" in probs and metrics["labels_have_ages"]:
-        metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy(), ages)
+        metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy(), ages, age_line)
     warnings = []
     if synthetic_labels:
         warnings.append("the labels of this dataset are SYNTHETIC (made up by the sample "

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.labels import AGE_BANDS, AGES, GENDERS, age_classes
-from core.storage import write_json_atomic
+from core.labels import AGE_BANDS, AGES, GENDERS, age_classes, expected_age
+from core.storage import file_sha256, write_json_atomic
 from models.classifier import (
     ModelConfig,
     build_classifier,
@@ -37,7 +37,7 @@ from models.classifier import (
 from models.runtime import accelerators, keras_backend, load_keras
 from tasks.crop_stream import AugmentConfig, CropSet, crop_batches, has_exact_ages
 
-CODE_VERSION = "train-6"  # 6: exact-age head (model.exact_age)
+CODE_VERSION = "train-7"  # 6: exact-age head (model.exact_age); 7: its age line
 log = logging.getLogger(__name__)
 
 # training images/s on this project's 2-core CPU machine (measured, see docs/training.md),
@@ -180,16 +180,21 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     del fit  # the saved checkpoint is the result: free the training graphs
     keras.backend.clear_session()  # before evaluation loads the model
     history = pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
-    save_final_model(load_classifier(best), model_cfg, size, ages, model_dir)
+    # the serving model: no optimizer state (which would double its file)
+    save_final_model(load_classifier(best, compile=False), model_cfg, size, ages, model_dir)
     best.unlink()
     shutil.rmtree(model_dir / "features", ignore_errors=True)  # (kept only for a resume)
     chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
     speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
-    calibration = fit_temperatures(model_dir / "model.keras", val, crops.files, size)
-    write_json_atomic(model_dir / "labels.json", model_labels(
-        model_cfg, size, heads, ages, crop_spec, calibration))
+    calibration, age_line = fit_calibration(model_dir / "model.keras", val, crops.files, size,
+                                            ages)
+    write_json_atomic(model_dir / "labels.json", {
+        **model_labels(model_cfg, size, heads, ages, crop_spec, calibration),
+        **({"age_calibration": age_line} if age_line else {}),
+        # one id for the model and its exports (kface stats checks a reference's)
+        "model_id": file_sha256(model_dir / "model.keras")})
     return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
             "val_gender_accuracy": chosen["val_gender_accuracy"],
             "val_age_band_accuracy": chosen["val_age_band_accuracy"],
@@ -339,16 +344,21 @@ def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tupl
     }
 
 
-def fit_temperatures(model_file: Path, val: pd.DataFrame, files: list[Path],
-                     size: int) -> dict:
-    """A temperature per class head (gender, age band), fitted on the validation split's
-    predictions of the saved model (``models.calibration``), with the ECE before/after."""
-    from models.calibration import calibrate
+def fit_calibration(model_file: Path, val: pd.DataFrame, files: list[Path], size: int,
+                    ages: tuple[int, ...] = ()) -> tuple[dict, dict | None]:
+    """Fitted on the validation split's predictions of the saved model
+    (``models.calibration``): a temperature per class head (gender, age band), with the
+    ECE before and after; and with an exact-age head (``ages``), the line that maps its
+    expected age onto the true ages (``fit_age_line``)."""
+    from models.calibration import calibrate, fit_age_line
     from tasks.evaluate import predict_frame
 
     probs = predict_frame(load_classifier(model_file), val, files, size)
-    return calibrate(probs, {"gender": val.gender_idx.to_numpy(),
-                             "age_band": val.age_idx.to_numpy()})
+    temperatures = calibrate(probs, {"gender": val.gender_idx.to_numpy(),
+                                     "age_band": val.age_idx.to_numpy()})
+    line = (fit_age_line(expected_age(probs["age"], ages), val.age.to_numpy())
+            if ages and "age" in probs else None)
+    return temperatures, line
 
 
 def epoch_timer(keras, batch_size: int, examples: int):
