@@ -170,6 +170,34 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_outputs(out: Path) -> Iterator[Path]:
+    """A command's outputs, replaced only by a complete, successful result.
+
+    Yields a staging folder inside ``out`` (``.staging-XXXX``) for the command to write
+    everything into. When the block ends without an error, each staged file replaces the
+    file of the same name in ``out`` (a rename each) and each staged folder replaces the
+    folder of that name whole (``replace_folder``: no annotated image of an earlier run
+    is left among the new ones); other files in ``out`` are left alone. On any error, or
+    a kill, ``out`` is as it was: the staging folder is deleted (a killed command's is
+    removed by the next one)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    os.chmod(stage, 0o777 & ~_current_umask())
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            if item.is_dir():
+                replace_folder(item, out / item.name)
+            else:
+                os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 class FolderBusyError(RuntimeError):
     """Another run holds the run folder's lock."""
 

@@ -11,12 +11,57 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(help="K-Face age-band + gender pipeline (Prefect).", no_args_is_help=True,
-                  rich_markup_mode="markdown",
+                  rich_markup_mode=None,
                   pretty_exceptions_enable=False)
-console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
+# markup off: paths, values and install hints ("kface-pipeline[onnx]", "models[old]/m")
+# print as they are; styles go through ``_say``'s Text. soft_wrap: never break a line.
+console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def _stdout() -> Console:
+    """The console for results on stdout (tables): a pipe or file gets whole lines."""
+    return Console(soft_wrap=True, markup=False, highlight=False,
+                   width=None if sys.stdout.isatty() else 200)
+
+
+# what the commands beyond the light inference install (requirements-inference.txt) import
+PIPELINE = ("prefect", "pandas", "pyarrow", "yaml")
+
+
+def command(name: str | None = None, needs: tuple[str, ...] = ()):
+    """Register a command. Where a module it ``needs`` is not installed (the light
+    inference install), its help says so and running it is one line naming the install
+    it needs, instead of a traceback."""
+    import functools
+    import importlib.util
+    import inspect
+
+    def register(function):
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if not missing:
+            return app.command(name)(function)
+
+        @functools.wraps(function)
+        def refuse(*args, **kwargs):
+            _fail(f"kface {name or function.__name__} needs the full install ({', '.join(missing)}"
+                  " not installed here, as in the light inference install): pip install "
+                  "kface-pipeline (docs/operations.md)")
+
+        return app.command(name, help="[needs the full install] "
+                                      + (inspect.getdoc(function) or ""))(refuse)
+
+    return register
+
+
+def _say(label: str, style: str, message: str) -> None:
+    """``label message`` on stderr, the label styled, the message verbatim."""
+    from rich.text import Text
+
+    console.print(Text.assemble((label, style), " ", message))
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.", exists=False)
-SetOpt = typer.Option(None, "--set", help="Override any config key: --set detector.confidence=0.8")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE",
+                      help="Override any config key: --set detector.confidence=0.8")
 
 # The config flags that run, status and serve share, declared once: (flag's parameter
 # name, type, help, the config key it sets). ``config_flags`` adds them to a command.
@@ -95,12 +140,12 @@ def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    _say("error:", "bold red", message)
     raise typer.Exit(code)
 
 
 @app.callback()
-def main(
+def options(
     verbose: bool = typer.Option(False, "--verbose", help="Show TensorFlow's start-up "
                                  "notices (CUDA, oneDNN), Prefect's routine lines (finished "
                                  "states, run links) and OpenCV's warnings."),
@@ -115,6 +160,7 @@ def main(
 
         os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(LOGGING_CONFIG))
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # camera probing warnings
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own lines (quiet)
     if debug:
         os.environ["KFACE_DEBUG"] = "1"
     # the stage modules' own warnings (a long CPU training, a split too small to
@@ -133,7 +179,7 @@ def _quiet_user_errors(types: tuple[type[BaseException], ...]) -> None:
         quiet_user_errors(types)
 
 
-@app.command()
+@command("run", needs=PIPELINE)
 @config_flags
 def run(
     flags: ConfigFlags,
@@ -180,7 +226,7 @@ def run(
         _fail(str(exc))
     for name, s in summaries.items():
         how = "cached" if s.get("reused") else f"{s['seconds']}s"
-        console.print(f"[green]{name}[/]: {s['rows_out']} rows ({how})")
+        _say(f"{name}:", "green", f"{s['rows_out']} rows ({how})")
     console.print(f"outputs in {cfg.out}")
     if "evaluate" in summaries:
         console.print(f"Report: {summaries['evaluate']['report']}")
@@ -196,7 +242,7 @@ def _latest_run_folder() -> Path:
                   key=lambda folder: (folder / "config.yaml").stat().st_mtime)
     if not runs:
         _fail(f"no run folder under {RUNS}/ yet: give --out OUT (or -c CONFIG)")
-    console.print(f"[yellow]note:[/] run folder {runs[-1]} (the most recent under {RUNS}/; "
+    _say("note:", "yellow", f"run folder {runs[-1]} (the most recent under {RUNS}/; "
                   "--out chooses another)")
     return runs[-1]
 
@@ -208,7 +254,7 @@ def _api_line(url: str, temporary: bool) -> str:
             "everything, and 'kface server' gives a lasting UI)")
 
 
-@app.command()
+@command("status", needs=PIPELINE)
 @config_flags
 def status(
     flags: ConfigFlags,
@@ -218,12 +264,16 @@ def status(
     """Per stage, what 'kface run' with the same options would do: done / cached (up to
     date), stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
     from rich.table import Table
+    from rich.text import Text
 
     from flows.stages import pipeline_status
     from tasks.select import DatasetError
 
     if flags["config"] is None and flags["out"] is None:
         flags["out"] = _latest_run_folder()
+    if flags["config"] is None and not Path(flags["out"]).is_dir():
+        _fail(f"--out {flags['out']} is not a run folder (no such folder): give the --out "
+              "of a kface run, or -c its config")
     if flags["config"] is None:  # the run folder's (or the experiment's) own
         out, experiment = flags["out"], flags["experiment"]
         saved = [out / "experiments" / experiment / "config.yaml"] if experiment else []
@@ -248,8 +298,8 @@ def status(
     for col in ("stage", "state", "detail"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row.stage, f"[{colour[row.state]}]{row.state}[/]", row.detail)
-    out_console = Console(soft_wrap=True)
+        table.add_row(row.stage, Text(row.state, style=colour[row.state]), row.detail)
+    out_console = _stdout()
     out_console.print(table)
     errors = next(row.errors for row in rows if row.stage == "detect") or {}
     for state, by_reason in sorted(errors.items()):
@@ -259,7 +309,7 @@ def status(
         out_console.print(f"detect {what}: {counts}")
 
 
-@app.command()
+@command("server", needs=("prefect",))
 def server(
     port: int = typer.Option(4200, help="Port on 127.0.0.1."),
     host: str = typer.Option("127.0.0.1", help="Interface; keep 127.0.0.1 unless other "
@@ -280,7 +330,7 @@ def server(
     os.execve(sys.executable, [sys.executable, "-m", "prefect", "server", "start"], env)
 
 
-@app.command()
+@command("serve", needs=PIPELINE)
 @config_flags
 def serve(
     flags: ConfigFlags,
@@ -297,7 +347,7 @@ def serve(
     (kface server, then export PREFECT_API_URL=...). Stop with Ctrl-C or SIGTERM."""
     from prefect.settings import get_current_settings
 
-    from flows.deploy import build_deployments
+    from flows.deploy import build_deployments, serve_deployments
     from flows.preflight import InputError, parse_stages
 
     cfg = flags.load()
@@ -308,13 +358,12 @@ def serve(
     if not get_current_settings().api.url:
         _fail("kface serve needs a Prefect server that the UI also talks to: start one with "
               "'kface server' and export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from prefect import serve as prefect_serve
 
     deployments = build_deployments(cfg, cron, full_cron, reprocess)
-    prefect_serve(*deployments)
+    serve_deployments(deployments)
 
 
-@app.command("experiments")
+@command("experiments", needs=("pyarrow", "yaml"))
 def experiments_cmd(
     out: Path | None = typer.Option(
         None, help="Run folder (out). Default: the most recent run folder under artifacts/."),
@@ -340,10 +389,10 @@ def experiments_cmd(
                                              "gender", "age_band", "within_one", "scored",
                                              "training", "state")))
     # a pipe or file gets the whole table on one line per experiment (no 80-column wrap)
-    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(table)
+    _stdout().print(table)
 
 
-@app.command("sample-data")
+@command("sample-data", needs=("pandas", "pyarrow"))
 def sample_data(
     out: Path = typer.Option(..., help="Where to write the K-Face-layout tree."),
     faces: Path | None = typer.Option(
@@ -371,8 +420,8 @@ def sample_data(
             faces = write_public_faces(out / "public-faces", subjects, seed)
         except SampleDataError as exc:
             _fail(str(exc))
-        console.print("[yellow]no --faces folder: using scikit-image's astronaut photo; "
-                      "the labels are SYNTHETIC[/] (metrics mean nothing)")
+        _say("note:", "yellow", "no --faces folder: using scikit-image's astronaut photo; "
+             "the labels are SYNTHETIC (metrics mean nothing)")
     elif not (faces / "labels.csv").is_file():
         _fail(f"{faces}/labels.csv not found: --faces must be a labelled face folder")
     table = build_kface_tree(faces, out, subjects, SAMPLE_SPEC, seed=seed)
@@ -383,8 +432,9 @@ def sample_data(
                   "left out)")
 
 
-ModelOpt = typer.Option(..., "--model", "-m",
-                        help="Trained model folder (model.keras + labels.json).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Trained model folder (labels.json + "
+                        "model.keras or model.onnx), or its experiment or run folder. "
+                        "Default: the model shipped with kface (docs/model.md).")
 ConfOpt = typer.Option(None, "--threshold", help="Face detection threshold for inference "
                        "(default 0.8 for res10, 0.7 for yunet; docs/detection.md: why).")
 
@@ -393,13 +443,17 @@ DetectorKindOpt = typer.Option(
     None, "--detector", help="Face detector: res10 or yunet (default: the one the model "
     "was trained on, recorded in its labels.json).")
 
+AllowOtherModelOpt = typer.Option(
+    False, "--allow-other-model", help="Use a --reference made with another model than "
+    "the one counting (refused by default: the correction assumes the same model).")
+
 ReferenceOpt = typer.Option(
     None, "--reference", help="soft_confusion.json of kface evaluate on labelled people "
     "like the shop's: counts corrected for a shop whose age mix differs from the training "
     "data's (see docs: which estimator)")
 
 
-def _analyzer(model: Path, threshold: float | None, detector: str | None = None):
+def _analyzer(model: Path | None, threshold: float | None, detector: str | None = None):
     from models.analyzer import FaceAnalyzer, ModelFolderError
 
     _check_detector_kind(detector)
@@ -408,11 +462,11 @@ def _analyzer(model: Path, threshold: float | None, detector: str | None = None)
     except ModelFolderError as exc:
         _fail(str(exc))
     for note in analyzer.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        _say("note:", "yellow", note)
     return analyzer
 
 
-def _model_dir(model: Path) -> Path:
+def _model_dir(model: Path | None) -> Path:
     """The model folder ``--model`` means (a run, experiment or model folder, or its
     model.keras), said when it is not the path itself; one error line otherwise."""
     from models.analyzer import ModelFolderError, resolve_model_dir
@@ -422,7 +476,7 @@ def _model_dir(model: Path) -> Path:
     except ModelFolderError as exc:
         _fail(str(exc))
     if note:
-        console.print(f"[yellow]note:[/] {note}")
+        _say("note:", "yellow", note)
     return model
 
 
@@ -439,7 +493,7 @@ def _check_detector_kind(detector: str | None) -> None:
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., help="Images and/or folders (searched recursively)."),
-    model: Path = ModelOpt,
+    model: Path | None = ModelOpt,
     out: Path = typer.Option(Path("artifacts/predictions"), help="Output folder."),
     csv: bool = typer.Option(False, "--csv", help="Also write predictions.csv."),
     annotated: bool = typer.Option(False, "--annotated", help="Also write annotated images."),
@@ -461,33 +515,55 @@ def predict(
 ) -> None:
     """Detect every face in images/folders and predict gender and age band (and the age
     in years when the model estimates it)."""
-    from tasks.predict import predict_images
+    import importlib.util
 
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        _fail(f"not found: {', '.join(missing)}")
-    if workers > 1 or dask_address:  # the workers load the model; checked here up front
+    from tasks.predict import PhotoInputError, check_photos
+
+    flow = workers > 1 or dask_address is not None
+    if flow and importlib.util.find_spec("prefect") is None:
+        _fail("--workers > 1 runs the kface-predict Prefect flow, which needs the full "
+              "install (pip install kface-pipeline); without --workers the light install "
+              "predicts in one process")
+    try:  # before the model loads (seconds): one line for a wrong path or no readable photo
+        check_photos(paths)
+    except PhotoInputError as exc:
+        _fail(str(exc))
+    if flow:  # the workers load the model; checked here up front
         _check_detector_kind(detector)
         _analyzer(model, threshold, detector)  # a bad model folder: one line, no server
         _predict_flow(_model_dir(model), paths, out, shard_size, threshold, csv, annotated,
                       workers, detector, merged_json, dask_address)
         return
+    from core.storage import staged_outputs
     from core.threads import READERS
+    from tasks.predict import predict_images
 
-    entries = predict_images(_analyzer(model, threshold, detector), paths, out, csv,
-                             annotated, batch, threads or READERS)
-    errors = [e for e in entries if e["error"]]
+    analyzer = _analyzer(model, threshold, detector)
+    with staged_outputs(out) as stage:  # earlier outputs stay unless this run succeeds
+        entries = predict_images(analyzer, paths, stage, csv, annotated, batch,
+                                 threads or READERS)
+        if all(e["error"] for e in entries):
+            _fail(f"none of the {len(entries)} image(s) could be read, e.g. "
+                  f"{entries[0]['path']}: {entries[0]['error']}")
+    _print_faces(entries, paths)
+    _report_left_out(entries, out)
+    read = sum(not e["error"] for e in entries)
     faces = sum(len(e["faces"]) for e in entries)
-    _print_faces(entries)
-    for e in errors:
-        console.print(f"[yellow]skipped[/] {e['path']}: {e['error']}")
-    read = len(entries) - len(errors)
-    console.print(f"{_plural(read, 'image')} read, {_plural(faces, 'face')}"
-                  + (f", {_plural(len(errors), 'image')} skipped" if errors else "")
-                  + f" -> {out / 'predictions.json'}")
-    if not read:
-        _fail("no input image could be read (see the skipped lines above)" if entries
-              else "no image found in the given paths")
+    console.print(f"{_plural(read, 'image')} read, {_plural(faces, 'face')} -> "
+                  f"{out / 'predictions.json'}")
+
+
+def _report_left_out(entries: list[dict], out: Path, examples: int = 3) -> None:
+    """How many photos had no face or could not be read, with a few examples (all are in
+    predictions.json, with their error)."""
+    for what, chosen in (("could not be read", [e for e in entries if e["error"]]),
+                         ("have no face", [e for e in entries
+                                           if not e["error"] and not e["faces"]])):
+        if chosen:
+            shown = "; ".join(e["path"] + (f" ({e['error']})" if e["error"] else "")
+                              for e in chosen[:examples])
+            _say("note:", "yellow", f"{_plural(len(chosen), 'image')} {what}, e.g. {shown}"
+                 f" (all listed in {out / 'predictions.json'})")
 
 
 def _predict_flow(model: Path, paths: list[Path], out: Path, shard_size: int,
@@ -514,10 +590,15 @@ def _predict_flow(model: Path, paths: list[Path], out: Path, shard_size: int,
         _fail("no input image could be read")
 
 
-def _print_faces(entries: list[dict], limit: int = 20) -> None:
-    """The answer on the terminal: one row per face (the first ``limit``)."""
+def _print_faces(entries: list[dict], inputs: list[Path], limit: int = 20) -> None:
+    """The answer on the terminal: one row per face (the first ``limit``), each photo
+    named relative to the folder the inputs share."""
     from rich.table import Table
 
+    from tasks.predict import display_paths
+
+    shown = dict(zip((e["path"] for e in entries),
+                     display_paths(inputs, [e["path"] for e in entries]), strict=True))
     rows = [(e["path"], i, f) for e in entries for i, f in enumerate(e["faces"], 1)]
     if not rows:
         return
@@ -525,13 +606,13 @@ def _print_faces(entries: list[dict], limit: int = 20) -> None:
     table = Table("image", "face", "gender", "age band", *(["age"] if ages else []),
                   "box (left, top, right, bottom)")
     for path, i, f in rows[:limit]:
-        table.add_row(Path(path).name, str(i),
+        table.add_row(shown[path], str(i),
                       f"{f['gender']} {f['gender_probs'][f['gender']]:.0%}",
                       f"{f['age_band']} {f['age_band_probs'][f['age_band']]:.0%}",
                       *([f"{f['age']:.0f}" if f.get("age") is not None else ""] if ages
                         else []),
                       ", ".join(map(str, f["box"])))
-    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(table)
+    _stdout().print(table)
     if len(rows) > limit:
         console.print(f"... and {len(rows) - limit} more faces in predictions.json")
 
@@ -543,7 +624,7 @@ def _plural(n: int, word: str) -> str:
 @app.command()
 def video(
     source: str = typer.Argument(..., help="Video file, or a camera index such as 0."),
-    model: Path = ModelOpt,
+    model: Path | None = ModelOpt,
     out: Path = typer.Option(Path("artifacts/video"), help="Output folder."),
     stats: bool = typer.Option(False, "--stats", help="People per age band x gender, "
                                "per-minute timeline CSV and bar chart."),
@@ -559,35 +640,48 @@ def video(
         10.0, min=0, help="A person who leaves the view and is back within this long, "
         "looking alike, stays the same visitor (0: every return is a new visitor)."),
     reference: Path | None = ReferenceOpt,
+    allow_other_model: bool = AllowOtherModelOpt,
 ) -> None:
     """Annotate a video (or camera) with tracked, smoothed predictions; one line per
-    visitor in tracks.jsonl (seconds in view, averaged probabilities and age)."""
+    visitor in tracks.jsonl (seconds in view, averaged probabilities and age). A camera
+    runs until Ctrl-C, which ends it and writes what it counted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from core.labels import AGE_BANDS, GENDERS
-    from tasks.stats import StatsError, load_reference
-    from tasks.video import VideoError, analyze_video, is_camera
+    from core.storage import staged_outputs
+    from tasks.stats import StatsError, check_reference_model, load_reference
+    from tasks.video import VideoError, analyze_video, check_video
 
-    if not is_camera(source) and not Path(source).exists():
-        _fail(f"video {source} not found")
+    try:  # before the model loads: a missing file or one that is no video is one line
+        check_video(source)
+    except VideoError as exc:
+        _fail(str(exc))
+    if reference is not None and not stats:
+        _fail("--reference corrects the counts of --stats: add --stats")
+    ref = None
     if reference is not None:
-        if not stats:
-            _fail("--reference corrects the counts of --stats: add --stats")
         try:  # before minutes of video, not after
-            load_reference(reference, {"gender": list(GENDERS), "age_band": list(AGE_BANDS)})
+            ref, _ = load_reference(reference, {"gender": list(GENDERS),
+                                                "age_band": list(AGE_BANDS)})
         except StatsError as exc:
             _fail(str(exc))
     analyzer = _analyzer(model, threshold, detector)
+    if ref is not None:
+        try:
+            check_reference_model(ref, analyzer.provenance()["model"]["id"], reference,
+                                  allow_other_model)
+        except StatsError as exc:
+            _fail(str(exc))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
+                  transient=True) as bar, staged_outputs(out) as stage:
         frames = bar.add_task("frames", total=None)
         try:
             summary = analyze_video(
-                analyzer, source, out, stats, max_frames, min_seconds, gap_seconds,
+                analyzer, source, stage, stats, max_frames, min_seconds, gap_seconds,
                 return_seconds, lambda done, total: bar.update(frames, completed=done,
                                                                total=total),
-                reference=reference)
+                reference=reference, allow_other_model=allow_other_model)
         except (VideoError, StatsError) as exc:
             bar.stop()
             _fail(str(exc))
@@ -598,7 +692,7 @@ def video(
 
 
 @app.command()
-def webcam(model: Path = ModelOpt, camera: int = typer.Option(0, help="Camera index."),
+def webcam(model: Path | None = ModelOpt, camera: int = typer.Option(0, help="Camera index."),
            threshold: float | None = ConfOpt, detector: str | None = DetectorKindOpt) -> None:
     """Live window with labelled faces (needs a display and OpenCV's GUI build, see the
     README: pip uninstall opencv-python-headless; pip install 'opencv-python<5'). Press q
@@ -612,9 +706,9 @@ def webcam(model: Path = ModelOpt, camera: int = typer.Option(0, help="Camera in
         _fail(str(exc))
 
 
-@app.command("evaluate")
+@command("evaluate", needs=("pandas",))
 def evaluate_cmd(
-    model: Path = ModelOpt,
+    model: Path | None = ModelOpt,
     data_root: Path = typer.Option(..., help="Folder of labelled photos (read-only)."),
     labels: Path | None = typer.Option(None, help="Labels CSV: file (relative to "
                                        "--data-root), gender, age or age_band, optionally "
@@ -626,27 +720,26 @@ def evaluate_cmd(
     """Score a model (or an exported ONNX model) on any labelled photo folder: the same
     report as the pipeline's evaluate stage (intervals by person, baselines, confusion,
     age error, calibration), for people the model never saw."""
-    from core.storage import write_json_atomic
-    from tasks.evaluate import write_report
-    from tasks.evaluate_folder import evaluate_folder
-    from tasks.select import DataConfig, DatasetError
+    from core.storage import staged_outputs
+    from tasks.evaluate_folder import evaluate_folder, write_folder_evaluation
+    from tasks.select import DataConfig, DatasetError, check_dataset
     from tasks.stats import REFERENCE_FILE
 
-    if not data_root.is_dir():
-        _fail(f"--data-root {data_root} is not a folder")
-    analyzer = _analyzer(model, threshold, detector)
-    try:
-        metrics, confusion = evaluate_folder(analyzer, DataConfig(
-            root=data_root, layout="labelled", labels=labels))
+    data = DataConfig(root=data_root, layout="labelled", labels=labels)
+    try:  # before the model loads: the folder and its labels CSV
+        check_dataset(data)
     except DatasetError as exc:
         _fail(str(exc))
-    report = write_report(metrics, {}, {}, {}, out)  # no history, split or merge report
-    # counts must come from the same model (and detector) as the reference
-    write_json_atomic(out / REFERENCE_FILE, {"model": str(model.resolve()),
-                                             "detector": analyzer.detector_cfg.kind,
-                                             **confusion})
+    analyzer = _analyzer(model, threshold, detector)
+    try:
+        metrics, confusion = evaluate_folder(analyzer, data)
+    except DatasetError as exc:
+        _fail(str(exc))
+    with staged_outputs(out) as stage:
+        write_folder_evaluation(analyzer, metrics, confusion, stage)
+    report = out / "report.md"
     for warning in metrics["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        _say("warning:", "yellow", warning)
     from rich.table import Table
 
     table = Table("head", "accuracy", "95% interval (by person)", "majority class")
@@ -655,7 +748,7 @@ def evaluate_cmd(
         lo, hi = m["ci95"]["accuracy"]
         table.add_row(head, f"{m['accuracy']:.3f}", f"{lo:.3f}-{hi:.3f}",
                       f"{m['baselines']['majority_class']['accuracy']:.3f}")
-    Console(soft_wrap=True).print(table)
+    _stdout().print(table)
     extra = []
     if "age" in metrics:
         extra.append(f"age MAE {metrics['age']['mae_years']:.1f} years")
@@ -673,25 +766,24 @@ def evaluate_cmd(
 
 
 def _print_counts(stats: dict) -> None:
-    """The counts table of ``tasks.stats.visitor_stats`` and what its interval covers."""
+    """The counts of ``tasks.stats.visitor_stats``: one headline figure per class, the
+    estimate with its 95% interval, and a two-line note (the rest is in the docs)."""
     from rich.table import Table
 
-    table = Table("class", "estimate", "95% interval", "most likely class")
+    corrected = "reference" in stats
+    table = Table("class", "visitors (estimate)", "95% interval")
     for head in ("age_band", "gender", "joint"):
         for cls, c in stats[head].items():
-            argmax = stats["argmax"].get(head, {}).get(cls, "")
-            table.add_row(cls, f"{c['estimate']:.1f}", f"{c['low']:.1f}-{c['high']:.1f}",
-                          str(argmax))
-    table.add_row("total", str(stats["visitors"]), "", str(stats["visitors"]))
-    Console(soft_wrap=True).print(table)
+            table.add_row(cls, f"{c['estimate']:.1f}", f"{c['low']:.1f}-{c['high']:.1f}")
+    table.add_row("total", str(stats["visitors"]), "")
+    _stdout().print(table)
     for warning in stats["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
-    console.print(f"[yellow]note:[/] {stats['estimator']}; the interval covers "
-                  f"{stats['interval_covers']}")
-    if stats.get("reference_model"):
-        console.print(f"[yellow]note:[/] the reference was made with the model "
-                      f"{stats['reference_model']} (detector {stats['reference_detector']}): "
-                      "count with the same")
+        _say("warning:", "yellow", warning)
+    _say("note:", "yellow", "mix-corrected: the shop's age mix estimated with the reference "
+         f"{stats['reference']}" if corrected else "summed calibrated probabilities: right "
+         "for a shop whose age mix is the training data's; for another, give --reference")
+    console.print("(what the interval covers, and the counts by most likely class kept as "
+                  "a diagnostic in stats.json: docs/training.md, 'Counts a shop can trust')")
 
 
 @app.command("stats")
@@ -700,23 +792,27 @@ def stats_cmd(
                                   "tracks.jsonl (kface video)."),
     out: Path = typer.Option(Path("artifacts/stats"), help="Folder for stats.json."),
     reference: Path | None = ReferenceOpt,
+    allow_other_model: bool = AllowOtherModelOpt,
 ) -> None:
     """People per age band, gender and age band x gender, with 95% intervals, from the
     visitors' calibrated probabilities (see docs: what the interval covers)."""
+    from core.storage import staged_outputs
     from tasks.stats import StatsError, visitor_stats, write_stats_json
 
     try:
-        stats = visitor_stats(source, reference)
+        stats = visitor_stats(source, reference, allow_other_model)
     except StatsError as exc:
         _fail(str(exc))
-    path = write_stats_json(stats, out)
+    with staged_outputs(out) as stage:
+        write_stats_json(stats, stage)
+    path = out / "stats.json"
     _print_counts(stats)
     console.print(f"{stats['visitors']} visitors -> {path}")
 
 
-@app.command()
+@command("export", needs=("tensorflow",))
 def export(
-    model: Path = ModelOpt,
+    model: Path | None = ModelOpt,
     format: str = typer.Option("savedmodel", "--format", help="savedmodel, tflite or onnx."),
     out: Path = typer.Option(Path("artifacts/export"), help="Output folder."),
 ) -> None:
@@ -728,15 +824,18 @@ def export(
         check_format(format)  # before TensorFlow loads (seconds)
     except ExportError as exc:
         _fail(str(exc))
+    from core.storage import staged_outputs
+
     model = _model_dir(model)
     try:
-        path = export_model(model, out, format)  # type: ignore[arg-type]
+        with staged_outputs(out) as stage:
+            path = export_model(model, stage, format)  # type: ignore[arg-type]
     except ExportError as exc:
         _fail(str(exc))
-    console.print(f"exported {format} -> {path}")
+    console.print(f"exported {format} -> {out / path.name}")
 
 
-@app.command("config")
+@command("config", needs=("yaml",))
 def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Print the resolved configuration as YAML (defaults + file + overrides)."""
     from flows.config import ConfigError, dump_config, load_config
@@ -748,5 +847,32 @@ def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt
     sys.stdout.write(dump_config(cfg))
 
 
+def usual_metavars(command) -> None:
+    """Give every parameter of ``command`` (and its subcommands) that has none the usual
+    placeholder: ``PATH``, ``FLOAT``, ``INTEGER``, ``TEXT``; an argument of many values
+    its name in capitals (``PATHS...``). Typer would print its type (``<list[Path]>``)."""
+    for sub in getattr(command, "commands", {}).values():
+        usual_metavars(sub)
+    for param in command.params:
+        if param.metavar is not None or getattr(param, "is_flag", False):
+            continue
+        if param.param_type_name == "argument":
+            name = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.metavar = name  # (typer 0.29 would show "{paths}..." and its type)
+            param._usage_display_name = lambda name=name: name
+            param.display_type_rich = lambda ctx: None
+        elif param.type_descriptor.is_path:
+            param.metavar = "PATH"
+        else:
+            param.metavar = {"int": "INTEGER", "float": "FLOAT"}.get(param.bare_type(), "TEXT")
+
+
+def main() -> None:
+    """The ``kface`` command (the typer app, with the usual help placeholders)."""
+    command = typer.main.get_command(app)
+    usual_metavars(command)
+    command()
+
+
 if __name__ == "__main__":
-    app()
+    main()

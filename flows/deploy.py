@@ -19,14 +19,48 @@ from pathlib import Path
 from flows.config import PipelineConfig
 from flows.stages import DATA_STAGES
 
+SHUTDOWN_GRACE_S = 10  # after SIGTERM, the most a served process takes to exit
+
 
 def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """The config with ``out``, ``data.root``, ``data.metadata`` and ``data.labels``
-    resolved against the current directory."""
-    data = cfg.data.model_copy(update={
-        k: Path(v).resolve() for k in ("root", "metadata", "labels")
-        if (v := getattr(cfg.data, k)) is not None})
+    """The config with ``out``, ``data.root``, ``data.metadata``, ``data.labels`` and
+    the labelled folders' roots and labels resolved against the current directory."""
+    def resolved(section, keys):
+        return section.model_copy(update={k: Path(v).resolve() for k in keys
+                                          if (v := getattr(section, k)) is not None})
+
+    data = resolved(cfg.data, ("root", "metadata", "labels")).model_copy(update={
+        "folders": [resolved(f, ("root", "labels")) for f in cfg.data.folders]})
     return cfg.model_copy(update={"out": Path(cfg.out).resolve(), "data": data})
+
+
+def serve_deployments(deployments: list) -> None:
+    """Serve the deployments until Ctrl-C or SIGTERM, as ``prefect.serve`` does, pausing
+    their schedules on the way out; except that SIGTERM ends the process within
+    ``SHUTDOWN_GRACE_S`` even when the Prefect server is gone (the pause goes through its
+    API, whose client would retry for minutes)."""
+    import asyncio
+    import os
+    import threading
+
+    from prefect.runner import Runner
+
+    class BoundedShutdown(Runner):
+        def handle_sigterm(self, *args, **kwargs):
+            timer = threading.Timer(SHUTDOWN_GRACE_S, os._exit, (0,))
+            timer.daemon = True
+            timer.start()
+            super().handle_sigterm(*args, **kwargs)
+
+    runner = BoundedShutdown(pause_on_shutdown=True)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    print("serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+          + ": start runs from the Prefect UI or by schedule; Ctrl-C or SIGTERM stops")
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass
 
 
 def build_deployments(cfg: PipelineConfig, cron: str | None = None,

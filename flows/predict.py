@@ -64,7 +64,8 @@ def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 
     shards under ``out/shards`` (finished shards are kept and reused);
     ``predictions.json``/``.csv`` merged with ``write_json``/``write_csv``."""
     from core.storage import write_json_atomic
-    from models.analyzer import resolve_model_dir
+    from models.analyzer import DEFAULT_MODEL, model_detector, provenance, resolve_model_dir
+    from models.backends import model_file
 
     logger = get_run_logger()
     out = Path(out)
@@ -85,7 +86,9 @@ def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 
             str(model_dir), str(out), str(todo_file), threshold, detector, annotated)
         todo_file.unlink(missing_ok=True)
     labels = json.loads((model_dir / "labels.json").read_text())
-    counts = merge(out, labels, shard_count, write_json, write_csv)
+    made_by = provenance(model_dir, labels, model_file(model_dir, model_dir == DEFAULT_MODEL),
+                         model_detector(labels, threshold, detector_kind=detector))
+    counts = merge(out, labels, shard_count, write_json, write_csv, made_by)
     parameters = len(json.dumps(flow_run.parameters, default=str))
     logger.info("predict: %d photos, %d faces, %d unreadable (%s)", counts["photos"],
                 counts["faces"], counts["unreadable"], CODE_VERSION)

@@ -19,12 +19,14 @@ small faces are); phantoms and overlapping boxes are removed by the detector.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.labels import AGES, expected_age
+from core.storage import file_sha256
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.calibration import apply_temperature
 from models.detector import (
@@ -52,14 +54,35 @@ def _is_model_folder(folder: Path) -> bool:
     return model_file(folder) is not None
 
 
-def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default"  # shipped in the package
+
+
+def default_model_note(folder: Path = DEFAULT_MODEL) -> str:
+    """One line saying which shipped model answers and where its card is."""
+    import json
+
+    labels = json.loads((folder / "labels.json").read_text())
+    card = labels.get("card", {})
+    return (f"no --model: using the shipped model {card.get('name', folder.name)} "
+            f"({labels.get('backbone')}, {card.get('summary', 'see docs/model.md')}; "
+            "docs/model.md; --model chooses another)")
+
+
+def resolve_model_dir(path: Path | None) -> tuple[Path, str | None]:
     """The model folder that ``path`` means, and a note when it is not ``path`` itself.
 
-    Accepted: a model folder (``labels.json`` + ``model.keras`` or ``model.onnx``); its
-    network file;
-    an experiment folder (``OUT/experiments/NAME``); a run folder (``OUT``) with one
+    None: the model shipped in the package (``DEFAULT_MODEL``). Accepted: a model folder
+    (``labels.json`` + ``model.keras`` or ``model.onnx``); its network file; an
+    experiment folder (``OUT/experiments/NAME``); a run folder (``OUT``) with one
     trained experiment, or with several of which one is ``default``. Anything else raises
     ModelFolderError naming what was looked for and where the models are."""
+    if path is None:
+        if not _is_model_folder(DEFAULT_MODEL):
+            raise ModelFolderError(
+                f"no --model given and the shipped model is not in {DEFAULT_MODEL}: "
+                "reinstall kface-pipeline (or build it: python bench/build_default_model.py), "
+                "or give --model OUT/experiments/NAME/model")
+        return DEFAULT_MODEL, default_model_note()
     path = Path(path)
     if not path.exists():
         raise ModelFolderError(f"--model {path} not found: give a trained model folder, "
@@ -92,6 +115,33 @@ def resolve_model_dir(path: Path) -> tuple[Path, str | None]:
 
 
 
+def model_detector(labels: dict, confidence: float | None = None,
+                   detector: DetectorConfig | None = None,
+                   detector_kind: str | None = None) -> DetectorConfig:
+    """The detector settings a model's answers use: the kind it was trained on (unless
+    another is asked for), the inference threshold, and the crop margin it was trained
+    with (``labels.json``)."""
+    crop = labels.get("crop", {})
+    kind = detector_kind or (detector.kind if detector else crop.get("detector", "res10"))
+    base = inference_detector_config(
+        confidence, detector.model_copy(update={"kind": kind}) if detector else None, kind)
+    return base.model_copy(update={"margin": crop.get("margin", base.margin),
+                                   "margin_mode": crop.get("margin_mode", base.margin_mode)})
+
+
+def provenance(model_dir: Path, labels: dict, network: Path, detector: DetectorConfig
+               ) -> dict:
+    """What made a set of answers, as every output file records it: ``model`` (its name:
+    the shipped model's, else its folder; its id: labels.json's ``model_id``, one for a
+    model and its ONNX export, or for a model trained before ids existed its labels.json's
+    sha256; the network file and that file's sha256) and ``detector`` (kind, threshold)."""
+    return {"model": {"name": labels.get("card", {}).get("name", str(model_dir)),
+                      "id": labels.get("model_id") or file_sha256(Path(model_dir) /
+                                                                  "labels.json"),
+                      "file": Path(network).name, "sha256": file_sha256(network)},
+            "detector": {"kind": detector.kind, "confidence": detector.confidence}}
+
+
 @dataclass
 class FacePrediction:
     box: tuple[int, int, int, int]
@@ -113,22 +163,21 @@ class FacePrediction:
 class FaceAnalyzer:
     """``analyze(bgr_image) -> list[FacePrediction]`` (best detector score first)."""
 
-    def __init__(self, model_dir: Path, confidence: float | None = None,
+    def __init__(self, model_dir: Path | None, confidence: float | None = None,
                  detector: DetectorConfig | None = None, detector_kind: str | None = None,
                  threads: int = 0):
         model_dir, note = resolve_model_dir(model_dir)
-        self.model, self.labels = load_backend(model_dir, threads)
+        # the shipped model holds both forms: ONNX Runtime where it is installed (faster)
+        self.model, self.labels = load_backend(model_dir, threads,
+                                               prefer_onnx=model_dir == DEFAULT_MODEL)
+        self.model_dir = model_dir
         # models trained before calibration have none: their probabilities as they come
         self.temperature = {h: float(t) for h, t in self.labels.get("temperature", {}).items()
                             if h in ("gender", "age_band")}
         crop = self.labels.get("crop", {})
         trained_kind = crop.get("detector", "res10")  # models from before YuNet: res10
-        kind = detector_kind or (detector.kind if detector else trained_kind)
-        base = inference_detector_config(
-            confidence, detector.model_copy(update={"kind": kind}) if detector else None, kind)
-        self.detector_cfg = base.model_copy(update={
-            "margin": crop.get("margin", base.margin),
-            "margin_mode": crop.get("margin_mode", base.margin_mode)})
+        self.detector_cfg = model_detector(self.labels, confidence, detector, detector_kind)
+        kind = self.detector_cfg.kind
         self.spec = CropSpec(int(crop.get("size", self.labels["input_size"])),
                              bool(crop.get("align", False)), self.detector_cfg.margin)
         self.size = self.spec.size
@@ -142,6 +191,14 @@ class FaceAnalyzer:
                 "the model expects landmark-aligned faces; res10 finds no landmarks, so "
                 "faces are box-cropped (accuracy may drop): use the yunet detector")
         get_detector(self.detector_cfg)  # missing or bad weights fail here
+
+    @functools.cached_property
+    def _provenance(self) -> dict:
+        return provenance(self.model_dir, self.labels, Path(self.model.path), self.detector_cfg)
+
+    def provenance(self) -> dict:
+        """What made the answers (``provenance``), for every output file."""
+        return self._provenance
 
     @property
     def detector(self) -> FaceDetector:
@@ -180,8 +237,8 @@ class FaceAnalyzer:
         batches = [batch for _, batch in found if len(batch)]
         probs = self.classify(np.concatenate(batches) if batches
                               else np.zeros((0, self.size, self.size, 3), np.float32))
-        ages = (expected_age(probs["age"], self.labels.get("ages", AGES)) if "age" in probs
-                else None)
+        ages = (expected_age(probs["age"], self.labels.get("ages", AGES),
+                             self.labels.get("age_calibration")) if "age" in probs else None)
         results, row = [], 0
         for faces, _ in found:
             results.append([self._prediction(f.box, f.score, probs["gender"][row + i],

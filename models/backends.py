@@ -34,13 +34,17 @@ class Classifier(Protocol):
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def model_file(folder: Path) -> Path | None:
-    """The network file of a model folder (``model.keras`` before ``model.onnx``), or None
-    when the folder is not a model folder (no ``labels.json`` or no network)."""
+def model_file(folder: Path, prefer_onnx: bool = False) -> Path | None:
+    """The network file of a model folder (``model.keras`` before ``model.onnx``; with
+    ``prefer_onnx``, ``model.onnx`` first where ONNX Runtime is installed), or None when
+    the folder is not a model folder (no ``labels.json`` or no network)."""
     folder = Path(folder)
     if not (folder / "labels.json").is_file():
         return None
-    return next((folder / f for f in MODEL_FILES if (folder / f).is_file()), None)
+    order = MODEL_FILES
+    if prefer_onnx and importlib.util.find_spec("onnxruntime") is not None:
+        order = tuple(reversed(MODEL_FILES))
+    return next((folder / f for f in order if (folder / f).is_file()), None)
 
 
 def _chunked(run, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,11 +110,13 @@ class OnnxClassifier:
         return _chunked(run, batch)
 
 
-def load_backend(folder: Path, threads: int = 0) -> tuple[Classifier, dict]:
-    """The classifier of a model folder and its ``labels.json``; checks that the two
-    agree (every head labels.json names, with as many classes), else ModelFolderError."""
+def load_backend(folder: Path, threads: int = 0, prefer_onnx: bool = False
+                 ) -> tuple[Classifier, dict]:
+    """The classifier of a model folder (``model_file``) and its ``labels.json``; checks
+    that the two agree (every head labels.json names, with as many classes), else
+    ModelFolderError."""
     folder = Path(folder)
-    path = model_file(folder)
+    path = model_file(folder, prefer_onnx)
     if path is None:
         raise ModelFolderError(f"{folder} is not a model folder: it needs labels.json and "
                                "model.keras or model.onnx")

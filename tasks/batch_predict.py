@@ -179,8 +179,9 @@ def predict_shard(analyzer: FaceAnalyzer, out: Path, index: int, annotated: bool
 
 
 def merge(out: Path, labels: dict, shard_count: int, write_json: bool,
-          write_csv: bool) -> dict:
-    """Counts over all shards; ``predictions.json``/``.csv`` merged when asked."""
+          write_csv: bool, provenance: dict | None = None) -> dict:
+    """Counts over all shards; ``predictions.json``/``.csv`` merged when asked (with the
+    ``provenance`` of ``models.analyzer.provenance``)."""
     out = Path(out)
     merging = write_json or write_csv
     columns = None if merging else ["path", "face", "error"]  # counts need only these
@@ -195,7 +196,7 @@ def merge(out: Path, labels: dict, shard_count: int, write_json: bool,
     if merging:
         entries = table_entries(table, labels)
         if write_json:
-            write_predictions(entries, out)
+            write_predictions(entries, out, provenance=provenance)
         if write_csv:
             write_bytes_atomic(out / "predictions.csv", predictions_csv(entries).encode())
     return counts

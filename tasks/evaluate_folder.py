@@ -23,13 +23,20 @@ import numpy as np
 import pandas as pd
 
 from core.labels import AGE_BANDS, GENDERS
+from core.storage import write_json_atomic
 from core.threads import READERS
 from models.analyzer import FaceAnalyzer
 from models.calibration import apply_temperature
-from tasks.evaluate import FEW_SUBJECTS, calibration_metrics, degenerate_warnings, score_split
+from tasks.evaluate import (
+    FEW_SUBJECTS,
+    calibration_metrics,
+    degenerate_warnings,
+    score_split,
+    write_report,
+)
 from tasks.predict import predict_entries
-from tasks.select import DataConfig, DatasetError, labels_path, scan_labelled
-from tasks.stats import reference
+from tasks.select import DataConfig, DatasetError, labels_path, read_labels_csv, scan_labelled
+from tasks.stats import REFERENCE_FILE, reference
 
 
 def folder_predictions(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
@@ -98,6 +105,9 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
         raw = {h: apply_temperature(p, 1 / analyzer.temperature.get(h, 1.0))
                for h, p in probs.items() if h in ("gender", "age_band")}
         metrics["calibration"] = calibration_metrics(frame, raw, analyzer.temperature)
+    has_subjects = "subject_id" in read_labels_csv(data).columns
+    if not has_subjects:
+        metrics["subjects_are"] = "photos (the labels have no subject_id)"
     warnings = degenerate_warnings(metrics)
     if metrics["subjects"] < FEW_SUBJECTS:
         lo, hi = metrics["age_band"]["ci95"]["accuracy"]
@@ -107,7 +117,22 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
         warnings.append(f"{left_out['no_face']} photos without a face and "
                         f"{left_out['unreadable']} unreadable ones are left out of the scores")
     metrics["warnings"] = warnings
+    if not has_subjects:
+        warnings.append("the labels have no subject_id: each photo is counted as a person "
+                        "(intervals and the reference's people are by photo)")
     truth = {"gender": frame.gender_idx.to_numpy(), "age_band": frame.age_idx.to_numpy()}
     return metrics, reference(probs, truth, {"gender": list(GENDERS),
-                                             "age_band": list(AGE_BANDS)})
+                                             "age_band": list(AGE_BANDS)},
+                              frame.subject_id.to_numpy() if has_subjects else None)
+
+
+def write_folder_evaluation(analyzer: FaceAnalyzer, metrics: dict, confusion: dict,
+                            out: Path) -> Path:
+    """``out/report.md`` with its metrics and plots (``tasks.evaluate.write_report``) and
+    ``out/soft_confusion.json``: the reference ``kface stats`` corrects counts with, with
+    the model and detector that made it (``FaceAnalyzer.provenance``; counts must come
+    from the same model). Returns the report's path."""
+    report = write_report(metrics, {}, {}, {}, out)  # no history, split or merge report
+    write_json_atomic(Path(out) / REFERENCE_FILE, {**analyzer.provenance(), **confusion})
+    return report
 

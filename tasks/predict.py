@@ -1,6 +1,9 @@
 """Batch inference on images and folders -> ``predictions.json`` (+ CSV, annotated images).
 
-``predictions.json``: a list with one entry per image: ``path``, ``width``, ``height``,
+``predictions.json``: ``{"model": {name, id, file, sha256}, "detector": {kind,
+confidence}, "images": [...]}`` (what made the answers: ``FaceAnalyzer.provenance``;
+files of kface before 2026-12 are the bare list, which ``read_predictions`` still
+reads). ``images`` has one entry per image: ``path``, ``width``, ``height``,
 ``faces: [{box: [left, top, right, bottom], score, gender, gender_probs: {M, F},
 age_band, age_band_probs: {20s, 30s, 40s, 50s}, age, landmarks}]``, and ``error`` (null, or why
 the image could not be read; such an image is skipped, never fatal). ``landmarks`` is the
@@ -19,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from core.images import IMAGE_SUFFIXES, ImageError, load_image
+from core.images import IMAGE_SUFFIXES, ImageError, image_header, load_image, read_file
 from core.storage import write_bytes_atomic, write_json_atomic
 from core.threads import READERS, ordered_map
 from models.analyzer import FaceAnalyzer, FacePrediction
@@ -27,6 +30,46 @@ from models.detector import LANDMARK_COLUMNS, Face
 
 GENDER_NAMES = {"M": "Man", "F": "Woman"}
 PHOTOS_PER_BATCH = 16  # photos whose faces go through the classifier together
+
+
+class PhotoInputError(ValueError):
+    """The paths given hold no photo to analyse; the message says which and why."""
+
+
+def check_photos(inputs: Iterable[Path]) -> list[Path]:
+    """The image files of ``inputs`` (files, and image files below folders), checked
+    before any model is loaded: every path exists, there is at least one image, and at
+    least one of them can be read (its header; the others are reported as they come).
+    Raises PhotoInputError with one line otherwise."""
+    inputs = [Path(p) for p in inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise PhotoInputError(f"not found: {', '.join(missing)}")
+    photos = list(iter_images(inputs))
+    if not photos:
+        raise PhotoInputError(f"no image file in {', '.join(map(str, inputs))} (looked for "
+                              f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    problems = []
+    for photo in photos:
+        try:
+            image_header(read_file(photo))
+            return photos
+        except ImageError as exc:
+            problems.append(f"{photo}: {exc}")
+    raise PhotoInputError(f"none of the {len(photos)} image file(s) can be read, e.g. "
+                          f"{problems[0]}")
+
+
+def display_paths(inputs: Iterable[Path], paths: Iterable[str]) -> list[str]:
+    """``paths`` as a person reads them: relative to the folder the inputs share (a
+    K-Face tree's ``C1.jpg`` keeps its subject, light and expression folders)."""
+    import os
+
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        return list(paths)
+    base = os.path.commonpath([str(p if p.is_dir() else p.parent) for p in inputs])
+    return [os.path.relpath(p, base) if str(p).startswith(base) else str(p) for p in paths]
 
 
 def iter_images(inputs: Iterable[Path]) -> Iterator[Path]:
@@ -114,9 +157,12 @@ def predict_entries(analyzer: FaceAnalyzer, paths: Iterable[Path],
     return entries
 
 
-def write_predictions(entries: list[dict], out: Path, write_csv: bool = False) -> None:
-    """Write ``out/predictions.json`` (and ``predictions.csv``) atomically."""
-    write_json_atomic(Path(out) / "predictions.json", entries)
+def write_predictions(entries: list[dict], out: Path, write_csv: bool = False,
+                      provenance: dict | None = None) -> None:
+    """Write ``out/predictions.json`` (and ``predictions.csv``) atomically, with what made
+    them (``provenance``: ``model`` and ``detector``)."""
+    write_json_atomic(Path(out) / "predictions.json", {**(provenance or {}),
+                                                        "images": entries})
     if write_csv:
         write_bytes_atomic(Path(out) / "predictions.csv", predictions_csv(entries).encode())
 
@@ -130,8 +176,19 @@ def predict_images(analyzer: FaceAnalyzer, inputs: Iterable[Path], out: Path,
     entries = predict_entries(analyzer, iter_images(inputs),
                               out / "annotated" if annotated else None, batch=batch,
                               readers=readers)
-    write_predictions(entries, out, write_csv)
+    write_predictions(entries, out, write_csv, analyzer.provenance())
     return entries
+
+
+def read_predictions(path: Path) -> tuple[dict, list[dict]]:
+    """A predictions.json's provenance (``model``, ``detector``; empty for a file of an
+    earlier kface) and its entries."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        return {}, data
+    return {k: v for k, v in data.items() if k != "images"}, data["images"]
 
 
 def predictions_csv(entries: list[dict]) -> str:

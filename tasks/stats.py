@@ -70,8 +70,10 @@ class StatsError(ValueError):
     """The input is not a predictions or tracks file this command can count."""
 
 
-def visitor_probabilities(path: Path) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray]:
-    """The class names and, per visitor, the gender and age-band probabilities."""
+def visitor_probabilities(path: Path
+                          ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray, str | None]:
+    """The class names, per visitor the gender and age-band probabilities, and the id of
+    the model that made them (None in a file of a kface before 2026-12)."""
     path = Path(path)
     if not path.is_file():
         raise StatsError(f"{path} not found: give a predictions.json (kface predict) or a "
@@ -80,20 +82,25 @@ def visitor_probabilities(path: Path) -> tuple[dict[str, list[str]], np.ndarray,
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in path.read_text().splitlines() if line]
             visitors = [r for r in rows if r.get("counted", True)]
+            model_id = next((r.get("model_id") for r in rows), None)
         else:
-            visitors = [f for e in json.loads(path.read_text()) for f in e["faces"]]
-    except (ValueError, KeyError, TypeError) as exc:
+            from tasks.predict import read_predictions
+
+            made_by, entries = read_predictions(path)
+            visitors = [f for e in entries for f in e["faces"]]
+            model_id = made_by.get("model", {}).get("id")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StatsError(f"{path} is not a kface predictions or tracks file ({exc})") from None
     if any("age_band_probs" not in v or "gender_probs" not in v for v in visitors):
         raise StatsError(f"{path} has no probabilities per visitor (a tracks file of an "
                          "older kface): run kface video again")
     if not visitors:
-        return {"gender": [], "age_band": []}, np.zeros((0, 2)), np.zeros((0, 4))
+        return {"gender": [], "age_band": []}, np.zeros((0, 2)), np.zeros((0, 4)), model_id
     names = {"gender": list(visitors[0]["gender_probs"]),
              "age_band": list(visitors[0]["age_band_probs"])}
     gender = np.array([[v["gender_probs"][n] for n in names["gender"]] for v in visitors])
     band = np.array([[v["age_band_probs"][n] for n in names["age_band"]] for v in visitors])
-    return names, gender, band
+    return names, gender, band, model_id
 
 
 def counts_with_intervals(probs: np.ndarray, names: list[str]) -> dict[str, dict]:
@@ -107,14 +114,17 @@ def counts_with_intervals(probs: np.ndarray, names: list[str]) -> dict[str, dict
             for name, e, h in zip(names, estimate, half, strict=True)}
 
 
-def soft_confusion(probs: np.ndarray, truth: np.ndarray, names: list[str]) -> dict:
-    """A head's soft confusion on labelled people: per true class, how many people, the
-    mean of the model's probabilities (one row) and their covariance."""
+def soft_confusion(probs: np.ndarray, truth: np.ndarray, names: list[str],
+                   subjects: np.ndarray | None = None) -> dict:
+    """A head's soft confusion on labelled faces: per true class, how many people (by
+    ``subjects``; faces when there are none), the mean of the model's probabilities (one
+    row, over faces) and their covariance."""
     probs, truth = np.asarray(probs, np.float64), np.asarray(truth)
     rows = {}
     for k, name in enumerate(names):
         p = probs[truth == k]
-        rows[name] = {"people": int(len(p)),
+        people = len(p) if subjects is None else len(set(np.asarray(subjects)[truth == k]))
+        rows[name] = {"people": int(people), "faces": int(len(p)),
                       "mean": p.mean(0).round(6).tolist() if len(p) else None,
                       "cov": np.cov(p.T).round(8).tolist() if len(p) >= MIN_PEOPLE else None}
     return {"classes": list(names), "rows": rows}
@@ -131,21 +141,26 @@ def joint_names(names: dict[str, list[str]]) -> list[str]:
 
 
 def reference(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray],
-              names: dict[str, list[str]]) -> dict:
-    """The ``soft_confusion.json`` of labelled people (``probs``/``truth`` per head,
-    ``gender`` and ``age_band``): the soft confusion of each head and of the joint cells."""
+              names: dict[str, list[str]], subjects: np.ndarray | None = None) -> dict:
+    """The ``soft_confusion.json`` of labelled faces (``probs``/``truth`` per head,
+    ``gender`` and ``age_band``): the soft confusion of each head and of the joint cells,
+    people counted by ``subjects`` (the labels' ``subject_id``; faces without one, and it
+    says so in ``counted``)."""
     joint_truth = truth["age_band"] * len(names["gender"]) + truth["gender"]
+    people = len(truth["age_band"]) if subjects is None else len(set(subjects))
     return {"about": "per true class: how many labelled people, the mean (a row of the soft "
                      "confusion) and covariance of the model's calibrated probabilities; "
                      "kface stats --reference corrects counts for a shop's mix with it",
-            "people": int(len(truth["age_band"])),
+            "people": int(people), "faces": int(len(truth["age_band"])),
+            "counted": "faces (the labels have no subject_id)" if subjects is None
+                       else "people (the labels' subject_id)",
             "heads": {"age_band": soft_confusion(probs["age_band"], truth["age_band"],
-                                                 names["age_band"]),
+                                                 names["age_band"], subjects),
                       "gender": soft_confusion(probs["gender"], truth["gender"],
-                                               names["gender"]),
+                                               names["gender"], subjects),
                       "joint": soft_confusion(joint_probabilities(probs["age_band"],
                                                                   probs["gender"]),
-                                              joint_truth, joint_names(names))}}
+                                              joint_truth, joint_names(names), subjects)}}
 
 
 def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[str]]:
@@ -294,29 +309,52 @@ def mix_corrected_counts(probs: np.ndarray, head: dict, rng: np.random.Generator
             float(1 / (w ** 2).sum()))
 
 
-def visitor_stats(path: Path, reference_path: Path | None = None) -> dict:
+def check_reference_model(ref: dict, model_id: str | None, path: Path,
+                          allow_other_model: bool = False) -> list[str]:
+    """Refuse (StatsError) a reference made by another model than the counted visitors'
+    unless ``allow_other_model``; warnings where either side does not record its model."""
+    made = ref.get("model")
+    ref_id = made.get("id") if isinstance(made, dict) else None
+    if ref_id is None or model_id is None:
+        return ["the reference or the visitors' file does not record its model (made by a "
+                "kface before 2026-12): count with the model the reference was made with"]
+    if ref_id != model_id and not allow_other_model:
+        raise StatsError(f"reference {path} was made with another model ({made.get('name')}, "
+                         f"id {ref_id[:12]}) than these visitors (id {model_id[:12]}): run "
+                         "kface evaluate with the counting model, or --allow-other-model")
+    return ([f"the reference was made with another model ({made.get('name')}): the "
+             "correction assumes it sees people as this one does"]
+            if ref_id != model_id else [])
+
+
+def visitor_stats(path: Path, reference_path: Path | None = None,
+                  allow_other_model: bool = False) -> dict:
     """Counts with intervals for ``age_band``, ``gender`` and their ``joint`` cells (the
-    two heads taken as independent for each visitor), and the argmax counts beside: by
-    summed probabilities, or mix-corrected with a reference (``soft_confusion.json``)."""
-    names, gender, band = visitor_probabilities(path)
+    two heads taken as independent for each visitor): by summed probabilities, or
+    mix-corrected with a reference (``soft_confusion.json`` of the same model; see
+    ``check_reference_model``). The counts by each visitor's most likely class are
+    beside, as a diagnostic (``diagnostic_most_likely_class``)."""
+    names, gender, band, model_id = visitor_probabilities(path)
     joint = joint_probabilities(band, gender)
     probs = {"age_band": band, "gender": gender, "joint": joint}
     classes = {**names, "joint": joint_names(names)}
     argmax = {h: {n: int((p.argmax(1) == i).sum()) for i, n in enumerate(classes[h])}
               for h, p in probs.items()}
-    stats = {"input": str(path), "visitors": int(len(band)), "argmax": argmax, "warnings": []}
+    stats = {"input": str(path), "model_id": model_id, "visitors": int(len(band)),
+             "diagnostic_most_likely_class": argmax, "warnings": []}
     if reference_path is None or not len(band):  # (nobody to count: nothing to correct)
         stats.update({"estimator": "sum of calibrated probabilities; 95% Poisson-binomial "
                                    "interval", "interval_covers": INTERVAL_COVERS})
         stats.update({h: counts_with_intervals(probs[h], classes[h]) for h in probs})
         return stats
     ref, stats["warnings"] = load_reference(reference_path, names)
+    stats["warnings"] += check_reference_model(ref, model_id, reference_path,
+                                               allow_other_model)
     heads = ref["heads"]
     rng = np.random.default_rng(0)  # the same input gives the same numbers
     stats.update({"estimator": "mix-corrected (Bayesian label shift, flat Dirichlet prior) "
                                "with the reference; 95% posterior interval",
                   "reference": str(reference_path), "interval_covers": CORRECTED_COVERS,
-                  # the counts must come from the model (and detector) the reference did
                   "reference_model": ref.get("model"), "reference_detector": ref.get("detector")})
     for h in probs:
         if h not in heads:  # a joint cell the reference lacks people of

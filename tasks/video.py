@@ -262,18 +262,20 @@ class Visitors:
 
 
 class PeopleCounter:
-    """Counts visitors per class and per minute; memory grows with the number of
-    classes x minutes, not with the number of people. A visitor in view for less than
-    ``min_seconds`` in all (a passer-by glimpsed, a false detection) is written but not
-    counted."""
+    """Counts visitors per class (by their most likely class: a diagnostic beside the
+    estimates of ``tasks.stats``) and, per minute, the expected visitors of each class
+    (their summed probabilities, age band x gender, the heads taken as independent);
+    memory grows with the number of classes x minutes, not with the number of people. A
+    visitor in view for less than ``min_seconds`` in all (a passer-by glimpsed, a false
+    detection) is written but not counted. ``model_id`` goes on every visitor's line."""
 
     def __init__(self, g_names: list[str], a_names: list[str], fps: float = 25.0,
-                 min_seconds: float = 0.0):
+                 min_seconds: float = 0.0, model_id: str | None = None):
         self.g_names, self.a_names = g_names, a_names
-        self.fps, self.min_seconds = fps, min_seconds
+        self.fps, self.min_seconds, self.model_id = fps, min_seconds, model_id
         self.classes = [f"{a}_{g}" for a in a_names for g in g_names]
         self.people: Counter[str] = Counter()
-        self.per_minute: dict[int, Counter[str]] = {}
+        self.per_minute: dict[int, np.ndarray] = {}
 
     def label(self, visitor: Visitor) -> str:
         return (f"{self.a_names[int(np.argmax(visitor.age_sum))]}_"
@@ -287,12 +289,13 @@ class PeopleCounter:
         first, last = visitor.first_frame / self.fps, (visitor.last_frame + 1) / self.fps
         in_view = visitor.frames_in_view() / self.fps
         counted = in_view >= self.min_seconds
-        if counted:
-            self.people[cls] += 1
-            for minute in visitor.minutes:
-                self.per_minute.setdefault(minute, Counter())[cls] += 1
         frames = visitor.frames
         gender_p, age_p = visitor.gender_sum / frames, visitor.age_sum / frames
+        if counted:
+            self.people[cls] += 1
+            joint = (age_p[:, None] * gender_p[None, :]).ravel()  # (stats' joint order)
+            for minute in visitor.minutes:
+                self.per_minute[minute] = self.per_minute.get(minute, 0) + joint
         return {"track_id": visitor.tracks[0].track_id,
                 "track_ids": [t.track_id for t in visitor.tracks],
                 "returns": len(visitor.tracks) - 1, "first_frame": visitor.first_frame,
@@ -306,12 +309,29 @@ class PeopleCounter:
                 "age_band": self.a_names[int(np.argmax(age_p))],
                 "age_band_probs": {n: round(float(v), 4)
                                    for n, v in zip(self.a_names, age_p, strict=True)},
-                "age": visitor.age}
+                "age": visitor.age, "model_id": self.model_id}
 
 
 def is_camera(source: str) -> bool:
     """A camera index ("0"), not a file."""
     return str(source).isdigit()
+
+
+def check_video(source: str) -> None:
+    """Before a model loads: a video file exists and OpenCV decodes a frame of it (a
+    camera index is opened by the analysis itself). VideoError with one line otherwise."""
+    if is_camera(source):
+        return
+    if not Path(source).is_file():
+        raise VideoError(f"video {source} not found")
+    cap = cv2.VideoCapture(str(source))
+    try:
+        ok = cap.isOpened() and cap.read()[0]
+    finally:
+        cap.release()
+    if not ok:
+        raise VideoError(f"{source}: not a video OpenCV can read (no frame decoded): give a "
+                         "video file (mp4, avi, mkv, ...) or a camera index such as 0")
 
 
 def open_capture(source: str) -> cv2.VideoCapture:
@@ -325,7 +345,8 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                   max_frames: int | None = None, min_seconds: float = MIN_SECONDS,
                   gap_seconds: float = GAP_SECONDS, return_seconds: float = RETURN_SECONDS,
                   progress: Callable[[int, int | None], None] | None = None,
-                  readers: int | None = None, reference: Path | None = None) -> dict:
+                  readers: int | None = None, reference: Path | None = None,
+                  allow_other_model: bool = False) -> dict:
     """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl``,
     ``out/tracks.jsonl`` and (``stats``) ``out/stats.json`` (the visitors' counts with
     intervals, ``tasks.stats``, mix-corrected with a ``reference``), ``out/timeline.csv``,
@@ -347,7 +368,8 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
     g_names, a_names = analyzer.labels["gender"], analyzer.labels["age_band"]
     tracker = IoUTracker(max_gap=max(1, round(gap_seconds * fps)))
     visitors = Visitors(round(return_seconds * fps))
-    counter = PeopleCounter(g_names, a_names, fps, min_seconds)
+    counter = PeopleCounter(g_names, a_names, fps, min_seconds,
+                            analyzer.provenance()["model"]["id"])
     writer = None
     frame_index = 0
     # tracks.jsonl is a log written as tracks end (a stopped stream keeps what it counted)
@@ -367,34 +389,38 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                     return
                 yield frame
 
-        for frame, found in ordered_map(lambda f: (f, analyzer.crops(f)), frames(),
-                                        readers):
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = cv2.VideoWriter(str(out / ".annotated.mp4"),
-                                         cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-            close(tracker.close_ended(frame_index), frame_index)
-            preds = analyzer.predictions([found])[0]
-            live = tracker.update(preds, frame_index,
-                                  [face_thumbnail(frame, p.box) for p in preds])
-            minute = int(frame_index / fps // 60)
-            labels, records = [], []
-            for pred, track in zip(preds, live, strict=True):
-                track.minutes.add(minute)
-                g = g_names[int(np.argmax(track.gender_sum))]
-                a = a_names[int(np.argmax(track.age_sum))]
-                labels.append(f"#{track.track_id} {GENDER_NAMES.get(g, g)}, {a}"
-                              + ("" if track.age is None else f", age {track.age:.0f}"))
-                records.append({**pred.as_dict(), "track_id": track.track_id,
-                                "smoothed_gender": g, "smoothed_age_band": a,
-                                "smoothed_age": track.age})
-            writer.write(annotate(frame, preds, labels))
-            jsonl.write(json.dumps({"frame": frame_index,
-                                    "time_s": round(frame_index / fps, 3),
-                                    "faces": records}) + "\n")
-            frame_index += 1
-            if progress:
-                progress(frame_index, total)
+        try:  # a camera runs until Ctrl-C: that ends it, and what it counted is written
+            for frame, found in ordered_map(lambda f: (f, analyzer.crops(f)), frames(),
+                                            readers):
+                if writer is None:
+                    h, w = frame.shape[:2]
+                    writer = cv2.VideoWriter(str(out / ".annotated.mp4"),
+                                             cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                close(tracker.close_ended(frame_index), frame_index)
+                preds = analyzer.predictions([found])[0]
+                live = tracker.update(preds, frame_index,
+                                      [face_thumbnail(frame, p.box) for p in preds])
+                minute = int(frame_index / fps // 60)
+                labels, records = [], []
+                for pred, track in zip(preds, live, strict=True):
+                    track.minutes.add(minute)
+                    g = g_names[int(np.argmax(track.gender_sum))]
+                    a = a_names[int(np.argmax(track.age_sum))]
+                    labels.append(f"#{track.track_id} {GENDER_NAMES.get(g, g)}, {a}"
+                                  + ("" if track.age is None else f", age {track.age:.0f}"))
+                    records.append({**pred.as_dict(), "track_id": track.track_id,
+                                    "smoothed_gender": g, "smoothed_age_band": a,
+                                    "smoothed_age": track.age})
+                writer.write(annotate(frame, preds, labels))
+                jsonl.write(json.dumps({"frame": frame_index,
+                                        "time_s": round(frame_index / fps, 3),
+                                        "faces": records}) + "\n")
+                frame_index += 1
+                if progress:
+                    progress(frame_index, total)
+        except KeyboardInterrupt:
+            if not is_camera(source):
+                raise
         close(tracker.close_ended(), None)
     cap.release()
     if writer is None:
@@ -405,48 +431,55 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                "tracks": tracker.started, "visitors": sum(counter.people.values()),
                "min_seconds": min_seconds, "gap_seconds": gap_seconds,
                "return_seconds": return_seconds}
+    summary["made_by"] = analyzer.provenance()
     if stats:
-        summary["people"], summary["counts"] = write_stats(counter, out, reference)
+        summary["people"], summary["counts"] = write_stats(counter, out, reference,
+                                                           summary["made_by"],
+                                                           allow_other_model)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
-def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None
+def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None,
+                made_by: dict | None = None, allow_other_model: bool = False
                 ) -> tuple[dict, dict]:
-    """Visitors per age band x gender by their most likely class (``people``), per-minute
-    timeline, chart (``people.png``; left out where matplotlib is not installed, as in the
-    light inference install), and the counts with 95% intervals of ``kface stats`` over
-    ``tracks.jsonl`` (``counts``), all in ``stats.json``."""
-
+    """The visitors' counts with 95% intervals (``kface stats`` over ``tracks.jsonl``,
+    mix-corrected with a ``reference``); the headline ``people`` is their age band x
+    gender estimates; a per-minute timeline of expected visitors (``timeline.csv``); a
+    chart of the estimates with their intervals (``people.png``; left out where matplotlib
+    is not installed, as in the light inference install); all in ``stats.json``."""
     classes = counter.classes
     minutes = sorted(counter.per_minute)
     lines = ["minute," + ",".join(classes)]
     for m in minutes:
-        per = counter.per_minute[m]
-        lines.append(f"{m}," + ",".join(str(per.get(c, 0)) for c in classes))
+        lines.append(f"{m}," + ",".join(f"{v:.2f}" for v in counter.per_minute[m]))
     with atomic_path(out / "timeline.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    people = {c: counter.people.get(c, 0) for c in classes}
-    counts = visitor_stats(out / "tracks.jsonl", reference)
-    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes, **counts})
+    counts = visitor_stats(out / "tracks.jsonl", reference, allow_other_model)
+    people = {c: counts["joint"][c] for c in classes}
+    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes,
+                                           **({"made_by": made_by} if made_by else {}),
+                                           **counts})
     if importlib.util.find_spec("matplotlib") is not None:
         write_chart(people, out / "people.png")
     return people, counts
 
 
-def write_chart(people: dict[str, int], path: Path) -> None:
-    """A bar chart of ``people`` per class."""
+def write_chart(people: dict[str, dict], path: Path) -> None:
+    """A bar chart of the estimated people per class, with their 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     classes = list(people)
+    estimate = np.array([people[c]["estimate"] for c in classes])
+    low = np.array([people[c]["low"] for c in classes])
+    high = np.array([people[c]["high"] for c in classes])
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(classes, [people[c] for c in classes], color="tab:blue")
-    ax.set_ylabel("people (tracks)")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.bar(classes, estimate, color="tab:blue",
+           yerr=np.vstack([estimate - low, high - estimate]), capsize=3)
+    ax.set_ylabel("visitors (estimate, 95% interval)")
     ax.set_title("Visitors by age band x gender")
     ax.tick_params(axis="x", rotation=45)
     with atomic_path(path) as tmp:

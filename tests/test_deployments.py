@@ -184,3 +184,30 @@ def test_kface_server_on_another_port_points_its_ui_there(tmp_path):
     finally:
         stop_process(proc)
     assert proc.returncode is not None
+
+
+def test_serve_exits_on_sigterm_when_its_server_is_gone(kface_tree, tmp_path):
+    """``kface serve`` pauses its deployments on the way out through the server's API; with
+    the server gone that would retry for minutes: SIGTERM ends it within its grace."""
+    import signal
+
+    from flows.deploy import SHUTDOWN_GRACE_S
+
+    (tmp_path / "home-gone").mkdir()
+    proc, url, env = start_prefect_server(tmp_path / "home-gone")
+    config = tiny_config(kface_tree, tmp_path / "run", tmp_path / "tiny.yaml")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", str(config)],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _deployment(url, "kface-pipeline/full")  # serving
+    finally:
+        stop_process(proc)  # the server goes away first
+    start = time.time()
+    os.killpg(serve.pid, signal.SIGTERM)
+    try:
+        serve.wait(SHUTDOWN_GRACE_S + 20)
+    except subprocess.TimeoutExpired:
+        stop_process(serve)
+        pytest.fail("kface serve did not exit after SIGTERM with its server gone")
+    assert time.time() - start < SHUTDOWN_GRACE_S + 20

@@ -130,9 +130,10 @@ def test_predict_on_unreadable_inputs_fails(demo, tmp_path):
     res = run_kface("predict", str(tmp_path / "broken.jpg"), "--model",
                     str(out / "experiments" / "default" / "model"),
                     "--out", str(tmp_path / "p"))
-    assert res.returncode != 0
     lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert lines[0].startswith("skipped") and "0 images read" in res.stderr
+    assert res.returncode == 2 and len(lines) == 1, res.stderr  # one message, nothing
+    assert lines[0].startswith("error:") and "broken.jpg" in lines[0]  # "written" before it
+    assert not (tmp_path / "p").exists()
     assert not any(noise in res.stderr for noise in NOISE)
 
 

@@ -54,7 +54,7 @@ def test_light_install_predicts_on_real_faces(light_kface, onnx_model, scenes_di
                     "--model", str(onnx_model), "--out", str(tmp_path / "p"), "--csv",
                     cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    faces = json.loads((tmp_path / "p" / "predictions.json").read_text())[0]["faces"]
+    faces = json.loads((tmp_path / "p" / "predictions.json").read_text())["images"][0]["faces"]
     assert len(faces) == 6 and all(20 <= f["age"] < 60 for f in faces)
     assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 7
 
@@ -65,8 +65,26 @@ def test_light_install_counts_people_in_a_video(light_kface, onnx_model, aaf_dir
     res = run_light(light_kface, "video", str(clip), "--model", str(onnx_model), "--out",
                     str(tmp_path / "v"), "--stats", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sum(json.loads((tmp_path / "v" / "stats.json").read_text())["people"].values()) == 2
+    assert json.loads((tmp_path / "v" / "stats.json").read_text())["visitors"] == 2
     assert not (tmp_path / "v" / "people.png").exists()  # no matplotlib: no chart
+
+
+def test_light_install_says_which_commands_need_the_full_install(light_kface, tmp_path):
+    """Every command the light install cannot run is marked in --help and refused in one
+    line that names the install it needs (no traceback)."""
+    res = run_light(light_kface, "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    marked = [line.split()[0] for line in res.stdout.splitlines()
+              if "[needs the full install]" in line]
+    assert {"run", "status", "server", "serve", "experiments", "evaluate", "export",
+            "config"} <= set(marked) and "predict" not in marked and "video" not in marked
+    for args in (["run", "--data-root", str(tmp_path)], ["status", "--out", str(tmp_path)],
+                 ["server"], ["config"], ["evaluate", "--data-root", str(tmp_path)],
+                 ["predict", str(tmp_path), "--workers", "2"]):
+        res = run_light(light_kface, *args, cwd=tmp_path)
+        lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()]
+        assert res.returncode == 2 and len(lines) == 1, (args, lines)
+        assert "full install" in lines[0] and "pip install kface-pipeline" in lines[0], lines
 
 
 def test_light_install_says_a_keras_model_needs_the_full_install(light_kface, tiny_run,

@@ -1,0 +1,129 @@
+"""Rebuild the model that ships with kface (``models/data/default/``) from ../shared.
+
+``python bench/build_default_model.py [--seed 777] [--experiment shipped]``:
+
+1. trains the quality recipe (``configs/aaf-pretrained.yaml``) on the four shared
+   labelled folders, the AAF people held out from everything left out
+   (``bench/aaf_quality.py --folders``: about 20 minutes on 2 CPU cores, the data
+   stages included), and scores it on those held-out people;
+2. exports it to ONNX (``kface export --format onnx``: checked against Keras);
+3. runs ``kface evaluate`` on the held-out people (a labelled folder of links): their
+   report and ``soft_confusion.json``, the reference with which ``kface stats`` corrects
+   counts for a shop's mix out of the box (people the model never trained on);
+4. copies ``model.keras``, ``model.onnx``, ``labels.json`` (with a ``card``: name, data,
+   held-out scores) and ``soft_confusion.json`` into ``models/data/default/`` and prints
+   the sizes (kept under 10 MB).
+
+With ``--experiment`` naming a trained experiment of that run folder, step 1 reuses it.
+docs/model.md is the model card; its figures come from this script's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+TARGET = REPO / "models" / "data" / "default"
+WORK = REPO / "bench" / "out" / "aaf-quality"
+SIZE_LIMIT = 10 * 2 ** 20
+
+
+def kface(*args: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    if res.returncode:
+        raise SystemExit(f"kface {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+
+
+def held_out_folder(work: Path) -> Path:
+    """The held-out AAF people as a labelled folder of links (with subject IDs)."""
+    import pandas as pd
+    from aaf_quality import SHARED, held_out
+
+    folder = work / "held-out"
+    folder.mkdir(parents=True, exist_ok=True)
+    aaf = SHARED / "faces" / "aaf"
+    labels = pd.read_csv(aaf / "labels.csv")
+    labels = labels[labels.file.map(held_out)]
+    for file in labels.file:
+        if not (folder / file).exists():
+            (folder / file).symlink_to(aaf / file)
+    labels.assign(subject_id=labels.file.str.replace(".jpg", "")).to_csv(
+        folder / "labels.csv", index=False)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, default=777)
+    ap.add_argument("--experiment", default="shipped")
+    ap.add_argument("--name", default="kface-faces-2026-12")
+    args = ap.parse_args()
+    run = WORK / "run-folders"
+    experiment = run / "experiments" / args.experiment
+    if not (experiment / "model" / "model.keras").is_file():
+        res = subprocess.run([sys.executable, str(REPO / "bench" / "aaf_quality.py"),
+                              "--folders", "--experiment", args.experiment,
+                              "--set", f"train.seed={args.seed}"],
+                             cwd=REPO, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(res.stdout[-2000:] + res.stderr[-3000:])
+        (experiment / "quality.json").write_text(res.stdout)
+    if not (experiment / "quality.json").is_file():  # trained by aaf_quality.py apart
+        from aaf_quality import holdout_scores
+
+        (experiment / "quality.json").write_text(json.dumps(
+            {"held_out": holdout_scores(run, args.experiment)}))
+    quality = json.loads((experiment / "quality.json").read_text())
+    model = experiment / "model"
+    onnx = WORK / "shipped-onnx"
+    kface("export", "--model", str(model), "--format", "onnx", "--out", str(onnx))
+    check = WORK / "shipped-held-out"
+    kface("evaluate", "--model", str(model), "--data-root", str(held_out_folder(WORK)),
+          "--out", str(check))
+    metrics = json.loads((check / "metrics.json").read_text())
+    labels = json.loads((model / "labels.json").read_text())
+    train = json.loads((experiment / "stages" / "train.json").read_text())
+    split = json.loads((run / "stages" / "split.json").read_text())
+    held = quality["held_out"]
+    labels["card"] = {
+        "name": args.name,
+        "summary": f"held-out AAF people: age band {held['age_band']:.2f}, gender "
+                   f"{held['gender']:.2f}, MAE {held['age_mae_years']:.1f} y",
+        "recipe": "configs/aaf-pretrained.yaml", "seed": args.seed,
+        "training_faces": train["train_examples"], "validation_faces": train["val_examples"],
+        "split_rows": split["rows"], "held_out": held,
+        "licence": "derived from InsightFace's MobileFaceNet (non-commercial research) and "
+                   "UTKFace (non-commercial research); AAF asks for a citation: docs/model.md",
+    }
+    TARGET.mkdir(parents=True, exist_ok=True)
+    for old in TARGET.iterdir():
+        old.unlink()
+    shutil.copy(model / "model.keras", TARGET / "model.keras")
+    shutil.copy(onnx / "model.onnx", TARGET / "model.onnx")
+    (TARGET / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    confusion = json.loads((check / "soft_confusion.json").read_text())
+    confusion["model"] = args.name  # (the build folder's path means nothing after install)
+    (TARGET / "soft_confusion.json").write_text(json.dumps(confusion, indent=1) + "\n")
+    sizes = {p.name: p.stat().st_size for p in sorted(TARGET.iterdir())}
+    total = sum(sizes.values())
+    print(json.dumps({"target": str(TARGET), "bytes": sizes, "total_mb": round(total / 2**20, 2),
+                      "held_out": held, "evaluate": {
+                          "gender": metrics["gender"]["accuracy"],
+                          "age_band": metrics["age_band"]["accuracy"],
+                          "age_mae": metrics.get("age", {}).get("mae_years")}}, indent=2))
+    if total > SIZE_LIMIT:
+        raise SystemExit(f"the shipped model is {total / 2**20:.1f} MB, over 10 MB")
+
+
+if __name__ == "__main__":
+    main()
