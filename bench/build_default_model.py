@@ -112,7 +112,7 @@ def main() -> None:
     shutil.copy(onnx / "model.onnx", TARGET / "model.onnx")
     (TARGET / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     confusion = json.loads((check / "soft_confusion.json").read_text())
-    confusion["model"] = args.name  # (the build folder's path means nothing after install)
+    confusion["model"]["name"] = args.name  # (the build folder's path means nothing later)
     (TARGET / "soft_confusion.json").write_text(json.dumps(confusion, indent=1) + "\n")
     sizes = {p.name: p.stat().st_size for p in sorted(TARGET.iterdir())}
     total = sum(sizes.values())

@@ -71,7 +71,7 @@ def split_key(c: Sections) -> str:
 
 
 # model settings added since models were first trained, with the value that means "off"
-MODEL_OFF = {"frozen_until": "none"}
+MODEL_OFF = {"frozen_until": "none", "init": "none"}
 
 
 def model_settings(model: ModelConfig) -> dict:
@@ -86,6 +86,10 @@ def model_settings(model: ModelConfig) -> dict:
     elif model.weights not in ("none", "imagenet") and weights.is_dir():
         settings["weights"] = [file_sha256(f) for f in sorted(weights.iterdir())
                                if f.is_file()]
+    if model.init != "none":  # the model started from, by its content
+        from models.classifier import init_model_file
+
+        settings["init"] = file_sha256(init_model_file(model.init))
     return settings
 
 

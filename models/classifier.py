@@ -72,6 +72,12 @@ class ModelConfig(BaseModel):
         0.99, gt=0, lt=1, description="BatchNormalization momentum of the head (and of "
         "small_cnn). Keras' 0.99 (the original) adapts slowly on small data sets: 0.9 there."
     )
+    init: str = Field(
+        "none", description="Start from a trained kface model instead of the backbone's "
+        "weights alone: 'default' (the model shipped with kface) or a model folder. Every "
+        "layer whose name and weight shapes match takes its weights (the backbone and the "
+        "head's hidden layers; a head of other classes, such as K-Face's bands without "
+        "exact ages, starts fresh). 'none': the backbone's weights (model.weights).")
     frozen_until: Literal["none", "28px", "14px", "7px", "embedding"] = Field(
         "none", description="mobilefacenet: the backbone up to the end of its stage at "
         "this resolution keeps its pretrained weights and only the rest (and the heads) "
@@ -205,6 +211,45 @@ def build_parts(cfg: ModelConfig, size: int, exact_age: bool = False,
     return lower, upper
 
 
+def init_model_file(init: str) -> Path:
+    """The ``model.keras`` that ``model.init`` names ('default': the shipped model's)."""
+    from models.backends import ModelFolderError
+
+    folder = (Path(__file__).resolve().parent / "data" / "default" if init == "default"
+              else Path(init))
+    path = folder if folder.suffix == ".keras" else folder / "model.keras"
+    if not path.is_file():
+        raise ModelFolderError(f"model.init: {path} not found: give 'default' (the shipped "
+                               "model) or a trained model folder with its model.keras")
+    return path
+
+
+def initialise(model, init: str) -> list[str]:
+    """Give each layer of ``model`` (nested models searched) the weights of the layer of
+    the same name in the model ``init`` names, where every weight's shape matches;
+    returns the names of the layers set."""
+    if init == "none":
+        return []
+
+    def layers_by_name(m, found):
+        for layer in m.layers:
+            if hasattr(layer, "layers"):
+                layers_by_name(layer, found)
+            elif layer.weights:
+                found.setdefault(layer.name, layer)
+        return found
+
+    source = layers_by_name(load_classifier(init_model_file(init), compile=False), {})
+    done = []
+    for name, layer in layers_by_name(model, {}).items():
+        other = source.get(name)
+        if other is not None and [w.shape for w in other.weights] == [
+                w.shape for w in layer.weights]:
+            layer.set_weights(other.get_weights())
+            done.append(name)
+    return done
+
+
 def compose(lower, upper):
     """The classifier: ``upper`` on ``lower``'s output (``build_parts``)."""
     keras = load_keras()
@@ -219,12 +264,13 @@ def _heads(x, cfg: ModelConfig, exact_age: bool, ages: tuple[int, ...]) -> dict:
     from keras import layers
 
     if cfg.backbone not in EMBEDDING_BACKBONES:
-        x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(cfg.dropout)(x)
-    x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
-    x = layers.Dense(cfg.dense_units, activation="relu")(x)
-    x = layers.Dropout(cfg.dropout)(x)
-    x = layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
+        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    # named, so that model.init finds them in another model of the same recipe
+    x = layers.Dropout(cfg.dropout, name="head_dropout_1")(x)
+    x = layers.BatchNormalization(momentum=cfg.bn_momentum, name="head_norm_1")(x)
+    x = layers.Dense(cfg.dense_units, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(cfg.dropout, name="head_dropout_2")(x)
+    x = layers.BatchNormalization(momentum=cfg.bn_momentum, name="head_norm_2")(x)
     gender = layers.Dense(len(GENDERS), activation="softmax", name="gender",
                           dtype="float32")(x)
     if not exact_age:

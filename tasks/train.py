@@ -32,6 +32,7 @@ from models.classifier import (
     build_parts,
     compose,
     flip_averaged,
+    initialise,
     load_classifier,
 )
 from models.runtime import accelerators, keras_backend, load_keras
@@ -167,6 +168,10 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     model_dir.mkdir(parents=True, exist_ok=True)
     with _strategy(gpus).scope():
         fit = fit_plan(crops, size, model_cfg, cfg, model_dir, ages)
+        if model_cfg.init != "none":
+            started = initialise(fit.model, model_cfg.init)
+            log.info("train: %d layers start from model.init %s", len(started),
+                     model_cfg.init)
         compile_model(keras, fit.model, cfg, cfg.steps_per_epoch or len(fit.train), heads,
                       ages)
     best = model_dir / "best.keras"

@@ -1,0 +1,86 @@
+"""The model that ships with kface (``models/data/default``, rebuilt by
+``bench/build_default_model.py``): small, complete, used when no --model is given (and
+said so), the same answers in its Keras and ONNX forms, its reference correcting counts
+out of the box, and a start for a training of one's own (``model.init: default``)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_kface
+
+from models.analyzer import DEFAULT_MODEL, FaceAnalyzer
+
+
+def test_the_shipped_model_is_small_and_complete():
+    files = {p.name: p.stat().st_size for p in DEFAULT_MODEL.iterdir()}
+    assert {"model.keras", "model.onnx", "labels.json", "soft_confusion.json"} <= set(files)
+    assert sum(files.values()) <= 10 * 2 ** 20, files
+    labels = json.loads((DEFAULT_MODEL / "labels.json").read_text())
+    assert labels["backbone"] == "mobilefacenet" and labels["crop"]["align"] is True
+    assert labels["model_id"] and labels["card"]["name"] and labels["age_calibration"]
+    assert set(labels["temperature"]) == {"gender", "age_band"}
+    reference = json.loads((DEFAULT_MODEL / "soft_confusion.json").read_text())
+    assert reference["model"]["id"] == labels["model_id"] and reference["people"] > 900
+
+
+def test_predict_without_a_model_uses_the_shipped_one(scenes_dir, tmp_path):
+    res = run_kface("predict", str(scenes_dir / "insightface_t1.jpg"), "--out",
+                    str(tmp_path / "p"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    labels = json.loads((DEFAULT_MODEL / "labels.json").read_text())
+    assert "no --model: using the shipped model" in res.stderr
+    assert labels["card"]["name"] in res.stderr
+    made = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert made["model"]["name"] == labels["card"]["name"]
+    assert made["model"]["id"] == labels["model_id"] and made["detector"]["kind"] == "yunet"
+    faces = made["images"][0]["faces"]
+    assert len(faces) == 6 and all(15 <= f["age"] <= 69 and f["landmarks"] for f in faces)
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "s"), "--reference",
+                    str(DEFAULT_MODEL / "soft_confusion.json"))
+    assert res.returncode == 0, res.stderr[-2000:]  # its own reference: counts corrected
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["estimator"].startswith("mix-corrected") and stats["visitors"] == 6
+
+
+def test_keras_and_onnx_forms_answer_the_same(scenes_dir):
+    import cv2
+
+    from models.backends import KerasClassifier, OnnxClassifier
+
+    analyzer = FaceAnalyzer(None)
+    _, crops = analyzer.crops(cv2.imread(str(scenes_dir / "insightface_t1.jpg")))
+    keras = KerasClassifier(DEFAULT_MODEL / "model.keras")(crops)
+    onnx = OnnxClassifier(DEFAULT_MODEL / "model.onnx")(crops)
+    assert set(keras) == set(onnx) == {"gender", "age_band", "age"}
+    for head in keras:
+        np.testing.assert_allclose(keras[head], onnx[head], atol=1e-4)
+
+
+def test_a_training_can_start_from_the_shipped_model(shared_data):
+    """``model.init: default``: the recipe's trained part takes the shipped model's weights
+    layer by layer; a band head without exact ages (K-Face) starts fresh."""
+    from models.classifier import ModelConfig, build_parts, initialise, load_classifier
+
+    cfg = ModelConfig(backbone="mobilefacenet", frozen_until="14px", exact_age=False,
+                      weights=str(shared_data / "weights" / "mobilefacenet"))
+    _, upper = build_parts(cfg, 112)
+    started = initialise(upper, "default")
+    assert "head_dense" in started and "conv_6dw7_7_conv2d" in started
+    assert "age_band" not in started  # K-Face's band head: another shape, trained anew
+    shipped = load_classifier(DEFAULT_MODEL / "model.keras", compile=False)
+
+    def weights(model, name):
+        for layer in model.layers:
+            if layer.name == name:
+                return layer.get_weights()
+            if hasattr(layer, "layers") and (found := weights(layer, name)) is not None:
+                return found
+        return None
+
+    for a, b in zip(weights(upper, "head_dense"), weights(shipped, "head_dense"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(Exception, match="model.init"):
+        initialise(upper, "/no/such/model")
