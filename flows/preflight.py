@@ -116,14 +116,13 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
 def check_weights(model) -> None:
     """The backbone's weights: a Keras no-top file, 'imagenet' or 'none'; MobileFaceNet's
     folder of MXNet files (present, sha256 as published)."""
-    from models.backends import ModelFolderError
-    from models.classifier import init_model_file
+    from models.classifier import WeightsError, init_model_file
     from models.mobilefacenet import MobileFaceNetError, weight_files
 
     if model.init != "none":
         try:
             init_model_file(model.init)
-        except ModelFolderError as exc:
+        except WeightsError as exc:
             raise InputError(str(exc)) from None
     weights = model.weights
     if model.backbone == "mobilefacenet":

@@ -94,7 +94,8 @@ class ModelConfig(BaseModel):
 
 
 class WeightsError(RuntimeError):
-    """Backbone weights cannot be obtained (offline, or a bad local file)."""
+    """Backbone weights (or the model ``model.init`` names) cannot be obtained (offline,
+    or a bad local file)."""
 
 
 def _backbone(cfg: ModelConfig, size: int):
@@ -213,13 +214,11 @@ def build_parts(cfg: ModelConfig, size: int, exact_age: bool = False,
 
 def init_model_file(init: str) -> Path:
     """The ``model.keras`` that ``model.init`` names ('default': the shipped model's)."""
-    from models.backends import ModelFolderError
-
     folder = (Path(__file__).resolve().parent / "data" / "default" if init == "default"
               else Path(init))
     path = folder if folder.suffix == ".keras" else folder / "model.keras"
     if not path.is_file():
-        raise ModelFolderError(f"model.init: {path} not found: give 'default' (the shipped "
+        raise WeightsError(f"model.init: {path} not found: give 'default' (the shipped "
                                "model) or a trained model folder with its model.keras")
     return path
 

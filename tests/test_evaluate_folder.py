@@ -84,7 +84,8 @@ def test_the_soft_confusion_corrects_counts_with_kface_stats(keras_report, tiny_
     assert any("40s_M" in w and "not corrected" in w for w in stats["warnings"])
     n = stats["visitors"]
     for head in ("age_band", "gender", "joint"):
-        assert abs(sum(c["estimate"] for c in stats[head].values()) - n) < 0.2, head
+        cells = stats[head].values()  # (each estimate rounded to 0.1)
+        assert abs(sum(c["estimate"] for c in cells) - n) <= 0.05 * len(cells) + 1e-9, head
         assert all(0 <= c["low"] <= c["estimate"] <= c["high"] <= n
                    for c in stats[head].values())
     (tmp_path / "bad.json").write_text(json.dumps({"heads": {}}))

@@ -169,7 +169,7 @@ def test_passing_read_error_is_retried_in_the_task_and_on_the_next_run(
     args = ["run", "--data-root", str(small_tree), "--out", str(out), "--stages",
             "select,detect", "--workers", "2"]
 
-    for i in range(3):  # fails all 3 attempts of this run
+    for i in range(4):  # fails the select stage's hash read and all 3 detect attempts
         (tokens / str(i)).touch()
     _ok(run_kface(*args, env=env))
     assert _summary(out, "detect")["status_counts"]["unreadable"] == 1
@@ -178,7 +178,7 @@ def test_passing_read_error_is_retried_in_the_task_and_on_the_next_run(
     states = dict(re.findall(r"│ (\w+)\s+│ (done|cached|stale|missing)", status.stdout))
     assert states["detect"] == "stale", status.stdout  # the next run has work to do
 
-    for i in range(2):  # the next run: fails twice, then the third attempt reads it
+    for i in range(3):  # the next run: the hash and two detect reads fail, the third reads
         (tokens / str(i)).touch()
     before = _shard_mtimes(out / "detections")
     _ok(run_kface(*args, env=env))
