@@ -10,6 +10,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from models.detectors import KIND
+
 app = typer.Typer(help="K-Face age-band + gender pipeline (Prefect).", no_args_is_help=True,
                   rich_markup_mode=None,
                   pretty_exceptions_enable=False)
@@ -435,13 +437,15 @@ def sample_data(
 ModelOpt = typer.Option(None, "--model", "-m", help="Trained model folder (labels.json + "
                         "model.keras or model.onnx), or its experiment or run folder. "
                         "Default: the model shipped with kface (docs/model.md).")
+KINDS = tuple(KIND)
+DETECTOR_THRESHOLDS = ", ".join(f"{k.inference_confidence} for {k.name}" for k in KIND.values())
 ConfOpt = typer.Option(None, "--threshold", help="Face detection threshold for inference "
-                       "(default 0.8 for res10, 0.7 for yunet; docs/detection.md: why).")
+                       f"(default {DETECTOR_THRESHOLDS}; docs/detection.md: why).")
 
 
 DetectorKindOpt = typer.Option(
-    None, "--detector", help="Face detector: res10 or yunet (default: the one the model "
-    "was trained on, recorded in its labels.json).")
+    None, "--detector", help=f"Face detector: {' or '.join(KINDS)} (default: the one the "
+    "model was trained on, recorded in its labels.json).")
 
 AllowOtherModelOpt = typer.Option(
     False, "--allow-other-model", help="Use a --reference made with another model than "

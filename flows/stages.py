@@ -33,6 +33,7 @@ from core.storage import read_cache_key, replace_folder, write_bytes_atomic, wri
 from flows import cache
 from flows.config import PipelineConfig, dump_config
 from flows.run_folder import RunFolder
+from models.detector import LANDMARK_KINDS, gives_landmarks
 from tasks import crops, detect, evaluate, labels, select, split, train
 
 
@@ -347,7 +348,8 @@ def _crops_finish(c: StageConfig, plan: ShardPlan, summary: dict) -> None:
     if unaligned:
         _log().warning(
             "crops: %d faces have no landmarks (detector.kind %s finds none): cut as box "
-            "crops; set detector.kind: yunet to align them", unaligned, c.detector.kind)
+            "crops; set detector.kind to one with landmarks (%s) to align them", unaligned,
+            c.detector.kind, ", ".join(LANDMARK_KINDS))
 
 
 # ------------------------------------------------------------------------------- train
@@ -370,7 +372,7 @@ def _train_run(c: StageConfig, key: str) -> dict:
     index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
     crop_spec = {"margin": c.detector.margin, "margin_mode": c.detector.margin_mode,
                  "detector": c.detector.kind,
-                 "align": c.crops.align and c.detector.kind == "yunet"}
+                 "align": c.crops.align and gives_landmarks(c.detector.kind)}
     result = train.train_model(index, c.crops.size, c.model, c.train, work, folder.logs,
                                crop_spec)
     write_bytes_atomic(folder.experiment_config, c.recipe_yaml().encode())

@@ -30,24 +30,27 @@ from core.storage import file_sha256
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.calibration import apply_temperature
 from models.detector import (
-    INFERENCE_CONFIDENCE,
+    DEFAULT_KIND,
+    LANDMARK_KINDS,
     DetectorConfig,
     Face,
     FaceDetector,
     get_detector,
+    gives_landmarks,
+    inference_confidence,
 )
 from models.face_crop import CropSpec, face_crop
 
 
 def inference_detector_config(confidence: float | None = None,
                               base: DetectorConfig | None = None,
-                              kind: str = "res10") -> DetectorConfig:
+                              kind: str = DEFAULT_KIND) -> DetectorConfig:
     """Detector settings for predict, video and webcam: ``base`` with ``confidence``
-    (default: the network's ``INFERENCE_CONFIDENCE``); without ``base``, the default
+    (default: the network's ``inference_confidence``); without ``base``, the default
     settings of ``kind`` with the square input (see the module docstring)."""
     base = base or DetectorConfig(kind=kind, input_aspect="square")
     return base.model_copy(update={
-        "confidence": confidence or INFERENCE_CONFIDENCE[base.kind]})
+        "confidence": confidence or inference_confidence(base.kind)})
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -122,7 +125,7 @@ def model_detector(labels: dict, confidence: float | None = None,
     another is asked for), the inference threshold, and the crop margin it was trained
     with (``labels.json``)."""
     crop = labels.get("crop", {})
-    kind = detector_kind or (detector.kind if detector else crop.get("detector", "res10"))
+    kind = detector_kind or (detector.kind if detector else crop.get("detector", DEFAULT_KIND))
     base = inference_detector_config(
         confidence, detector.model_copy(update={"kind": kind}) if detector else None, kind)
     return base.model_copy(update={"margin": crop.get("margin", base.margin),
@@ -175,7 +178,8 @@ class FaceAnalyzer:
         self.temperature = {h: float(t) for h, t in self.labels.get("temperature", {}).items()
                             if h in ("gender", "age_band")}
         crop = self.labels.get("crop", {})
-        trained_kind = crop.get("detector", "res10")  # models from before YuNet: res10
+        # models from before YuNet: the original's detector
+        trained_kind = crop.get("detector", DEFAULT_KIND)
         self.detector_cfg = model_detector(self.labels, confidence, detector, detector_kind)
         kind = self.detector_cfg.kind
         self.spec = CropSpec(int(crop.get("size", self.labels["input_size"])),
@@ -186,10 +190,11 @@ class FaceAnalyzer:
             self.notes.append(
                 f"the model was trained on {trained_kind} detections; detecting with {kind} "
                 "gives faces cut somewhat differently (accuracy may drop)")
-        if self.spec.align and kind == "res10":
+        if self.spec.align and not gives_landmarks(kind):
             self.notes.append(
-                "the model expects landmark-aligned faces; res10 finds no landmarks, so "
-                "faces are box-cropped (accuracy may drop): use the yunet detector")
+                f"the model expects landmark-aligned faces; {kind} finds no landmarks, so "
+                "faces are box-cropped (accuracy may drop): use a detector with landmarks "
+                f"({', '.join(LANDMARK_KINDS)})")
         get_detector(self.detector_cfg)  # missing or bad weights fail here
 
     @functools.cached_property

@@ -54,6 +54,7 @@ from core.sharding import Shard
 from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.detector import (
     LANDMARK_COLUMNS,
+    LANDMARK_KINDS,
     DetectorConfig,
     Face,
     get_detector,
@@ -121,7 +122,7 @@ def measure_chip_landmarks(root: Path | ImageRoots, paths: Sequence[str],
     chip's width and height. Returns the points, the chips where a face was found and
     the chips tried."""
     roots = as_roots(root)
-    detector = get_detector(DetectorConfig(kind="yunet", confidence=0.5))
+    detector = get_detector(DetectorConfig(kind=LANDMARK_KINDS[0], confidence=0.5))
     picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1,
                                                      min(sample, len(paths))).astype(int))]
     found = []

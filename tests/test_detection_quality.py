@@ -14,9 +14,9 @@ from models.detector import (
     DetectorConfig,
     FaceDetector,
     box_iou,
-    phantom_rows,
 )
 from models.detector_quality import count_faces, single_face_summary, truth_agreement
+from models.detectors.res10 import phantom_rows
 from tasks.detect import detect_images
 from tasks.sample_data import TreeSpec, build_kface_tree
 

@@ -64,7 +64,7 @@ def test_overlapping_boxes_of_one_face_are_suppressed(detector, scenes_dir):
 
 
 def test_input_keeps_the_aspect_ratio():
-    from models.detector import blob_size
+    from models.detectors.res10 import blob_size
 
     # the short side is congruent to 300 modulo 8 (the layers pad as at 300)
     assert blob_size(864, 576) == (300, 204)
@@ -77,7 +77,7 @@ def test_input_keeps_the_aspect_ratio():
 
 
 def test_original_edge_rule_drops_every_row_outside():
-    from models.detector import original_inside
+    from models.detectors.res10 import original_inside
 
     rows = np.array([[1, 0.1, 0.0, 0.5, 0.5], [1, 0.0, 0.1, 0.5, 0.5], [1, 0.1, 0.1, 1.0, 0.5],
                      [1, 0.5, 0.5, 1.1, 1.2]], np.float32)

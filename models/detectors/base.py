@@ -1,0 +1,68 @@
+"""What a detector kind is: ``DetectorKind``, and the registry of kinds.
+
+A kind declares its weights (where the default files are, their published sha256), its
+thresholds, whether it gives the five landmarks, the ``DetectorConfig`` settings only it
+reads, how its network loads and how it turns a photo into raw rows. Everything that is
+the same for every kind (threshold, clipping, NMS, margin, landmarks in pixels) lives in
+``models.detector``; nothing outside ``models/detectors/`` asks which kind it has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from models.detector import DetectorConfig
+
+
+class DetectorError(RuntimeError):
+    """The detector's files are missing, corrupt or of an unknown format."""
+
+
+class DetectorKind:
+    """One face detector network (subclass it, and register the subclass)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line for the config's help
+    landmarks: ClassVar[bool] = False  # gives the five landmarks (crops.align needs them)
+    original: ClassVar[bool] = False  # the original notebook's detector: the default kind
+    training_confidence: ClassVar[float]  # threshold for the training data
+    inference_confidence: ClassVar[float]  # threshold for predict, video and camera
+    own_settings: ClassVar[tuple[str, ...]] = ()  # settings only this kind reads
+    key_without_kind: ClassVar[bool] = False  # its cache keys predate the 'kind' setting
+    known_sha256: ClassVar[dict[str, str]] = {}  # file name -> published sha256
+
+    def weights(self, cfg: DetectorConfig) -> tuple[Path, ...]:
+        """The weight files ``cfg`` names (or the defaults), checked to exist."""
+        raise NotImplementedError
+
+    def load(self, weights: tuple[Path, ...]) -> Any:
+        """The network, from ``weights``."""
+        raise NotImplementedError
+
+    def rows(self, net: Any, image: np.ndarray, cfg: DetectorConfig) -> np.ndarray:
+        """Raw rows ``[score, x1, y1, x2, y2]`` normalised to the image, followed by the
+        ten normalised landmark coordinates for a kind with landmarks."""
+        raise NotImplementedError
+
+    def keep_rows(self, rows: np.ndarray, cfg: DetectorConfig) -> np.ndarray:
+        """The kind's own rule for rows before the threshold (default: keep all)."""
+        return rows
+
+
+KIND: dict[str, DetectorKind] = {}
+
+
+def register(cls: type[DetectorKind]) -> type[DetectorKind]:
+    """Class decorator: add a kind to the registry under its ``name``."""
+    KIND[cls.name] = cls()
+    return cls
+
+
+def missing_file(path: Path, default: bool) -> DetectorError:
+    return DetectorError(f"detector file {path} not found" + (
+        ": the package was installed without its data; reinstall kface-pipeline"
+        if default else ""))
