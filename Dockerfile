@@ -9,6 +9,7 @@ COPY pyproject.toml README.md ./
 COPY flows flows
 COPY core core
 COPY tasks tasks
+COPY inference inference
 COPY models models
 COPY configs configs
 COPY prefect.yaml ./

@@ -76,8 +76,8 @@ def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
     and the calibrated probabilities of both heads (cached by the model's sha256), and the
     temperature."""
     from core.storage import file_sha256
+    from inference.evaluate_folder import folder_predictions
     from models.analyzer import FaceAnalyzer, resolve_model_dir
-    from tasks.evaluate_folder import folder_predictions
     from tasks.select import DataConfig
 
     model_dir, _ = resolve_model_dir(model)
@@ -132,7 +132,7 @@ def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visit
              design: str = "population") -> dict:
     """Wrong-band shares (argmax, summed probabilities, mix-corrected) and the intervals'
     coverage."""
-    from tasks.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
+    from inference.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
 
     wrong = {"argmax": [], "summed": [], "corrected": [], "perfect_reference": []}
     inside = {"summed": [], "corrected": []}

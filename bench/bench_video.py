@@ -80,8 +80,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=150)
     ap.add_argument("--detector", choices=("res10", "yunet"), default="res10")
     args = ap.parse_args()
+    from inference.video import analyze_video
     from models.analyzer import FaceAnalyzer
-    from tasks.video import analyze_video
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

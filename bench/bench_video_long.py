@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.bench_video import save_model  # noqa: E402
+from inference.video import IoUTracker  # noqa: E402
 from models.analyzer import FacePrediction  # noqa: E402
 from models.classifier import ModelConfig  # noqa: E402
-from tasks.video import IoUTracker  # noqa: E402
 
 SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data"))
 FPS = 25
@@ -106,8 +106,8 @@ def main() -> None:
                                 "keep_every_track": tracker_run(frames, close=False)}}
     print(json.dumps(results, indent=1), flush=True)
 
+    from inference import video
     from models.analyzer import FaceAnalyzer
-    from tasks import video
 
     process = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ often in another lane. ``--passers`` more people pass by for 0.3 s (not visitors
 the 0.5 s minimum). Faces are missed in ``--miss-rate`` of the frames (a turned head). The
 truth is one visitor per person, with that person's labelled age band and gender.
 
-The same clip goes through ``tasks.video.analyze_video`` (what ``kface video --stats``
+The same clip goes through ``inference.video.analyze_video`` (what ``kface video --stats``
 runs) three ways. First, the defaults: re-identification of returns within 10 s, a
 0.5 s minimum and a 1 s gap. Second, the defaults without re-identification
 (``--return-seconds 0``). Third, the behaviour before visitors existed: every track
@@ -82,9 +82,9 @@ def band_share_error(shares: np.ndarray, truth: np.ndarray) -> float:
 
 
 def main() -> None:
+    from inference.video import analyze_video
     from models.analyzer import FaceAnalyzer
     from tasks.sample_data import write_visit_clip
-    from tasks.video import analyze_video
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)

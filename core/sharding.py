@@ -20,6 +20,39 @@ if TYPE_CHECKING:
 HASH_BUCKETS = 256  # shards of a layout without many photos per subject
 
 
+@dataclass(frozen=True)
+class ShardResult:
+    """One shard of a sharded stage (detect, crops), computed now or found complete on
+    disk: what the stage's summary adds up."""
+
+    shard: str  # the shard's name (its file is shard-<name>.parquet)
+    file: str
+    rows: int
+    reused: bool  # found complete for its key: nothing computed
+    status_counts: dict[str, int]
+    retried: int = 0  # rows computed again (detect: photos unreadable last time)
+    ran_on: str | None = None  # host:pid of the process that computed it
+
+    @classmethod
+    def on_disk(cls, final: os.PathLike, rows: int, counts: dict[str, int]) -> ShardResult:
+        """A shard file complete for its key."""
+        name = os.path.basename(final).removeprefix("shard-").removesuffix(".parquet")
+        return cls(name, str(final), rows, True, counts)
+
+    @classmethod
+    def done_here(cls, shard: Shard, final: os.PathLike, rows: int, counts: dict[str, int],
+                  reused: bool = False, retried: int = 0) -> ShardResult:
+        """A shard this process computed (or found complete)."""
+        return cls(shard.name, str(final), rows, reused, counts, retried, worker_id())
+
+
+def worker_id() -> str:
+    """``host:pid`` of the process doing a shard (the stage summary lists them)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class ShardingConfig(BaseModel):
     """How sharded stages split their work over worker processes."""
 

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.run_folder import RunFolder
 from core.sharding import ShardingConfig
-from flows.run_folder import RunFolder
 from models.classifier import ModelConfig
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig

@@ -2,7 +2,7 @@
 for a work pool): what the Prefect UI's Run button and schedules start.
 
 * ``kface-pipeline/full``: every stage (optional ``--full-cron``).
-* ``kface-pipeline/reprocess``: the data stages (select -> crops) by default, for a nightly
+* ``kface-pipeline/reprocess``: the data stages (the stage table's) by default, for a nightly
   re-scan that picks up new or changed photos; cached stages and shards are skipped, so
   an unchanged dataset costs one scan (optional ``--cron``).
 * ``kface-predict/batch``: sharded inference over folders with the run's model.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import PipelineConfig
-from flows.stages import DATA_STAGES
+from flows.stages import DATA_STAGES, STAGES
 
 SHUTDOWN_GRACE_S = 10  # after SIGTERM, the most a served process takes to exit
 
@@ -79,8 +79,8 @@ def build_deployments(cfg: PipelineConfig, cron: str | None = None,
     return [
         kface_pipeline.to_deployment(
             name="full", parameters={"config": params, "stages": None}, cron=full_cron,
-            description="All stages: select -> detect -> merge -> split -> crops -> train "
-            "-> evaluate; unchanged stages are skipped.", tags=["kface"],
+            description=f"All stages: {' -> '.join(STAGES)}; unchanged stages are skipped.",
+            tags=["kface"],
             entrypoint_type=module, concurrency_limit=1),
         kface_pipeline.to_deployment(
             name="reprocess", parameters={"config": params,

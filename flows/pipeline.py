@@ -1,5 +1,5 @@
 """The ``kface-pipeline`` Prefect flow: wiring only. What the stages are lives in the
-stage table (``flows.stages``), where their outputs live in ``flows.run_folder``, the
+stage table (``flows.stages``), where their outputs live in ``core.run_folder``, the
 work in ``tasks/``.
 
 Every stage goes through one of two wrappers: ``stage_task`` (one output: compare the
@@ -112,7 +112,7 @@ def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan) -> dict:
     """Compute the plan's todo shards (on the task runner of the flow it runs in), show
     progress (terminal + Prefect artifact), drop shard files no longer planned, and return
     the stage summary."""
-    out_dir = c.folder.output(stage.writes)
+    out_dir = stage.output(c.folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out_dir, ".shard-*.tmp")  # left by a killed run
     start = time.perf_counter()
@@ -138,19 +138,19 @@ def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan) -> dict:
     removed = remove_stale_shards(out_dir, plan.shards)
     counts: dict[str, int] = {}
     for r in results:
-        for status, n in r["status_counts"].items():
+        for status, n in r.status_counts.items():
             counts[status] = counts.get(status, 0) + n
     shards = plan.shards
-    reused = sum(r["reused"] for r in results)
+    reused = sum(r.reused for r in results)
     summary = {
         "stage": stage.name, "rows_in": sum(len(s.paths) for s in shards),
-        "rows_out": sum(r["rows"] for r in results),
+        "rows_out": sum(r.rows for r in results),
         "seconds": round(time.perf_counter() - start, 2),
         "shards": len(shards), "shards_reused": reused, "shards_computed": len(shards) - reused,
         "tasks": len(futures), "stale_shards_removed": removed, "status_counts": counts,
-        "rows_retried": sum(r.get("retried", 0) for r in results),
+        "rows_retried": sum(r.retried for r in results),
         "reused": reused == len(shards),
-        "ran_on": sorted({r["ran_on"] for r in results if not r["reused"]}),
+        "ran_on": sorted({r.ran_on for r in results if not r.reused}),
         "workers": c.sharding.workers, "dask_address": c.sharding.dask_address,
     }
     create_table_artifact(

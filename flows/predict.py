@@ -1,5 +1,5 @@
 """The ``kface-predict`` Prefect flow: resumable batch inference over large folders (see
-``tasks.batch_predict``). The flow lists the photos into a plan, decides from the plan and
+``inference.batch_predict``). The flow lists the photos into a plan, decides from the plan and
 the shard files which shards need work before any worker starts, and submits only those,
 one task each, to spawned worker processes (each loads the model once) or to a Dask
 cluster. Its parameters are the user's inputs and settings, never the photo list."""
@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from core.sharding import ShardingConfig, shard_runner
-from tasks.batch_predict import (
+from inference.batch_predict import (
     CODE_VERSION,
     merge,
     model_digest,
@@ -56,7 +56,8 @@ def predict_shards_flow(model: str, out: str, todo_from: str, threshold: float |
 
 
 @flow(name="kface-predict")
-def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 200,
+def kface_predict(model: Path, inputs: list[Path], out: Path,
+                  shard_size: int = ShardingConfig.model_fields["shard_size"].default,
                   threshold: float | None = None, write_csv: bool = False,
                   annotated: bool = False, workers: int = 2, detector: str | None = None,
                   write_json: bool = False, dask_address: str | None = None) -> dict:
@@ -94,3 +95,16 @@ def kface_predict(model: Path, inputs: list[Path], out: Path, shard_size: int = 
                 counts["faces"], counts["unreadable"], CODE_VERSION)
     return {**counts, "shards": shard_count, "shards_reused": len(done),
             "shards_computed": len(todo), "parameter_bytes": parameters}
+
+
+def run_batch_predict(model: Path, inputs: list[Path], out: Path, shard_size: int,
+                      threshold: float | None, write_csv: bool, annotated: bool,
+                      workers: int, detector: str | None, write_json: bool,
+                      dask_address: str | None) -> dict:
+    """``kface predict --workers N``: the flow on this process's Prefect API (a temporary
+    server when none is configured)."""
+    from flows.server import prefect_api
+
+    with prefect_api():
+        return kface_predict(model, inputs, out, shard_size, threshold, write_csv, annotated,
+                             workers, detector, write_json, dask_address)

@@ -4,8 +4,9 @@
 setting and the fix: unknown stage names, a missing or empty dataset root, a K-Face root
 without its ``<Res>_Resolution`` folder, a metadata or labels CSV that is missing or
 malformed (encoding, columns, values, duplicate IDs: the whole file is parsed, 400 rows
-for K-Face), missing detector or backbone weight files, a run folder that cannot be
-written, and the inputs of requested stages whose producing stage is not requested.
+for K-Face), missing detector or backbone weight files (each stage's row names its own
+check: ``flows.stages``), a run folder that cannot be written, and the inputs of
+requested stages whose producing stage is not requested.
 Everything here is cheap (no scan of the photo tree): a bad K-Face metadata file is
 refused in about a second.
 
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from flows.config import PipelineConfig
-from flows.stages import STAGES, stage_inputs
+from flows.stages import STAGE, STAGES, StageConfig, output_path, stage_inputs
 
 
 class InputError(ValueError):
@@ -32,7 +33,7 @@ def missing_input(config: PipelineConfig, stage: str, available: set[str] = froz
     """The first input of ``stage`` that is not on disk and that no stage in ``available``
     produces, as a one-line message; None when the stage can run."""
     for name, producer in stage_inputs(stage):
-        path = config.folder.output(name)
+        path = output_path(config.folder, name)
         if producer not in available and not path.exists():
             return (f"stage '{stage}' needs {path}, which stage '{producer}' writes: run "
                     f"with --stages {producer},{stage} (or without --stages)")
@@ -56,28 +57,23 @@ def parse_stages(text: str | None) -> list[str] | None:
 
 
 def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
-    """Raise InputError unless a run of ``stages`` (default: all) can start."""
-    from models.detector import DetectorError, resolve_weights, weights_sha256
-    from tasks.labels import LabelsError, read_metadata
-    from tasks.select import DatasetError, check_dataset
+    """Raise InputError unless a run of ``stages`` (default: all) can start: each requested
+    stage's own check (its row's ``check``), its inputs, and the run folder."""
+    from models.classifier import WeightsError
+    from models.detector import DetectorError
+    from models.mobilefacenet import MobileFaceNetError
+    from tasks.labels import LabelsError
+    from tasks.select import DatasetError
 
     stages = check_stage_names(stages or list(STAGES))
-    data = config.data
-    try:
-        if "select" in stages:
-            check_dataset(data)
-        if "merge" in stages and data.layout == "kface":
-            if data.metadata is None:
-                raise InputError("the merge stage needs the K-Face metadata CSV: --metadata "
-                                 "FILE (data.metadata)")
-            read_metadata(data.metadata)
-        if "detect" in stages:
-            resolve_weights(config.detector)
-            weights_sha256(config.detector)
-    except (DatasetError, LabelsError, DetectorError) as exc:
-        raise InputError(str(exc)) from exc
-    if "train" in stages:
-        check_weights(config.model)
+    for name in stages:
+        stage = STAGE[name]
+        try:
+            if stage.check:
+                stage.check(StageConfig(config, stage, writing=False))
+        except (DatasetError, LabelsError, DetectorError, WeightsError,
+                MobileFaceNetError) as exc:
+            raise InputError(str(exc)) from None
     for stage in stages:
         problem = missing_input(config, stage, set(stages))
         if problem:
@@ -108,31 +104,9 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
             last = max(STAGES.index(s) for s in stages)
             rebuild = ",".join(s for s in STAGES[STAGES.index(first):last + 1])
             raise InputError(
-                f"stage '{stage}' reads {config.folder.output(name)}, which is "
+                f"stage '{stage}' reads {output_path(config.folder, name)}, which is "
                 f"{row.state} ({row.detail or 'not up to date'}): run with --stages "
                 f"{rebuild} (or --allow-stale to use it as it is)")
-
-
-def check_weights(model) -> None:
-    """The backbone's weights: a Keras no-top file, 'imagenet' or 'none'; MobileFaceNet's
-    folder of MXNet files (present, sha256 as published)."""
-    from models.classifier import WeightsError, init_model_file
-    from models.mobilefacenet import MobileFaceNetError, weight_files
-
-    if model.init != "none":
-        try:
-            init_model_file(model.init)
-        except WeightsError as exc:
-            raise InputError(str(exc)) from None
-    weights = model.weights
-    if model.backbone == "mobilefacenet":
-        try:
-            weight_files(weights)
-        except MobileFaceNetError as exc:
-            raise InputError(str(exc)) from None
-    elif weights not in ("none", "imagenet") and not Path(weights).is_file():
-        raise InputError(f"model.weights: file {weights} not found (a Keras no-top weights "
-                         "file, 'imagenet' or 'none')")
 
 
 def check_writable(folder: Path) -> None:

@@ -30,6 +30,16 @@ class ServerStartError(RuntimeError):
     """The temporary Prefect server did not answer; the message says what to do."""
 
 
+def server_env(host: str, port: int) -> dict[str, str]:
+    """The environment of ``kface server``'s ``prefect server start``: host and port as
+    settings, not flags (the UI derives the API address it calls from them)."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    env.pop("PREFECT_UI_API_URL", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 @contextmanager
 def prefect_api(warm_up: Callable[[], object] | None = None) -> Iterator[str]:
     """Yield the API URL in use, starting a temporary local server if none is configured.

@@ -2,15 +2,18 @@
 
 Each row of ``STAGE_TABLE`` names a stage, the function that does its work (in
 ``tasks/``), the run-folder outputs it reads and the one it writes, the config sections it
-may see, its code version, and whether it belongs to the run's data or to an experiment.
-Everything else is derived from the table: the run order, ``--stages`` checks, the pre-run
-input checks (``flows.preflight``), the reuse decision the flow makes before it starts any
-worker (``flows.pipeline``), ``kface status`` (``pipeline_status`` below), the deployments'
-stage lists and ``docs/stages.md``.
+may see, the settings its key reads, its code version, its input check, and whether it
+belongs to the run's data or to an experiment. Everything else is derived from the table:
+the run order, ``--stages`` checks, the pre-run input checks (``flows.preflight``), each
+stage's cache key (``Stage.key``), the reuse decision the flow makes before it starts any
+worker (``flows.pipeline``), ``kface status`` (``pipeline_status`` below), the
+deployments' stage lists and ``docs/stages.md``.
 
-A stage's functions receive a ``StageConfig``: the run folder and only the config
-sections its row declares (reading another one is an error naming this file). Adding a
-stage: write its work in ``tasks/``, its ``key``/``run`` functions here, and add its row.
+A stage's functions receive a ``StageConfig``: the run folder, only the config sections
+its row declares, and the outputs (with their producers' summaries) of the stages its
+row says it reads (anything else is an error naming this file). Adding a stage: its work
+in ``tasks/``, its ``run`` function (or shard plan) and its row here; ``register_stage``
+adds one from outside (a plugin, a test).
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from core.labels import AGES
-from core.sharding import Shard
-from core.storage import read_cache_key, replace_folder, write_bytes_atomic, write_parquet_atomic
+from core.run_folder import RunFolder
+from core.sharding import Shard, ShardResult
+from core.storage import (
+    content_digest,
+    file_sha256,
+    fingerprint,
+    read_cache_key,
+    replace_folder,
+    table_digest,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 from flows import cache
 from flows.config import PipelineConfig, dump_config
-from flows.run_folder import RunFolder
 from models.detector import LANDMARK_KINDS, gives_landmarks
 from tasks import crops, detect, evaluate, labels, select, split, train
 
@@ -63,7 +75,7 @@ class ShardPlan:
     complete for the shard's key (None: the shard needs work)."""
 
     shards: list[Shard]
-    stored: list[dict | None]
+    stored: list[ShardResult | None]
     extra: Any = None  # what the stage's calls need besides the shard (the crop plan)
 
     @property
@@ -82,20 +94,44 @@ class Stage:
     sections: tuple[str, ...]  # the config sections it sees
     code_version: str
     scope: Literal["data", "experiment"]
+    # what its key reads besides its inputs: a section ('split'; its ``key_settings()``
+    # where it has one) or one setting ('data.layout'; a file's by the file's sha256)
+    key_settings: tuple[str, ...] = ()
     stale_detail: str = "inputs or settings changed"
-    # single-output stages: the expected key, where the stored one is, and the work
-    key: Callable[[StageConfig], str] | None = None
-    key_in: Literal["output", "summary"] = "output"  # Parquet metadata or stages/<name>.json
+    check: Callable[[StageConfig], None] | None = None  # its inputs, before a run starts
+    # single-output stages: what it reads from outside the run folder (a digest), where
+    # its stored key is (Parquet metadata or stages/<name>.json), and the work
+    source: Callable[[StageConfig], str] | None = None
+    key_in: Literal["output", "summary"] = "output"
     run: Callable[[StageConfig, str], dict] | None = None
-    # sharded stages: the plan, one shard's call (function, arguments), the summary's
-    # additions once all shards are done
+    # sharded stages: the planned shards, the plan (with each shard's stored summary),
+    # one shard's call (function, arguments), the summary's additions once all shards are
+    # done, and its failed rows by status and reason (``kface status``)
+    shards: Callable[[StageConfig], list[Shard]] | None = None
     plan: Callable[[StageConfig], ShardPlan] | None = None
     shard_call: Callable[[StageConfig, ShardPlan, Shard], tuple[Callable, tuple]] | None = None
     finish: Callable[[StageConfig, ShardPlan, dict], None] | None = None
+    problems: Callable[[StageConfig], dict[str, dict[str, int]]] | None = None
 
     @property
     def sharded(self) -> bool:
         return self.plan is not None
+
+    def output(self, folder: RunFolder) -> Path:
+        """Its output's path: the run folder's name for it, else ``<writes>.parquet`` in
+        the run folder (data stages) or the experiment's folder."""
+        if hasattr(RunFolder, self.writes):
+            return folder.output(self.writes)
+        where = folder.out if self.scope == "data" else folder.experiment_dir
+        return where / f"{self.writes}.parquet"
+
+    def key(self, c: StageConfig) -> str:
+        """A single-output stage's cache key: the digests of the outputs it reads, the
+        settings its row names, what it reads from outside the run folder, and its code
+        version (never a path: a moved dataset or run folder keeps its keys)."""
+        return fingerprint(*(c.read_digest(name) for name in self.reads),
+                           *(c.key_setting(name) for name in self.key_settings),
+                           *([self.source(c)] if self.source else []), self.code_version)
 
     def summary_file(self, folder: RunFolder) -> Path:
         """``stages/<name>.json``: the run folder's for data stages, the experiment's for
@@ -109,7 +145,7 @@ class Stage:
 
     def stored_key(self, folder: RunFolder) -> str | None:
         """The key the stage's output holds (None when there is none)."""
-        output = folder.output(self.writes)
+        output = self.output(folder)
         if not output.exists():
             return None
         if self.key_in == "output":
@@ -118,16 +154,19 @@ class Stage:
 
 
 class StageConfig:
-    """What one stage sees: its run folder, the config sections its row declares (another
-    section is an AttributeError), and a memo for what its key computed and its work
-    reuses (the scan, a plan)."""
+    """What one stage sees: its run folder, the config sections its row declares, the
+    outputs its row reads (``read_digest``, ``upstream_summary``), and a memo for what its
+    key computed and its work reuses (the scan, a plan), shared with the stages it reads
+    from. Anything undeclared is an AttributeError naming this file."""
 
-    def __init__(self, config: PipelineConfig, stage: Stage, writing: bool = True):
+    def __init__(self, config: PipelineConfig, stage: Stage, writing: bool = True,
+                 memo: dict[str, Any] | None = None):
         self.stage = stage.name
         self.folder = config.folder
         self.writing = writing  # False for kface status, which only reads
-        self.memo: dict[str, Any] = {}
-        self._config = config  # for recipe_yaml only
+        self.memo: dict[str, Any] = {} if memo is None else memo
+        self._config = config  # for recipe_yaml and the stages this one reads
+        self._reads = stage.reads
         for name in stage.sections:
             setattr(self, name, getattr(config, name))
 
@@ -136,6 +175,44 @@ class StageConfig:
             raise AttributeError(name)
         raise AttributeError(f"stage '{self.stage}' reads the config section '{name}', which "
                              "its row in flows/stages.py does not declare")
+
+    def upstream(self, output: str) -> tuple[Stage, StageConfig]:
+        """The row and the view of the stage that writes ``output``, one this stage's row
+        reads (the memo shared)."""
+        if output not in self._reads:
+            raise AttributeError(f"stage '{self.stage}' reads the output '{output}', which "
+                                 "its row in flows/stages.py does not declare")
+        producer = STAGE[PRODUCER[output]]
+        return producer, StageConfig(self._config, producer, self.writing, self.memo)
+
+    def read_digest(self, output: str) -> Any:
+        """What ``output`` holds, as this stage's key sees it: a sharded output's planned
+        shard keys, a Parquet file's content digest, else its stage's stored key."""
+        producer, c = self.upstream(output)
+        path = producer.output(self.folder)
+        if producer.sharded:
+            return [read_cache_key(path / s.filename) for s in producer.shards(c)]
+        if producer.key_in == "output":
+            return content_digest(path)
+        return producer.stored_summary(self.folder).get("cache_key")
+
+    def upstream_summary(self, output: str) -> dict:
+        """The stored summary of the stage that writes ``output`` (one this stage reads)."""
+        producer, _ = self.upstream(output)
+        return producer.stored_summary(self.folder)
+
+    def key_setting(self, name: str) -> Any:
+        """A setting as keys see it: a section's ``key_settings()`` (else all of it), one
+        field's value, a file's sha256 (None when unset or missing), never its path."""
+        section, _, field = name.partition(".")
+        settings = getattr(self, section)
+        if not field:
+            return (settings.key_settings() if hasattr(settings, "key_settings")
+                    else settings.model_dump(mode="json"))
+        value = getattr(settings, field)
+        if isinstance(value, Path):
+            return file_sha256(value) if value.is_file() else None
+        return value
 
     def recipe_yaml(self) -> str:
         """The whole config as YAML: the recipe an experiment's model was trained with."""
@@ -156,9 +233,14 @@ def _scan(c: StageConfig):
         c.data, c.selection, c.folder.file_hashes, save_hashes=c.writing))
 
 
-def _select_key(c: StageConfig) -> str:
-    table, _ = _scan(c)
-    return cache.select_key(c, table)
+def _select_source(c: StageConfig) -> str:
+    """The scan's result (paths below the root, sizes, content, labels), not where the
+    root or the labels file is."""
+    return table_digest(_scan(c)[0])
+
+
+def _select_check(c: StageConfig) -> None:
+    select.check_dataset(c.data)
 
 
 def _select_run(c: StageConfig, key: str) -> dict:
@@ -187,6 +269,17 @@ def _select_run(c: StageConfig, key: str) -> dict:
 
 def _detect_shards(c: StageConfig) -> list[Shard]:
     return c.memo_get("detect_shards", lambda: cache.detect_shards(c))
+
+
+def _detect_check(c: StageConfig) -> None:
+    from models.detector import resolve_weights, weights_sha256
+
+    resolve_weights(c.detector)
+    weights_sha256(c.detector)
+
+
+def _detect_problems(c: StageConfig) -> dict[str, dict[str, int]]:
+    return cache.detection_errors(c.folder, _detect_shards(c))
 
 
 def _chip_geometry(c: StageConfig) -> dict[str, dict]:
@@ -252,8 +345,13 @@ def _detect_finish(c: StageConfig, plan: ShardPlan, summary: dict) -> None:
 
 # ------------------------------------------------------------------------------- merge
 
-def _merge_key(c: StageConfig) -> str:
-    return cache.merge_key(c, _detect_shards(c))
+def _merge_check(c: StageConfig) -> None:
+    """The K-Face metadata CSV, parsed whole (400 rows: about a second)."""
+    if c.data.layout == "kface":
+        if c.data.metadata is None:
+            raise labels.LabelsError("the merge stage needs the K-Face metadata CSV: "
+                                     "--metadata FILE (data.metadata)")
+        labels.read_metadata(c.data.metadata)
 
 
 def _merge_run(c: StageConfig, key: str) -> dict:
@@ -268,12 +366,8 @@ def _merge_run(c: StageConfig, key: str) -> dict:
     detections = pads.dataset([str(folder.detections / s.filename) for s in shards],
                               schema=detect.DETECTIONS_SCHEMA, format="parquet"
                               ).to_table().to_pandas()
-    metadata = None
-    if c.data.layout == "kface":
-        if c.data.metadata is None:
-            raise labels.LabelsError("the merge stage needs the K-Face metadata CSV: "
-                                     "--metadata FILE (data.metadata)")
-        metadata = labels.read_metadata(c.data.metadata)
+    _merge_check(c)
+    metadata = labels.read_metadata(c.data.metadata) if c.data.layout == "kface" else None
     table, report = labels.merge_faces(manifest, detections, metadata)
     write_parquet_atomic(folder.faces, table, key)
     logger = _log()
@@ -284,7 +378,11 @@ def _merge_run(c: StageConfig, key: str) -> dict:
         logger.warning("merge: %d subjects have images but no metadata row (excluded): %s",
                        report["subjects_without_labels"],
                        report["subjects_without_labels_list"][:10])
-    return {"rows_in": len(detections), "rows_out": table.num_rows, **report}
+    failed = detections[detections.status.isin(["error", "unreadable"])]
+    return {"rows_in": len(detections), "rows_out": table.num_rows, **report,
+            "detection_status_counts": detections.status.value_counts().to_dict(),
+            "detection_errors": {status: rows.reason.fillna("unknown").value_counts().to_dict()
+                                 for status, rows in failed.groupby("status")}}
 
 
 # ------------------------------------------------------------------------------- split
@@ -292,7 +390,7 @@ def _merge_run(c: StageConfig, key: str) -> dict:
 def _split_run(c: StageConfig, key: str) -> dict:
     faces = pq.read_table(c.folder.faces).to_pandas()
     if faces.empty:
-        raise split.SplitError(_no_faces_message(c.folder))
+        raise split.SplitError(_no_faces_message(c))
     table, report = split.split_faces(faces, c.split)
     write_parquet_atomic(c.folder.split, pa.Table.from_pandas(table, preserve_index=False),
                          key)
@@ -304,19 +402,17 @@ def _split_run(c: StageConfig, key: str) -> dict:
     return {"rows_in": len(faces), "rows_out": len(table), **report}
 
 
-def _no_faces_message(folder: RunFolder) -> str:
-    """Why no face reached the split, from the detect and merge summaries' counts."""
-    detect_summary = STAGE["detect"].stored_summary(folder)
-    merge_summary = STAGE["merge"].stored_summary(folder)
-    counts = detect_summary.get("status_counts", {})
+def _no_faces_message(c: StageConfig) -> str:
+    """Why no face reached the split, from the merge summary's counts of detections."""
+    merge_summary = c.upstream_summary("faces")
+    counts = merge_summary.get("detection_status_counts", {})
     problems = "; ".join(f"{reason} {n}"
-                         for by_reason in detect_summary.get("errors", {}).values()
+                         for by_reason in merge_summary.get("detection_errors", {}).values()
                          for reason, n in sorted(by_reason.items()))
-    return (f"no faces to split: of {detect_summary.get('rows_in', 0)} photos, detection "
+    return (f"no faces to split: of {merge_summary.get('rows_in', 0)} photos, detection "
             f"found a face in {counts.get('ok', 0)}, none in {counts.get('no_face', 0)}, and "
             f"{counts.get('error', 0) + counts.get('unreadable', 0)} could not be used"
-            + (f" ({problems}; examples in {STAGE['detect'].summary_file(folder)})"
-               if problems else "")
+            + (f" ({problems}; examples in {c.folder.stages})" if problems else "")
             + f"; {merge_summary.get('faces', 0)} of the faces have labels"
             + (" (check that the labels' subject IDs match the photos)"
                if counts.get("ok") and not merge_summary.get("faces") else ""))
@@ -326,6 +422,10 @@ def _no_faces_message(folder: RunFolder) -> str:
 
 def _crop_plan(c: StageConfig) -> cache.CropPlan:
     return c.memo_get("crop_plan", lambda: cache.crop_plan(c))
+
+
+def _crop_shards(c: StageConfig) -> list[Shard]:
+    return _crop_plan(c).shards
 
 
 def _crops_plan(c: StageConfig) -> ShardPlan:
@@ -354,8 +454,10 @@ def _crops_finish(c: StageConfig, plan: ShardPlan, summary: dict) -> None:
 
 # ------------------------------------------------------------------------------- train
 
-def _train_key(c: StageConfig) -> str:
-    return cache.train_key(c, _crop_plan(c).shards)
+def _train_check(c: StageConfig) -> None:
+    from models.classifier import check_weights
+
+    check_weights(c.model)
 
 
 def _train_run(c: StageConfig, key: str) -> dict:
@@ -386,16 +488,12 @@ def _train_run(c: StageConfig, key: str) -> dict:
 
 # ---------------------------------------------------------------------------- evaluate
 
-def _evaluate_key(c: StageConfig) -> str:
-    return cache.evaluate_key(STAGE["train"].stored_summary(c.folder).get("cache_key"))
-
-
 def _evaluate_run(c: StageConfig, key: str) -> dict:
     from models.classifier import load_classifier
     from tasks.crop_stream import load_index
 
     folder = c.folder
-    index = load_index(cache.crop_files(c), folder.faces, folder.split)
+    index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
     model = load_classifier(folder.model_file)
     model_labels = json.loads((folder.model / "labels.json").read_text())
     metrics = evaluate.evaluation_metrics(model, index, c.crops.size,
@@ -404,8 +502,8 @@ def _evaluate_run(c: StageConfig, key: str) -> dict:
                                           ages=tuple(model_labels.get("ages", AGES)),
                                           age_line=model_labels.get("age_calibration"))
     report_path = evaluate.write_report(metrics, train.load_history(folder.model),
-                                        STAGE["split"].stored_summary(folder),
-                                        STAGE["merge"].stored_summary(folder), folder.reports)
+                                        c.upstream_summary("split"),
+                                        c.upstream_summary("faces"), folder.reports)
     scored = metrics["scored_split"]
     if _in_run():  # the report in the Prefect UI
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -447,38 +545,78 @@ def labels_are_synthetic(data: select.DataConfig) -> bool:
 
 # ---------------------------------------------------------------------------- the table
 
-STAGE_TABLE: tuple[Stage, ...] = (
+STAGE_TABLE: list[Stage] = [
     Stage("select", select.select_images, reads=(), writes="manifest",
           sections=("data", "selection"), code_version=select.CODE_VERSION, scope="data",
-          stale_detail="the dataset or selection changed", key=_select_key, run=_select_run),
+          key_settings=("data.layout", "data.resolution", "selection"),
+          stale_detail="the dataset or selection changed", check=_select_check,
+          source=_select_source, run=_select_run),
     Stage("detect", detect.detect_shard, reads=("manifest",), writes="detections",
           sections=("data", "detector", "sharding"), code_version=detect.CODE_VERSION,
-          scope="data", plan=_detect_plan, shard_call=_detect_call, finish=_detect_finish),
+          scope="data", check=_detect_check, shards=_detect_shards, plan=_detect_plan,
+          shard_call=_detect_call, finish=_detect_finish, problems=_detect_problems),
     Stage("merge", labels.merge_faces, reads=("manifest", "detections"), writes="faces",
           sections=("data",), code_version=labels.CODE_VERSION, scope="data",
-          key=_merge_key, run=_merge_run),
+          key_settings=("data.metadata",), check=_merge_check, run=_merge_run),
     Stage("split", split.split_faces, reads=("faces",), writes="split", sections=("split",),
-          code_version=split.CODE_VERSION, scope="data", key=cache.split_key, run=_split_run),
+          code_version=split.CODE_VERSION, scope="data", key_settings=("split",),
+          run=_split_run),
     Stage("crops", crops.crop_shard, reads=("faces",), writes="crops",
           sections=("data", "detector", "crops", "sharding"),
-          code_version=crops.CODE_VERSION, scope="data", plan=_crops_plan,
-          shard_call=_crops_call, finish=_crops_finish),
+          code_version=crops.CODE_VERSION, scope="data", shards=_crop_shards,
+          plan=_crops_plan, shard_call=_crops_call, finish=_crops_finish),
     Stage("train", train.train_model, reads=("crops", "faces", "split"), writes="model",
           sections=("data", "detector", "crops", "model", "train"),
           code_version=train.CODE_VERSION, scope="experiment",
-          stale_detail="inputs or model/train settings changed", key=_train_key,
+          key_settings=("crops", "model", "train"),
+          stale_detail="inputs or model/train settings changed", check=_train_check,
           key_in="summary", run=_train_run),
     Stage("evaluate", evaluate.evaluation_metrics,
           reads=("model", "crops", "faces", "split"), writes="reports",
           sections=("data", "crops"), code_version=evaluate.CODE_VERSION,
-          scope="experiment", stale_detail="the model changed", key=_evaluate_key,
+          scope="experiment", stale_detail="the model or the test people changed",
           key_in="summary", run=_evaluate_run),
-)
+]
 
-STAGE: dict[str, Stage] = {s.name: s for s in STAGE_TABLE}
-STAGES: tuple[str, ...] = tuple(STAGE)  # the run order
-DATA_STAGES: list[str] = [s.name for s in STAGE_TABLE if s.scope == "data"]
-PRODUCER: dict[str, str] = {s.writes: s.name for s in STAGE_TABLE}
+STAGE: dict[str, Stage] = {}
+STAGES: list[str] = []  # the run order
+DATA_STAGES: list[str] = []
+PRODUCER: dict[str, str] = {}  # output -> the stage that writes it
+
+
+def _derive() -> None:
+    """The lookups, from the table (updated in place: importers keep their references)."""
+    STAGE.clear()
+    STAGE.update((s.name, s) for s in STAGE_TABLE)
+    STAGES[:] = [s.name for s in STAGE_TABLE]
+    DATA_STAGES[:] = [s.name for s in STAGE_TABLE if s.scope == "data"]
+    PRODUCER.clear()
+    PRODUCER.update((s.writes, s.name) for s in STAGE_TABLE)
+
+
+def register_stage(stage: Stage) -> None:
+    """Add a row at the end of the run order (a stage from a plugin, or a test's); its
+    inputs must be written by rows before it."""
+    if stage.name in STAGE or stage.writes in PRODUCER:
+        raise ValueError(f"stage {stage.name!r} or its output {stage.writes!r} exists")
+    unknown = [name for name in stage.reads if name not in PRODUCER]
+    if unknown:
+        raise ValueError(f"stage {stage.name!r} reads {unknown}, which no stage writes")
+    STAGE_TABLE.append(stage)
+    _derive()
+
+
+def unregister_stage(name: str) -> None:
+    STAGE_TABLE[:] = [s for s in STAGE_TABLE if s.name != name]
+    _derive()
+
+
+_derive()
+
+
+def output_path(folder: RunFolder, output: str) -> Path:
+    """Where the output ``output`` of a run folder is."""
+    return STAGE[PRODUCER[output]].output(folder)
 
 
 def stage_inputs(stage: str) -> tuple[tuple[str, str], ...]:
@@ -494,17 +632,20 @@ def stage_table_markdown() -> str:
     for stage in STAGE_TABLE:
         for name in stage.reads:
             graph.append(f"    o_{name} --> s_{stage.name}")
-        where = folder.output(stage.writes).as_posix()
+        where = stage.output(folder).as_posix()
         if stage.sharded:
             where += "/shard-*.parquet"
         graph.append(f"    s_{stage.name}[{stage.name}] --> o_{stage.writes}[(\"{where}\")]")
-    rows = ["| stage | work | reads | writes | config sections | code version | scope "
-            "| shards |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| stage | work | reads | writes | config sections | key settings | code version "
+            "| scope | shards |", "|---|---|---|---|---|---|---|---|---|"]
     for s in STAGE_TABLE:
         work = f"`{s.work.__module__}.{s.work.__name__}`"
+        keyed = [*s.key_settings, *(["(the scan)"] if s.source else [])]
+        if s.sharded:
+            keyed = ["(per shard: its task's)"]
         rows.append(f"| {s.name} | {work} | {', '.join(s.reads) or '(the dataset)'} "
-                    f"| {s.writes} | {', '.join(s.sections)} | {s.code_version} | {s.scope} "
-                    f"| {'yes' if s.sharded else 'no'} |")
+                    f"| {s.writes} | {', '.join(s.sections)} | {', '.join(keyed) or '-'} "
+                    f"| {s.code_version} | {s.scope} | {'yes' if s.sharded else 'no'} |")
     return "\n".join([*graph, "```", "", *rows]) + "\n"
 
 
@@ -518,7 +659,7 @@ class StageStatus:
     stage: str
     state: str
     detail: str
-    errors: dict[str, dict[str, int]] | None = None  # detect: ``detection_errors``
+    errors: dict[str, dict[str, int]] | None = None  # failed rows (the row's ``problems``)
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "state": self.state, "detail": self.detail,
@@ -540,8 +681,8 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     with the same keys and plans the run uses.
 
     * ``missing``: no output yet; the run computes it.
-    * ``stale``: an output exists but its inputs, config or code changed (or an upstream
-      stage is stale or missing); the run recomputes it (sharded stages: only the shards
+    * ``stale``: an output exists but its inputs, config or code changed (or a stage it
+      reads from is stale or missing); the run recomputes it (sharded stages: only the shards
       that changed).
     * ``done``: up to date, computed by the last run that ran the stage.
     * ``cached``: up to date, and the last run reused it instead of recomputing.
@@ -550,22 +691,21 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     changed photos show as ``stale``.
     """
     result: list[StageStatus] = []
-    upstream_ok = True
+    current_outputs: set[str] = set()
     for stage in STAGE_TABLE:
+        upstream_ok = all(name in current_outputs for name in stage.reads)
         c = StageConfig(config, stage, writing=False)
-        output = c.folder.output(stage.writes)
-        errors = None
+        output = stage.output(c.folder)
+        errors = stage.problems(c) if stage.problems else None
         if stage.sharded:
             exists = any(output.glob("shard-*.parquet"))
             current, detail = False, ""
             if upstream_ok:
                 plan = stage.plan(c)
                 current, detail = not plan.todo, shard_detail(plan, output)
-            if stage.name == "detect":
-                errors = cache.detection_errors(c.folder, _detect_shards(c))
-                unreadable = sum(errors.get("unreadable", {}).values())
-                if upstream_ok and unreadable:
-                    detail += f", {unreadable} photo(s) could not be read last time (retried)"
+            unreadable = sum((errors or {}).get("unreadable", {}).values())
+            if upstream_ok and unreadable:
+                detail += f", {unreadable} photo(s) could not be read last time (retried)"
         else:
             exists = output.exists()
             current = exists and upstream_ok and stage.stored_key(c.folder) == stage.key(c)
@@ -573,11 +713,49 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
         if not exists:
             state, detail = "missing", "not run yet"
         elif not upstream_ok:
-            state, detail = "stale", "an upstream stage is stale or missing"
+            state, detail = "stale", "a stage it reads from is stale or missing"
         elif not current:
             state = "stale"
         else:
             state = "cached" if stage.stored_summary(c.folder).get("reused") else "done"
-        upstream_ok = upstream_ok and state in ("done", "cached")
+        if state in ("done", "cached"):
+            current_outputs.add(stage.writes)
         result.append(StageStatus(stage.name, state, detail, errors))
     return result
+
+
+def list_experiments(out: Path) -> list[dict]:
+    """One summary per ``OUT/experiments/<name>/``: its recipe (from its config.yaml),
+    the scored metrics, training time and state (evaluated / trained / training
+    unfinished / not trained)."""
+    import yaml
+
+    rows = []
+    for name in RunFolder(out).experiment_names():
+        folder = RunFolder(out, name)
+        config_file = folder.experiment_config
+        cfg = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        trained_summary = STAGE["train"].stored_summary(folder)
+        scored_summary = STAGE["evaluate"].stored_summary(folder)
+        scored = scored_summary.get("scored_split", "")
+        trained = folder.model_file.exists()
+        state = ("evaluated" if scored_summary else "trained") if trained else "not trained"
+        if any(folder.experiment_dir.glob(".training-*")):  # killed, or running now
+            state = ("training unfinished" if state == "not trained"
+                     else f"{state}; a newer training unfinished")
+        metric = {name: scored_summary.get(f"{scored}_{name}") for name in (
+            "gender_accuracy", "age_band_accuracy", "age_band_within_one")}
+        metric = {k: f"{v:.3f}" if isinstance(v, float) else "-" for k, v in metric.items()}
+        rows.append({
+            "name": name,
+            "backbone": cfg.get("model", {}).get("backbone", "-"),
+            "input_size": cfg.get("crops", {}).get("size", "-"),
+            "epochs": (f"{trained_summary['epochs_run']}/"
+                       f"{cfg.get('train', {}).get('epochs', '?')}" if trained_summary else "-"),
+            "gender": metric["gender_accuracy"], "age_band": metric["age_band_accuracy"],
+            "within_one": metric["age_band_within_one"], "scored": scored or "-",
+            "training": (f"{trained_summary['seconds'] / 60:.1f} min" if trained_summary
+                         else "-"), "state": state,
+            "model": str(folder.model),
+        })
+    return rows

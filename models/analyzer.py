@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from core.labels import AGES, expected_age
+from core.run_folder import RunFolder
 from core.storage import file_sha256
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
 from models.calibration import apply_temperature
@@ -97,16 +98,17 @@ def resolve_model_dir(path: Path | None) -> tuple[Path, str | None]:
                                "labels.json and model.keras or model.onnx")
     if _is_model_folder(path):
         return path, None
-    if _is_model_folder(path / "model"):  # an experiment folder
-        return path / "model", f"using {path / 'model'}"
-    trained = sorted(folder.parent for folder in path.glob("experiments/*/model")
-                     if _is_model_folder(folder))
-    if len(trained) == 1 or (path / "experiments" / "default") in trained:
-        chosen = trained[0] if len(trained) == 1 else path / "experiments" / "default"
-        return chosen / "model", (f"{path} is a run folder: using experiment "
-                                  f"{chosen.name!r}, {chosen / 'model'}")
+    if _is_model_folder(path / RunFolder.MODEL):  # an experiment folder
+        return path / RunFolder.MODEL, f"using {path / RunFolder.MODEL}"
+    run = RunFolder(path)
+    trained = [RunFolder(path, name) for name in run.experiment_names()
+               if _is_model_folder(RunFolder(path, name).model)]
+    if len(trained) == 1 or run.experiment in [t.experiment for t in trained]:
+        chosen = trained[0] if len(trained) == 1 else run
+        return chosen.model, (f"{path} is a run folder: using experiment "
+                              f"{chosen.experiment!r}, {chosen.model}")
     if trained:
-        names = ", ".join(str(t / "model") for t in trained)
+        names = ", ".join(str(t.model) for t in trained)
         raise ModelFolderError(f"{path} is a run folder with several trained experiments: "
                                f"give one of {names}")
     missing = [f for f in ("labels.json",) if not (path / f).is_file()]
@@ -207,7 +209,7 @@ class FaceAnalyzer:
 
     @property
     def detector(self) -> FaceDetector:
-        """This thread's detector (each reader thread of ``tasks.predict`` has its own)."""
+        """This thread's detector (each reader thread of ``inference.predict`` has its own)."""
         return get_detector(self.detector_cfg)
 
     def crops(self, image: np.ndarray) -> tuple[list[Face], np.ndarray]:

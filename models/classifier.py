@@ -92,6 +92,10 @@ class ModelConfig(BaseModel):
                              f"{', '.join(FROZEN_CUTS)} (backbone is {self.backbone})")
         return self
 
+    def key_settings(self) -> dict:
+        """What cache keys read of this section (``model_key_settings``)."""
+        return model_key_settings(self)
+
 
 class WeightsError(RuntimeError):
     """Backbone weights (or the model ``model.init`` names) cannot be obtained (offline,
@@ -221,6 +225,46 @@ def init_model_file(init: str) -> Path:
         raise WeightsError(f"model.init: {path} not found: give 'default' (the shipped "
                                "model) or a trained model folder with its model.keras")
     return path
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Raise WeightsError (or MobileFaceNetError) unless the files ``cfg`` names are
+    there: the model ``init`` starts from, MobileFaceNet's folder of MXNet files (present,
+    sha256 as published), or a Keras no-top weights file ('imagenet' and 'none' need
+    none)."""
+    from models.mobilefacenet import weight_files
+
+    if cfg.init != "none":
+        init_model_file(cfg.init)
+    if cfg.backbone == "mobilefacenet":
+        weight_files(cfg.weights)
+    elif cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
+        raise WeightsError(f"model.weights: file {cfg.weights} not found (a Keras no-top "
+                           "weights file, 'imagenet' or 'none')")
+
+
+# model settings added since models were first trained, with the value that means "off"
+MODEL_OFF = {"frozen_until": "none", "init": "none"}
+
+
+def model_key_settings(cfg: ModelConfig) -> dict:
+    """The model section as cache keys see it: a weights file replaced by its sha256 and
+    a weights folder (MobileFaceNet's) by its files' (not their path), the model ``init``
+    starts from by its file's, and without the settings of ``MODEL_OFF`` while they are
+    off (models trained before they existed stay current)."""
+    from core.storage import file_sha256
+
+    settings = cfg.model_dump(mode="json", exclude={
+        k for k, off in MODEL_OFF.items() if getattr(cfg, k) == off})
+    weights = Path(cfg.weights)
+    if cfg.weights not in ("none", "imagenet") and weights.is_file():
+        settings["weights"] = file_sha256(weights)
+    elif cfg.weights not in ("none", "imagenet") and weights.is_dir():
+        settings["weights"] = [file_sha256(f) for f in sorted(weights.iterdir())
+                               if f.is_file()]
+    if cfg.init != "none":
+        settings["init"] = file_sha256(init_model_file(cfg.init))
+    return settings
 
 
 def initialise(model, init: str) -> list[str]:

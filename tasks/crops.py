@@ -23,10 +23,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.images import ImageError, ImageRoots, as_roots, load_image
-from core.sharding import Shard
+from core.sharding import Shard, ShardResult
 from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.face_crop import CropError, CropSpec, face_crop
-from tasks.detect import worker_id
 
 CODE_VERSION = "crops-1"
 CHUNK_ROWS = 64  # crops per Parquet row group: the unit the training input reads
@@ -49,6 +48,11 @@ class CropConfig(BaseModel):
         "its box. Needs detector.kind: yunet (res10 finds no landmarks: its faces are "
         "box-cropped, and the run says so). The model records it; inference cuts faces "
         "the same way.")
+
+    def key_settings(self) -> dict:
+        """What cache keys read of this section: without ``align`` while it is off, so
+        models trained before alignment existed stay current."""
+        return self.model_dump(exclude=None if self.align else {"align"})
 
     def spec(self, margin: float) -> CropSpec:
         """The crop function's settings; ``margin`` is the detector's."""
@@ -106,7 +110,7 @@ def crop_shard_key(shard: Shard, boxes: Sequence[Sequence[int]], cfg: CropConfig
 
 
 def stored_shard(final: Path, key: str, cfg: CropConfig,
-                 landmarks: Sequence[Landmarks] | None) -> dict | None:
+                 landmarks: Sequence[Landmarks] | None) -> ShardResult | None:
     """The summary of a crop shard file that holds ``key`` (its error column's null
     count from the file's statistics, no data read); None when it needs work."""
     if read_cache_key(final) != key:
@@ -119,9 +123,7 @@ def stored_shard(final: Path, key: str, cfg: CropConfig,
         ok = sum(s.null_count for s in stats)
     else:  # a writer without statistics: read the column
         ok = pq.read_table(final, columns=["error"]).column("error").null_count
-    return {"shard": Path(final).stem.removeprefix("shard-"), "file": str(final),
-            "rows": rows, "reused": True, "ran_on": None,
-            "status_counts": _counts(ok, rows, cfg, landmarks)}
+    return ShardResult.on_disk(final, rows, _counts(ok, rows, cfg, landmarks))
 
 
 def _counts(ok: int, rows: int, cfg: CropConfig, landmarks: Sequence[Landmarks] | None
@@ -134,7 +136,8 @@ def _counts(ok: int, rows: int, cfg: CropConfig, landmarks: Sequence[Landmarks] 
 
 def crop_shard(root: Path | ImageRoots, shard: Shard, boxes: Sequence[Sequence[int]],
                cfg: CropConfig, out_dir: Path, opencv_threads: int = 1,
-               landmarks: Sequence[Landmarks] | None = None, margin: float = 0.2) -> dict:
+               landmarks: Sequence[Landmarks] | None = None, margin: float = 0.2
+               ) -> ShardResult:
     """Build one crop shard file unless it already holds this content's key."""
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
@@ -149,6 +152,5 @@ def crop_shard(root: Path | ImageRoots, shard: Shard, boxes: Sequence[Sequence[i
         write_parquet_atomic(final, table, None if retry else key, row_group_size=CHUNK_ROWS,
                              digest=False)
     ok = table.column("error").null_count  # error is null where the crop succeeded
-    return {"shard": shard.name, "file": str(final), "rows": table.num_rows,
-            "reused": reused, "status_counts": _counts(ok, table.num_rows, cfg, landmarks),
-            "ran_on": worker_id()}
+    return ShardResult.done_here(shard, final, table.num_rows,
+                                 _counts(ok, table.num_rows, cfg, landmarks), reused)

@@ -38,8 +38,6 @@ padded copies of up to 200 of the folder's chips, the median of each point.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -50,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.images import ImageError, ImageRoots, as_roots, load_image
-from core.sharding import Shard
+from core.sharding import Shard, ShardResult
 from core.storage import fingerprint, read_cache_key, write_parquet_atomic
 from models.detector import (
     LANDMARK_COLUMNS,
@@ -204,7 +202,7 @@ def conform(table: pa.Table) -> pa.Table:
 
 
 def stored_shard(final: Path, key: str, stat_key: str | None = None,
-                 adopt: bool = False) -> dict | None:
+                 adopt: bool = False) -> ShardResult | None:
     """The summary of a shard file that is complete for ``key`` (it holds the key and no
     ``unreadable`` row to retry), read from its status column; None when it needs work.
     The flow decides with it which shards to submit, and ``kface status`` what a run
@@ -221,18 +219,13 @@ def stored_shard(final: Path, key: str, stat_key: str | None = None,
     counts = {c["values"]: c["counts"] for c in pc.value_counts(statuses).to_pylist()}
     if counts.get("unreadable"):
         return None
-    return {"shard": Path(final).stem.removeprefix("shard-"), "file": str(final),
-            "rows": len(statuses), "reused": True, "retried": 0, "status_counts": counts,
-            "ran_on": None}
+    return ShardResult.on_disk(final, len(statuses), counts)
 
 
 def detect_shard(root: Path | ImageRoots, shard: Shard, cfg: DetectorConfig, out_dir: Path,
-                 opencv_threads: int = 1, chips: ChipGeometry | None = None) -> dict:
+                 opencv_threads: int = 1, chips: ChipGeometry | None = None) -> ShardResult:
     """Detect one shard into ``out_dir/shard-<name>.parquet`` unless it is already there;
-    a shard on disk with ``unreadable`` rows gets only those rows detected again.
-
-    Returns a summary: ``{"shard", "file", "rows", "reused", "retried", "status_counts"}``.
-    """
+    a shard on disk with ``unreadable`` rows gets only those rows detected again."""
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
     key = shard_cache_key(shard, cfg, chips)
@@ -253,20 +246,8 @@ def detect_shard(root: Path | ImageRoots, shard: Shard, cfg: DetectorConfig, out
         table = detect_images(root, shard.paths, cfg, chips)
         write_parquet_atomic(final, table, key, digest=False)
     counts = pc.value_counts(table.column("status")).to_pylist()
-    return {
-        "shard": shard.name,
-        "file": str(final),
-        "rows": table.num_rows,
-        "reused": reused,
-        "retried": retried,
-        "status_counts": {c["values"]: c["counts"] for c in counts},
-        "ran_on": worker_id(),
-    }
-
-
-def worker_id() -> str:
-    """``host:pid`` of the process doing a shard (the stage summary lists them)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return ShardResult.done_here(shard, final, table.num_rows,
+                                 {c["values"]: c["counts"] for c in counts}, reused, retried)
 
 
 def remove_stale_shards(out_dir: Path, shards: Sequence[Shard]) -> list[str]:

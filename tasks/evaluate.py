@@ -362,7 +362,8 @@ def plot_curves(history: dict, reports: Path) -> list[str]:
 
 def write_report(metrics: dict, history: dict, split_report: dict, merge_report: dict,
                  reports: Path) -> Path:
-    """Write PNGs, metrics.json and report.md under ``reports``; return report.md's path."""
+    """Write PNGs, metrics.json and report.md under ``reports``; return report.md's path.
+    The report's sections are the ``_section`` functions below, in order."""
     reports.mkdir(parents=True, exist_ok=True)
     for head, title in (("gender", "Gender"), ("age_band", "Age band")):
         cm = metrics[head]["confusion_matrix"]
@@ -371,6 +372,28 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
         write_json_atomic(reports / f"confusion_{head}.json", cm)
     curves = plot_curves(history, reports) if history.get("epoch") else []
     write_json_atomic(reports / "metrics.json", metrics)
+    if metrics.get("calibration"):
+        plot_reliability(metrics["calibration"], reports / "reliability.png")
+    lines = [*_summary_section(metrics, split_report), *_calibration_section(metrics),
+             *_per_class_section(metrics), *_data_section(merge_report, split_report),
+             *_figures_section(curves)]
+    path = reports / "report.md"
+    write_bytes_atomic(path, "\n".join(lines).encode("utf-8"))
+    return path
+
+
+SCORED_ON = {
+    "test": "held-out test people: never trained on, not used to choose the checkpoint",
+    "val": "the validation people, who also chose the checkpoint and stopped training, so "
+           "these numbers are optimistic",
+    "folder": "a labelled folder, through the model's own inference path (detector, crop, "
+              "calibration), the best face of each photo; people who were also in the "
+              "training data make the numbers optimistic"}
+
+
+def _summary_section(metrics: dict, split_report: dict) -> list[str]:
+    """Title, warnings, what was scored, the headline table with intervals and
+    baselines, and the notes (age error by band, photos left out, validation)."""
     scored = metrics.get("scored_split", "val")
     lines = ["# kface-pipeline evaluation report", ""]
     lines += [f"> **Warning:** {w}" for w in metrics.get("warnings", [])]
@@ -378,19 +401,12 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
         lines.append(f"> **Warning:** {split_report['warning']}")
     if lines[-1] != "":
         lines.append("")
-    what = {"test": "held-out test people: never trained on, not used to choose the "
-                    "checkpoint",
-            "val": "the validation people, who also chose the checkpoint and stopped "
-                   "training, so these numbers are optimistic",
-            "folder": "a labelled folder, through the model's own inference path (detector, "
-                      "crop, calibration), the best face of each photo; people who were "
-                      "also in the training data make the numbers optimistic"}[scored]
     split = (f"Split strategy **{split_report.get('strategy')}** (subjects in more than one "
              f"split: {split_report.get('subjects', {}).get('in_both')}). "
              if split_report else "")
     lines += [
         f"Scored on **{scored}**: {metrics['examples']} faces of {metrics['subjects']} "
-        f"subjects ({what}). {split}{heads_sentence(metrics)}", "",
+        f"subjects ({SCORED_ON[scored]}). {split}{heads_sentence(metrics)}", "",
         "95% intervals: bootstrap over subjects. Baselines: always the training split's "
         "majority class; guessing with the training split's class shares (expected).", "",
         "| head | metric | score | 95% interval | majority class | class prior |",
@@ -423,65 +439,72 @@ def write_report(metrics: dict, history: dict, split_report: dict, merge_report:
                   f"{validation['subjects']} subjects; it chose the checkpoint, so it is "
                   f"optimistic): gender accuracy {validation['gender_accuracy']:.3f}, age band "
                   f"accuracy {validation['age_band_accuracy']:.3f}."]
+    return lines
+
+
+def _calibration_section(metrics: dict) -> list[str]:
+    """Temperatures and ECE before and after, against what a calibrated model shows."""
     calibration = metrics.get("calibration")
-    if calibration:
-        plot_reliability(calibration, reports / "reliability.png")
-        lines += ["", "## Calibration", "",
-                  f"Every inference path divides each head's logits by the temperature "
-                  f"fitted on the validation split after training (labels.json). On the "
-                  f"{scored} split: expected calibration error (ECE, 15 bins) and mean top "
-                  "probability, before and after. ECE is never zero on finite data: "
-                  "*calibrated* is the ECE a perfectly calibrated model with these "
-                  "probabilities shows on as many faces (its mean, and 95% of draws below "
-                  "the second figure); an ECE after below that second figure is what a "
-                  "calibrated model shows.", "",
-                  "| head | temperature | ECE before | ECE after | calibrated | mean top "
-                  "probability before | after | accuracy |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for head, c in calibration.items():
-            floor = c.get("ece_floor") or {}
-            shown = (f"{floor['mean']:.3f} (<= {floor['p95']:.3f})"
-                     if floor.get("mean") is not None else "-")
-            lines.append(f"| {head} | {c['temperature']:.2f} | {c['ece_before']:.3f} | "
-                         f"**{c['ece_after']:.3f}** | {shown} | "
-                         f"{c['mean_confidence_before']:.3f} | "
-                         f"{c['mean_confidence_after']:.3f} | {metrics[head]['accuracy']:.3f} |")
-        lines += ["", "![reliability](reliability.png)"]
-    lines += [
-        "",
-        "## Per class", "", "| head | class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|---|",
-    ]
+    if not calibration:
+        return []
+    lines = ["", "## Calibration", "",
+             f"Every inference path divides each head's logits by the temperature "
+             f"fitted on the validation split after training (labels.json). On the "
+             f"{metrics.get('scored_split', 'val')} split: expected calibration error (ECE, "
+             "15 bins) and mean top probability, before and after. ECE is never zero on "
+             "finite data: *calibrated* is the ECE a perfectly calibrated model with these "
+             "probabilities shows on as many faces (its mean, and 95% of draws below "
+             "the second figure); an ECE after below that second figure is what a "
+             "calibrated model shows.", "",
+             "| head | temperature | ECE before | ECE after | calibrated | mean top "
+             "probability before | after | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for head, c in calibration.items():
+        floor = c.get("ece_floor") or {}
+        shown = (f"{floor['mean']:.3f} (<= {floor['p95']:.3f})"
+                 if floor.get("mean") is not None else "-")
+        lines.append(f"| {head} | {c['temperature']:.2f} | {c['ece_before']:.3f} | "
+                     f"**{c['ece_after']:.3f}** | {shown} | "
+                     f"{c['mean_confidence_before']:.3f} | "
+                     f"{c['mean_confidence_after']:.3f} | {metrics[head]['accuracy']:.3f} |")
+    return [*lines, "", "![reliability](reliability.png)"]
+
+
+def _per_class_section(metrics: dict) -> list[str]:
+    """Precision/recall per class, accuracy per joint class and per attribute."""
+    lines = ["", "## Per class", "", "| head | class | precision | recall | F1 | support |",
+             "|---|---|---|---|---|---|"]
     for head in ("gender", "age_band"):
         for c, m in metrics[head]["per_class"].items():
             lines.append(f"| {head} | {c} | {m['precision']:.3f} | {m['recall']:.3f} | "
                          f"{m['f1']:.3f} | {m['support']} |")
-    lines += ["", "## Accuracy per joint class", "",
-              "| class | n | gender | age band |", "|---|---|---|---|"]
-    for k, m in metrics["by_joint_class"].items():
-        lines.append(f"| {k} | {m['n']} | {m['gender_accuracy']:.3f} | "
-                     f"{m['age_band_accuracy']:.3f} |")
-    for attr, groups in metrics["by_attribute"].items():
-        lines += ["", f"## Accuracy by {attr}", "", f"| {attr} | n | gender | age band |",
+    groups_by = {"joint class": metrics["by_joint_class"], **metrics["by_attribute"]}
+    for attr, groups in groups_by.items():
+        title = "per joint class" if attr == "joint class" else f"by {attr}"
+        column = "class" if attr == "joint class" else attr
+        lines += ["", f"## Accuracy {title}", "", f"| {column} | n | gender | age band |",
                   "|---|---|---|---|"]
         for k, m in groups.items():
             lines.append(f"| {k} | {m['n']} | {m['gender_accuracy']:.3f} | "
                          f"{m['age_band_accuracy']:.3f} |")
-    if merge_report or split_report:
-        counts = merge_report.get("joint_class_counts") or {}
-        lines += ["", "## Data", "", "| joint class | faces (all splits) |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in counts.items()]
-        rows = split_report.get("rows") or {}
-        lines += ["",
-                  f"Subjects without metadata (excluded): "
-                  f"{merge_report.get('subjects_without_labels', 0)}. Split rows: "
-                  + (", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict)
-                     else str(rows)) + "."]
-    if curves:
-        lines += ["", "## Training curves", ""]
-        lines += [f"![{c}]({c})" for c in curves]
-    lines += ["", "![confusion gender](confusion_gender.png) "
-              "![confusion age band](confusion_age_band.png)", ""]
-    path = reports / "report.md"
-    write_bytes_atomic(path, "\n".join(lines).encode("utf-8"))
-    return path
+    return lines
+
+
+def _data_section(merge_report: dict, split_report: dict) -> list[str]:
+    """Faces per joint class, subjects without metadata and rows per split."""
+    if not (merge_report or split_report):
+        return []
+    counts = merge_report.get("joint_class_counts") or {}
+    rows = split_report.get("rows") or {}
+    return ["", "## Data", "", "| joint class | faces (all splits) |", "|---|---|",
+            *(f"| {k} | {v} |" for k, v in counts.items()), "",
+            f"Subjects without metadata (excluded): "
+            f"{merge_report.get('subjects_without_labels', 0)}. Split rows: "
+            + (", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict)
+               else str(rows)) + "."]
+
+
+def _figures_section(curves: list[str]) -> list[str]:
+    lines = ["", "## Training curves", "", *(f"![{c}]({c})" for c in curves)] if curves else []
+    return [*lines, "", "![confusion gender](confusion_gender.png) "
+            "![confusion age band](confusion_age_band.png)", ""]

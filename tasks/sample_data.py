@@ -99,6 +99,27 @@ SAMPLE_SPEC = TreeSpec(accessories=("S001", "S002"), lights=("L1", "L2", "L10"),
                        expressions=("E01",), cameras=("C4", "C7", "C1"))
 
 
+def sample_summary(spec: TreeSpec, subjects: int, out: Path) -> str:
+    """What ``build_kface_tree`` wrote with ``spec``, and how many photos the default
+    selection keeps (the others are written to show that they are left out)."""
+    import math
+
+    from tasks.select import SelectionConfig
+
+    selection = SelectionConfig()
+    values = {"accessories": spec.accessories, "lights": spec.lights,
+              "expressions": spec.expressions, "cameras": spec.cameras}
+    kept = {name: [v for v in vs if v in getattr(selection, name)]
+            for name, vs in values.items()}
+    left_out = [v for name, vs in values.items() for v in vs if v not in kept[name]]
+    total = subjects * math.prod(len(vs) for vs in values.values())
+    selected = subjects * math.prod(len(vs) for vs in kept.values())
+    return (f"wrote {total} photos of {subjects} subjects under {out}/High_Resolution and "
+            f"{out}/KFace_metadata.csv; the default selection keeps {selected} of them"
+            + (f" ({', '.join(left_out)} lie outside K-Face's usual selection, written to "
+               "show that they are left out)" if left_out else ""))
+
+
 def read_face_labels(faces_dir: Path) -> pd.DataFrame:
     """Read ``faces_dir/labels.csv`` into columns ``file``, ``age_band``, ``gender``."""
     labels = pd.read_csv(Path(faces_dir) / "labels.csv", dtype=str)

@@ -101,6 +101,16 @@ class TrainConfig(BaseModel):
         False, description="Refuse to train when the Keras backend sees no GPU (instead of "
         "warning when the CPU training would be long).")
 
+    def key_settings(self) -> dict:
+        """What cache keys read of this section: without the settings of ``TRAIN_OFF``
+        while they are off, so models trained before they existed stay current."""
+        return self.model_dump(exclude={k for k, off in TRAIN_OFF.items()
+                                        if getattr(self, k) == off})
+
+
+# train settings added since models were first trained, with the value that means "off"
+TRAIN_OFF = {"ema_momentum": None, "age_mean_weight": 0.0, "feature_cache": True}
+
 
 def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
     """Per-sample weights: 1, or inverse age-band frequency normalised to mean 1."""
@@ -163,9 +173,29 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     gpus = check_device(len(train), size, model_cfg.backbone, cfg)
     ages = exact_ages(model_cfg, train, val)
     heads = ["gender", "age_band", *(["age"] if ages else [])]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint, history = fit_model(keras, crops, size, model_cfg, cfg, model_dir, log_dir,
+                                    ages, heads, gpus)
+    write_model_folder(model_dir, model_cfg, size, heads, ages, crop_spec, history, crops)
+    chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
+    speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
+    return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
+            "val_gender_accuracy": chosen["val_gender_accuracy"],
+            "val_age_band_accuracy": chosen["val_age_band_accuracy"],
+            "train_examples": len(train), "val_examples": len(val), "heads": heads,
+            "backend": keras_backend(), "gpus": gpus,
+            "resumed_after_epochs": checkpoint.epochs_before,
+            "last_epoch_train_images_per_s": None if speed is None else round(float(speed), 1)}
+
+
+def fit_model(keras, crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
+              model_dir: Path, log_dir: Path, ages: tuple[int, ...], heads: list[str],
+              gpus: list[str]):
+    """Build, start (``model.init``), compile and fit the network; the best epoch's
+    model is left in ``model_dir/best.keras``. Returns the checkpoint callback (its
+    ``state``: the best epoch and its metrics, across resumes) and the history."""
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(precision_policy(cfg, gpus))
-    model_dir.mkdir(parents=True, exist_ok=True)
     with _strategy(gpus).scope():
         fit = fit_plan(crops, size, model_cfg, cfg, model_dir, ages)
         if model_cfg.init != "none":
@@ -174,38 +204,36 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
                      model_cfg.init)
         compile_model(keras, fit.model, cfg, cfg.steps_per_epoch or len(fit.train), heads,
                       ages)
-    best = model_dir / "best.keras"
     history_csv = model_dir / "history.csv"
-    checkpoint = best_checkpoint(keras, best, "val_age_band_accuracy")
-    epochs_before = checkpoint.epochs_before
+    checkpoint = best_checkpoint(keras, model_dir / "best.keras", "val_age_band_accuracy")
     fit.model.fit(fit.train, validation_data=fit.val, epochs=cfg.epochs,
-                  callbacks=training_callbacks(keras, cfg, len(train), checkpoint, history_csv,
-                                               model_dir, log_dir),
+                  callbacks=training_callbacks(keras, cfg, len(crops.splits["train"]),
+                                               checkpoint, history_csv, model_dir, log_dir),
                   steps_per_epoch=cfg.steps_per_epoch, verbose=2)
     del fit  # the saved checkpoint is the result: free the training graphs
     keras.backend.clear_session()  # before evaluation loads the model
-    history = pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
-    # the serving model: no optimizer state (which would double its file)
+    return checkpoint, pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
+
+
+def write_model_folder(model_dir: Path, model_cfg: ModelConfig, size: int, heads: list[str],
+                       ages: tuple[int, ...], crop_spec: dict | None, history: pd.DataFrame,
+                       crops: CropSet) -> None:
+    """The serving model folder from the best checkpoint: ``model.keras`` (no optimizer
+    state, which would double its file), ``history.json``, and ``labels.json`` with the
+    calibration fitted on the validation people and the model's id."""
+    best = model_dir / "best.keras"
     save_final_model(load_classifier(best, compile=False), model_cfg, size, ages, model_dir)
     best.unlink()
     shutil.rmtree(model_dir / "features", ignore_errors=True)  # (kept only for a resume)
-    chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
-    speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
-    calibration, age_line = fit_calibration(model_dir / "model.keras", val, crops.files, size,
-                                            ages)
+    calibration, age_line = fit_calibration(model_dir / "model.keras", crops.splits["val"],
+                                            crops.files, size, ages)
     write_json_atomic(model_dir / "labels.json", {
         **model_labels(model_cfg, size, heads, ages, crop_spec, calibration),
         **({"age_calibration": age_line} if age_line else {}),
         # one id for the model and its exports (kface stats checks a reference's)
         "model_id": file_sha256(model_dir / "model.keras")})
-    return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
-            "val_gender_accuracy": chosen["val_gender_accuracy"],
-            "val_age_band_accuracy": chosen["val_age_band_accuracy"],
-            "train_examples": len(train), "val_examples": len(val), "heads": heads,
-            "backend": keras_backend(), "gpus": gpus, "resumed_after_epochs": epochs_before,
-            "last_epoch_train_images_per_s": None if speed is None else round(float(speed), 1)}
 
 
 def exact_ages(model_cfg: ModelConfig, train: pd.DataFrame, val: pd.DataFrame

@@ -50,7 +50,6 @@ def test_weights_errors_are_clear(tmp_path):
 def test_age_loss_adds_the_mean_age_error_and_reloads():
     import keras
 
-    from flows.cache import train_settings
     from models.classifier import age_targets
     from models.losses import AgeLoss
     from tasks.train import TrainConfig
@@ -67,5 +66,5 @@ def test_age_loss_adds_the_mean_age_error_and_reloads():
         AgeLoss(2.0)))
     assert isinstance(again, AgeLoss) and again.mean_weight == 2.0
     # off, the train key is what it was before the setting existed
-    assert "age_mean_weight" not in train_settings(TrainConfig())
-    assert train_settings(TrainConfig(age_mean_weight=1.0))["age_mean_weight"] == 1.0
+    assert "age_mean_weight" not in TrainConfig().key_settings()
+    assert TrainConfig(age_mean_weight=1.0).key_settings()["age_mean_weight"] == 1.0

@@ -116,10 +116,10 @@ def test_shard_is_reused_and_key_tracks_content(kface_tree, tmp_path):
     cfg = DetectorConfig()
     file = tmp_path / f"shard-{shards[1].name}.parquet"
     first = detect_shard(kface_tree, shards[1], cfg, tmp_path)
-    assert not first["reused"] and file.exists()
+    assert not first.reused and file.exists()
     mtime = file.stat().st_mtime_ns
     again = detect_shard(kface_tree, shards[1], cfg, tmp_path)
-    assert again["reused"] and again["status_counts"] == first["status_counts"]
+    assert again.reused and again.status_counts == first.status_counts
     assert file.stat().st_mtime_ns == mtime
     # the key changes with the threshold, and with one image's mtime, and only for its shard
     assert shard_cache_key(shards[1], cfg) != shard_cache_key(
@@ -178,11 +178,10 @@ def test_detector_kind_keys_and_shards_of_earlier_versions(kface_tree, tmp_path)
         "confidence", "mean", "edge_rows", "input_size", "input_aspect", "nms_threshold",
         "margin", "margin_mode", "min_decode_side", "max_pixels"}
     # ... and the models trained on box crops keep their train key (crops as before)
-    from flows.cache import crop_settings
     from flows.config import load_config
 
-    assert set(crop_settings(load_config().crops)) == {"size", "jpeg_quality"}
-    assert crop_settings(load_config(overrides={"crops.align": True}).crops)["align"] is True
+    assert set(load_config().crops.key_settings()) == {"size", "jpeg_quality"}
+    assert load_config(overrides={"crops.align": True}).crops.key_settings()["align"] is True
     yunet = DetectorConfig(kind="yunet")
     assert yunet.confidence == 0.8  # its own default, unless set
     assert DetectorConfig(kind="yunet", confidence=0.9).confidence == 0.9

@@ -4,6 +4,7 @@ CLI's help come from the registry, and no code outside the package asks for a ki
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -58,16 +59,15 @@ print("ok")
 
 def test_a_kind_is_one_module(tmp_path):
     (tmp_path / "toy_kind.py").write_text(TOY_KIND)
-    env_path = f"{tmp_path}:{REPO}"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "COLUMNS": "200"}
     res = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO, capture_output=True,
-                         text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+                         text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
     # the CLI's help lists it too (its options are built from the registry)
     help_check = ("import toy_kind, sys; sys.argv = ['kface', 'predict', '--help']; "
                   "from flows.cli import main; main()")
     res = subprocess.run([sys.executable, "-c", help_check], cwd=REPO, capture_output=True,
-                         text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin",
-                                         "COLUMNS": "200"})
+                         text=True, env=env)
     assert "toy" in res.stdout and "0.5 for toy" in res.stdout, res.stdout + res.stderr
 
 

@@ -121,10 +121,10 @@ def test_user_text_prints_verbatim(capsys, tmp_path, scenes_dir):
     """Square brackets in a path or an install hint are not eaten as terminal markup."""
     import typer
 
-    from flows import cli
+    from flows.terminal import fail
 
     with pytest.raises(typer.Exit):
-        cli._fail("ONNX export needs tf2onnx: pip install 'kface-pipeline[onnx]'")
+        fail("ONNX export needs tf2onnx: pip install 'kface-pipeline[onnx]'")
     assert "pip install 'kface-pipeline[onnx]'" in capsys.readouterr().err
     model = tmp_path / "models[old]" / "m"
     res = run_kface("predict", str(scenes_dir / "insightface_t1.jpg"), "--model", str(model),
@@ -188,7 +188,7 @@ def test_a_reference_counts_people_not_photos(onnx_model, customers, tmp_path):
     """32 photos of 16 people: the reference says 16 people (4 per band), its rows count
     people and faces apart; a class of one person with six photos is refused."""
     from core.labels import AGE_BANDS, GENDERS
-    from tasks.stats import StatsError, load_reference, reference
+    from inference.stats import StatsError, load_reference, reference
 
     res = run_kface("evaluate", "--model", str(onnx_model), "--data-root", str(customers),
                     "--out", str(tmp_path / "e"))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import kill_when_written, make_video, run_kface
 
+from inference.predict import predict_images
 from models.analyzer import FaceAnalyzer, ModelFolderError
 from models.face_crop import crop_face
 from tasks.crop_stream import crop_jpegs
-from tasks.predict import predict_images
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_video_tracks_and_stats(tiny_run, aaf_dir, tmp_path):
 
 def test_a_short_visit_is_not_counted(analyzer, aaf_dir, tmp_path):
     """Face A is in view 3 s, face B 2 s (10 fps): with a 2.5 s minimum only A counts."""
-    from tasks.video import analyze_video
+    from inference.video import analyze_video
 
     clip = tmp_path / "clip.mp4"
     make_video(clip, aaf_dir)
@@ -190,8 +190,8 @@ def test_a_visitor_who_comes_back_is_counted_once(analyzer, aaf_dir, tmp_path):
     """A leaves and is back 3 s later in another lane; D, another person, walks where A
     was in between; C passes by for 0.3 s; faces missed in 5% of frames. Three visitors,
     A with two tracks; without re-identification A counts twice."""
+    from inference.video import analyze_video
     from tasks.sample_data import Visit, write_visit_clip
-    from tasks.video import analyze_video
 
     files = sorted(p.name for p in aaf_dir.glob("*.jpg"))
     a, b, c, d = files[10], files[2000], files[3000], files[11]
@@ -235,8 +235,8 @@ def test_one_person_close_to_the_camera_is_one_person(tiny_run, aaf_dir, tmp_pat
 
 def test_tracker_forgets_ended_tracks():
     """An hour of passers-by: live tracks stay few, every ended track is handed out once."""
+    from inference.video import IoUTracker, PeopleCounter, Visitor
     from models.analyzer import FacePrediction
-    from tasks.video import IoUTracker, PeopleCounter, Visitor
 
     tracker = IoUTracker(max_gap=5)
     counter = PeopleCounter(["M", "F"], ["20s", "30s", "40s", "50s"])
@@ -337,7 +337,7 @@ def test_many_photos_in_one_batch_match_one_by_one(analyzer, scenes_dir):
 def test_reader_threads_give_the_answers_of_one_thread(analyzer, scenes_dir, tmp_path):
     """Photos read and detected by two threads ahead of the classifier: every entry in
     the input's order, an unreadable file in between, the same faces and probabilities."""
-    from tasks.predict import predict_entries
+    from inference.predict import predict_entries
 
     paths = sorted(scenes_dir.glob("*.jpg"))[:5]
     bad = tmp_path / "broken.jpg"

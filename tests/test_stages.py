@@ -76,7 +76,7 @@ def test_each_stage_runs_with_only_its_declared_inputs(kface_tree, tmp_path):
         for name in stage.reads:
             copy_output(name, full, alone)
         run_stage(stage, alone)
-        assert alone.folder.output(stage.writes).exists(), stage.name
+        assert stage.output(alone.folder).exists(), stage.name
         if stage.sharded:  # every shard complete for its key
             assert not stage.plan(StageConfig(alone, stage)).todo, stage.name
         elif stage.name != "evaluate":  # (its key is the model's: the same model file)
@@ -93,11 +93,14 @@ def test_an_undeclared_config_section_is_an_error_naming_the_table(kface_tree):
 
 
 def test_the_table_is_consistent():
-    assert STAGES == ("select", "detect", "merge", "split", "crops", "train", "evaluate")
+    assert STAGES == ["select", "detect", "merge", "split", "crops", "train", "evaluate"]
     for i, stage in enumerate(STAGE_TABLE):  # each input is written by an earlier stage
         assert all(STAGES.index(PRODUCER[name]) < i for name in stage.reads), stage.name
         assert bool(stage.sharded) == (stage.shard_call is not None)
-        assert stage.sharded != (stage.key is not None and stage.run is not None)
+        assert stage.sharded != (stage.run is not None)
+        assert stage.sharded == (stage.shards is not None)
+        # a key reads only settings of sections the stage sees
+        assert all(k.split(".")[0] in stage.sections for k in stage.key_settings), stage.name
     assert len(PRODUCER) == len(STAGE_TABLE)  # one stage writes each output
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import make_video, run_kface
 
-from tasks.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
+from inference.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_a_model_that_cannot_tell_the_bands_apart_gives_wide_intervals():
 
 
 def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path):
-    from tasks.predict import predict_images
-    from tasks.video import analyze_video
+    from inference.predict import predict_images
+    from inference.video import analyze_video
 
     predict_images(analyzer, [scenes_dir / "insightface_t1.jpg"], tmp_path / "p")
     res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
@@ -144,7 +144,7 @@ def test_video_stats_with_a_reference(tiny_run, aaf_dir, tmp_path):
     stats.json; --reference without --stats, or a reference that is not one, is one line
     before any frame is read."""
     from core.labels import AGE_BANDS, GENDERS
-    from tasks.stats import reference
+    from inference.stats import reference
 
     rng = np.random.default_rng(3)
     truth = {"age_band": np.repeat(np.arange(4), 40), "gender": np.tile([0, 1], 80)}

@@ -6,9 +6,8 @@ import json
 from conftest import run_kface
 
 from core.storage import write_parquet_atomic
-from flows.cache import select_key
 from flows.config import load_config
-from flows.stages import STAGES, pipeline_status
+from flows.stages import STAGE, STAGES, StageConfig, pipeline_status
 from tasks.select import select_images
 
 
@@ -25,12 +24,18 @@ def test_a_new_run_folder_is_all_missing(kface_tree, tmp_path):
 
 def test_a_current_manifest_is_done_and_a_changed_one_is_stale(kface_tree, tmp_path):
     cfg = config(kface_tree, tmp_path)
-    manifest, _ = select_images(cfg.data, cfg.selection, cfg.folder.file_hashes)
+    manifest, report = select_images(cfg.data, cfg.selection, cfg.folder.file_hashes)
     path = cfg.folder.manifest
-    write_parquet_atomic(path, manifest, cache_key=select_key(cfg, manifest))
+
+    def select_key(table):  # the key of a scan that found ``table``
+        c = StageConfig(cfg, STAGE["select"])
+        c.memo["scan"] = (table, report)
+        return STAGE["select"].key(c)
+
+    write_parquet_atomic(path, manifest, cache_key=select_key(manifest))
     states = {r.stage: r.state for r in pipeline_status(cfg)}
     assert states["select"] == "done" and states["detect"] == "missing"
-    write_parquet_atomic(path, manifest.slice(1), cache_key=select_key(cfg, manifest.slice(1)))
+    write_parquet_atomic(path, manifest.slice(1), cache_key=select_key(manifest.slice(1)))
     rows = pipeline_status(cfg)  # the dataset holds a photo the manifest lacks
     assert rows[0].state == "stale" and "changed" in rows[0].detail
 

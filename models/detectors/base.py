@@ -10,12 +10,12 @@ the same for every kind (threshold, clipping, NMS, margin, landmarks in pixels) 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from models.detector import DetectorConfig
+# a ``models.detector.DetectorConfig`` (not imported here: it is built from this registry)
+DetectorConfig = Any
 
 
 class DetectorError(RuntimeError):

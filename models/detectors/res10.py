@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from models.detectors.base import DetectorError, DetectorKind, register
+from models.detectors.base import DetectorConfig, DetectorError, DetectorKind, register
 
 if TYPE_CHECKING:  # (cv2 is imported where a network runs: the CLI lists the kinds)
     import cv2
-
-    from models.detector import DetectorConfig
 
 CAFFE_MODEL = "res10_300x300_ssd_iter_140000.caffemodel"
 CAFFE_CONFIG = "deploy.prototxt.txt"

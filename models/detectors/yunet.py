@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from models.detectors.base import DetectorKind, missing_file, register
+from models.detectors.base import DetectorConfig, DetectorKind, missing_file, register
 
 if TYPE_CHECKING:  # (cv2 is imported where a network runs: the CLI lists the kinds)
     import cv2
-
-    from models.detector import DetectorConfig
 
 YUNET_MODEL = "face_detection_yunet_2023mar.onnx"
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"

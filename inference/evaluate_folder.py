@@ -12,7 +12,7 @@ temperature. The baselines use the folder's own class shares (the model's traini
 shares are not recorded), which favours them. Photos without a face or unreadable are
 counted and left out. Beside the report, ``soft_confusion.json``: per true class, the mean
 and covariance of the model's probabilities, with which ``kface stats --reference``
-corrects a shop's counts for its mix (``tasks.stats``).
+corrects a shop's counts for its mix (``inference.stats``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import pandas as pd
 from core.labels import AGE_BANDS, GENDERS
 from core.storage import write_json_atomic
 from core.threads import READERS
+from inference.predict import predict_entries
+from inference.stats import REFERENCE_FILE, reference
 from models.analyzer import FaceAnalyzer
 from models.calibration import apply_temperature
 from tasks.evaluate import (
@@ -34,9 +36,7 @@ from tasks.evaluate import (
     score_split,
     write_report,
 )
-from tasks.predict import predict_entries
 from tasks.select import DataConfig, DatasetError, labels_path, read_labels_csv, scan_labelled
-from tasks.stats import REFERENCE_FILE, reference
 
 
 def folder_predictions(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
@@ -89,7 +89,7 @@ def age_metrics(frame: pd.DataFrame, years: np.ndarray) -> dict:
 def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
                     ) -> tuple[dict, dict]:
     """The report's metrics for the labelled folder ``data`` (see the module docstring),
-    and the soft confusion of its people (``tasks.stats.reference``: what ``kface stats
+    and the soft confusion of its people (``inference.stats.reference``: what ``kface stats
     --reference`` corrects a shop's counts with)."""
     frame, probs, left_out = folder_predictions(analyzer, data, batch)
     counts = {"gender": np.bincount(frame.gender_idx, minlength=len(GENDERS)),

@@ -84,7 +84,7 @@ def visitor_probabilities(path: Path
             visitors = [r for r in rows if r.get("counted", True)]
             model_id = next((r.get("model_id") for r in rows), None)
         else:
-            from tasks.predict import read_predictions
+            from inference.predict import read_predictions
 
             made_by, entries = read_predictions(path)
             visitors = [f for e in entries for f in e["faces"]]
@@ -325,6 +325,18 @@ def check_reference_model(ref: dict, model_id: str | None, path: Path,
     return ([f"the reference was made with another model ({made.get('name')}): the "
              "correction assumes it sees people as this one does"]
             if ref_id != model_id else [])
+
+
+def check_reference_for_model(path: Path | None, model_id: str | None,
+                              allow_other_model: bool = False) -> None:
+    """Before minutes of video: the reference ``path`` (None: none) is a
+    soft_confusion.json for these classes, made by the model ``model_id`` (StatsError
+    otherwise, unless ``allow_other_model``)."""
+    from core.labels import AGE_BANDS, GENDERS
+
+    if path is not None:
+        ref, _ = load_reference(path, {"gender": list(GENDERS), "age_band": list(AGE_BANDS)})
+        check_reference_model(ref, model_id, path, allow_other_model)
 
 
 def visitor_stats(path: Path, reference_path: Path | None = None,

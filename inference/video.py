@@ -37,10 +37,10 @@ import numpy as np
 
 from core.storage import atomic_path, write_json_atomic
 from core.threads import READERS, ordered_map
+from inference.predict import GENDER_NAMES, annotate
+from inference.stats import visitor_stats
 from models.analyzer import FaceAnalyzer, FacePrediction
 from models.detector import box_iou
-from tasks.predict import GENDER_NAMES, annotate
-from tasks.stats import visitor_stats
 
 MIN_SECONDS = 0.5  # a visitor in view for less is not counted
 GAP_SECONDS = 1.0  # a face unseen for up to this long keeps its track
@@ -263,7 +263,7 @@ class Visitors:
 
 class PeopleCounter:
     """Counts visitors per class (by their most likely class: a diagnostic beside the
-    estimates of ``tasks.stats``) and, per minute, the expected visitors of each class
+    estimates of ``inference.stats``) and, per minute, the expected visitors of each class
     (their summed probabilities, age band x gender, the heads taken as independent);
     memory grows with the number of classes x minutes, not with the number of people. A
     visitor in view for less than ``min_seconds`` in all (a passer-by glimpsed, a false
@@ -349,7 +349,7 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                   allow_other_model: bool = False) -> dict:
     """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl``,
     ``out/tracks.jsonl`` and (``stats``) ``out/stats.json`` (the visitors' counts with
-    intervals, ``tasks.stats``, mix-corrected with a ``reference``), ``out/timeline.csv``,
+    intervals, ``inference.stats``, mix-corrected with a ``reference``), ``out/timeline.csv``,
     ``out/people.png``. A face unseen for up to ``gap_seconds`` keeps its track; a person
     back within ``return_seconds`` (0: never) stays the same visitor; a visitor in view
     for less than ``min_seconds`` is not counted. ``progress(frames done, frames in the

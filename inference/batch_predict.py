@@ -35,10 +35,10 @@ from core.storage import (
     write_bytes_atomic,
     write_parquet_atomic,
 )
+from inference.predict import iter_images, predict_entries, predictions_csv, write_predictions
 from models.analyzer import FaceAnalyzer
 from models.backends import model_file
 from models.detector import LANDMARK_COLUMNS
-from tasks.predict import iter_images, predict_entries, predictions_csv, write_predictions
 
 CODE_VERSION = "batch-predict-1"
 PLAN = "plan.parquet"

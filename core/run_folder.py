@@ -3,7 +3,7 @@
 The data stages (select to crops) write into ``out`` and are shared by every experiment;
 each experiment trains and reports into ``out/experiments/<name>/``. ``RunFolder`` is
 the one place that names these paths; the flow builds one per run and hands it to each
-stage (``flows.stages``).
+stage (``flows.stages``), and ``kface predict --model OUT`` finds a run's model with it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 class RunFolder:
     out: Path
     experiment: str = "default"
+    MODEL = "model"  # an experiment's model folder's name (class constant)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -69,7 +70,7 @@ class RunFolder:
 
     @property
     def model(self) -> Path:
-        return self.experiment_dir / "model"
+        return self.experiment_dir / self.MODEL
 
     @property
     def model_file(self) -> Path:
@@ -90,6 +91,26 @@ class RunFolder:
     @property
     def experiment_stages(self) -> Path:
         return self.experiment_dir / "stages"
+
+    def experiment_names(self) -> list[str]:
+        """The experiments this run folder holds (their folders), sorted."""
+        return sorted(f.name for f in self.experiments.glob("*")
+                      if f.is_dir() and not f.name.startswith("."))
+
+    def saved_config(self, experiment: str | None = None) -> Path | None:
+        """The config a run left in this folder: the experiment's (when named and there),
+        else the run folder's; None when there is none."""
+        candidates = [self.out / "experiments" / experiment / "config.yaml"] if experiment else []
+        return next((f for f in [*candidates, self.config] if f.is_file()), None)
+
+    @staticmethod
+    def latest(parent: Path) -> Path | None:
+        """The most recently run run folder under ``parent`` (each run writes its
+        config.yaml and stages/ there), or None."""
+        runs = [f.parent for f in Path(parent).glob("*/config.yaml")
+                if (f.parent / "stages").is_dir()]
+        return max(runs, key=lambda folder: (folder / "config.yaml").stat().st_mtime,
+                   default=None)
 
     def output(self, name: str) -> Path:
         """The file or folder whose existence says a stage output ``name`` (a stage
