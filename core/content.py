@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 HASH_THREADS = 4
+HASH_CHUNK = 4096  # files hashed per batch of futures
 CACHE_COLUMNS = ("path", "file_size", "mtime_ns", "sha256")
 
 
@@ -57,19 +58,24 @@ def content_hashes(files: pd.DataFrame, resolve: Callable[[str], Path], cache: P
         stored = pd.read_parquet(cache, columns=list(CACHE_COLUMNS))
         known = dict(zip(stored.path, zip(stored.file_size, stored.mtime_ns, stored.sha256,
                                           strict=True), strict=True))
+        del stored
     hashes: list[str | None] = []
     todo: list[int] = []
-    for i, (path, size, mtime) in enumerate(zip(files.path, files.file_size, files.mtime_ns,
+    file_paths = files.path.tolist()
+    for i, (path, size, mtime) in enumerate(zip(file_paths, files.file_size, files.mtime_ns,
                                                 strict=True)):
         hit = known.get(path)
         hashes.append(hit[2] if hit and hit[0] == size and hit[1] == mtime else None)
         if hashes[-1] is None:
             todo.append(i)
     if todo:
-        paths = [_resolved(resolve, files.path.iloc[i]) for i in todo]
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            for i, digest in zip(todo, pool.map(_sha256, paths), strict=True):
-                hashes[i] = digest
+            # in chunks: a future per file at once would hold ~1 KB each (600 MB for K-Face)
+            for start in range(0, len(todo), HASH_CHUNK):
+                chunk = todo[start:start + HASH_CHUNK]
+                paths = [_resolved(resolve, file_paths[i]) for i in chunk]
+                for i, digest in zip(chunk, pool.map(_sha256, paths), strict=True):
+                    hashes[i] = digest
         rows = pd.DataFrame({"path": files.path, "file_size": files.file_size,
                              "mtime_ns": files.mtime_ns, "sha256": hashes})
         rows = rows[rows.sha256.notna()]

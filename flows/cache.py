@@ -43,19 +43,24 @@ def detect_shards(c: Sections) -> list[Shard]:
 @dataclass(frozen=True)
 class CropPlan:
     """The crop shards (same partition as detection, over ``faces.parquet``) and each
-    face's box with margin and landmarks (five (x, y) points; None without them)."""
+    face's box with margin and landmarks, as arrays (a face's row by its path: at K-Face
+    size, 583,200 faces, lists of Python numbers per face would take gigabytes)."""
 
     shards: list[Shard]
-    boxes: dict[str, list[int]]
-    landmarks: dict[str, list[list[float]]]
+    row: dict[str, int]  # path -> its row in the arrays
+    boxes: np.ndarray  # (faces, 4) int: left, top, right, bottom
+    landmarks: np.ndarray | None  # (faces, 10) float, NaN for a face without them
 
     def shard_faces(self, shard: Shard) -> tuple[list[list[int]], list | None]:
-        """A shard's boxes and landmarks, in its path order (``landmarks`` None when the
-        faces have none)."""
-        boxes = [self.boxes[p] for p in shard.paths]
-        if not self.landmarks:
+        """A shard's boxes and landmarks (five (x, y) points, None for a face without
+        them), in its path order (``landmarks`` None when no face has any)."""
+        rows = [self.row[p] for p in shard.paths]
+        boxes = self.boxes[rows].tolist()
+        if self.landmarks is None:
             return boxes, None
-        return boxes, [self.landmarks.get(p) for p in shard.paths]
+        found = np.isfinite(self.landmarks[rows]).all(axis=1).tolist()
+        points = self.landmarks[rows].reshape(-1, 5, 2).tolist()
+        return boxes, [p if ok else None for p, ok in zip(points, found, strict=True)]
 
     def shard_key(self, shard: Shard, c: Sections) -> str:
         boxes, landmarks = self.shard_faces(shard)
@@ -67,24 +72,25 @@ def crop_plan(c: Sections) -> CropPlan:
     landmarks are read with ``crops.align`` only (box crops and their keys ignore them)."""
     path = c.folder.faces
     if not path.exists():
-        return CropPlan([], {}, {})
-    # landmarks only where they cut the crops: 10 floats a face are ~4x the boxes' memory
+        return CropPlan([], {}, np.zeros((0, 4), int), None)
     names = pq.read_schema(path).names
     landmark_columns = [col for col in LANDMARK_COLUMNS if col in names and c.crops.align]
     content = [col for col in ("mtime_ns", "sha256") if col in names]
     table = pq.read_table(path, columns=["path", "subject_id", "file_size", *content,
                                          "left", "top", "right", "bottom",
                                          *landmark_columns])
-    faces = table.to_pandas()
-    boxes = dict(zip(faces.path, faces[["left", "top", "right", "bottom"]].to_numpy().tolist(),
-                     strict=True))
-    landmarks = {}
+    boxes = np.column_stack([table.column(col).to_numpy()
+                             for col in ("left", "top", "right", "bottom")])
+    landmarks = None
     if len(landmark_columns) == len(LANDMARK_COLUMNS):
-        points = faces[list(LANDMARK_COLUMNS)].to_numpy(dtype=float)
-        landmarks = {path: row.reshape(5, 2).tolist()
-                     for path, row in zip(faces.path, points, strict=True)
-                     if np.isfinite(row).all()}
-    return CropPlan(plan_shards(table, c.data.layout), boxes, landmarks)
+        points = np.column_stack([table.column(col).to_numpy(zero_copy_only=False)
+                                  for col in LANDMARK_COLUMNS]).astype(float)
+        if np.isfinite(points).all(axis=1).any():
+            landmarks = points
+    row = {p: i for i, p in enumerate(table.column("path").to_pylist())}
+    shards = plan_shards(table.drop_columns(["left", "top", "right", "bottom",
+                                              *landmark_columns]), c.data.layout)
+    return CropPlan(shards, row, boxes, landmarks)
 
 
 def detection_errors(folder: RunFolder, shards: list[Shard],

@@ -279,7 +279,12 @@ def _detect_check(c: StageConfig) -> None:
 
 
 def _detect_problems(c: StageConfig) -> dict[str, dict[str, int]]:
-    return cache.detection_errors(c.folder, _detect_shards(c))
+    """Failed rows by status and reason, read from the shards whose stored summary has
+    errors or that need work (a shard with rows to retry needs work)."""
+    plan = _detect_plan(c)
+    suspect = [s for s, done in zip(plan.shards, plan.stored, strict=True)
+               if done is None or done.status_counts.get("error")]
+    return cache.detection_errors(c.folder, suspect)
 
 
 def _chip_geometry(c: StageConfig) -> dict[str, dict]:
@@ -305,14 +310,16 @@ def _chip_geometry(c: StageConfig) -> dict[str, dict]:
 
 
 def _detect_plan(c: StageConfig) -> ShardPlan:
-    shards = _detect_shards(c)
-    chips = {name: g["landmarks"] for name, g in _chip_geometry(c).items()}
-    stored = [detect.stored_shard(c.folder.detections / s.filename,
-                                  detect.shard_cache_key(s, c.detector, chips),
-                                  detect.shard_cache_key(s, c.detector, chips, by_stat=True),
-                                  adopt=c.writing)
-              for s in shards]
-    return ShardPlan(shards, stored, chips)
+    def plan() -> ShardPlan:
+        shards = _detect_shards(c)
+        chips = {name: g["landmarks"] for name, g in _chip_geometry(c).items()}
+        stored = [detect.stored_shard(
+            c.folder.detections / s.filename, detect.shard_cache_key(s, c.detector, chips),
+            lambda s=s: detect.shard_cache_key(s, c.detector, chips, by_stat=True),
+            adopt=c.writing) for s in shards]
+        return ShardPlan(shards, stored, chips)
+
+    return c.memo_get("detect_plan", plan)
 
 
 def _detect_call(c: StageConfig, plan: ShardPlan, shard: Shard):
@@ -692,9 +699,10 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     """
     result: list[StageStatus] = []
     current_outputs: set[str] = set()
+    memo: dict[str, Any] = {}  # one view of the run folder: a plan is made once
     for stage in STAGE_TABLE:
         upstream_ok = all(name in current_outputs for name in stage.reads)
-        c = StageConfig(config, stage, writing=False)
+        c = StageConfig(config, stage, writing=False, memo=memo)
         output = stage.output(c.folder)
         errors = stage.problems(c) if stage.problems else None
         if stage.sharded:

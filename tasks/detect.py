@@ -38,7 +38,7 @@ padded copies of up to 200 of the folder's chips, the median of each point.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -201,16 +201,17 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.table(columns, schema=DETECTIONS_SCHEMA)
 
 
-def stored_shard(final: Path, key: str, stat_key: str | None = None,
+def stored_shard(final: Path, key: str, stat_key: Callable[[], str | None] | None = None,
                  adopt: bool = False) -> ShardResult | None:
     """The summary of a shard file that is complete for ``key`` (it holds the key and no
     ``unreadable`` row to retry), read from its status column; None when it needs work.
     The flow decides with it which shards to submit, and ``kface status`` what a run
-    would redo. A file holding ``stat_key`` (written before keys had content hashes, from
-    the same photos' sizes and mtimes) is current too; with ``adopt`` (a run, not
+    would redo. A file holding ``stat_key()`` (written before keys had content hashes,
+    from the same photos' sizes and mtimes; computed only when the key differs) is current
+    too; with ``adopt`` (a run, not
     status) it is re-keyed in place, its detections kept."""
     stored = read_cache_key(final)
-    if stored != key and (stat_key is None or stored != stat_key):
+    if stored != key and (stored is None or stat_key is None or stored != stat_key()):
         return None
     if stored != key and adopt:
         write_parquet_atomic(final, pq.read_table(final).replace_schema_metadata(None), key,

@@ -29,6 +29,7 @@ keeps a stat cache so that an unchanged photo is not read again), and with
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -272,15 +273,23 @@ def _stat(entry: os.DirEntry) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+@functools.lru_cache(maxsize=8)
+def _substring_patterns(lists: tuple[tuple[str, ...], ...]) -> tuple[re.Pattern, ...]:
+    """One regular expression per attribute list: any of its entries anywhere (the
+    original's substring rule, one search instead of a loop per entry)."""
+    return tuple(re.compile("|".join(map(re.escape, values))) for values in lists)
+
+
 def is_selected(attrs: dict[str, str], rel_path: str, sel: SelectionConfig) -> bool:
     """Whether one K-Face photo passes the selection.
 
     Exact match of each attribute against its list; with ``legacy_substring_match`` the
     original's rule instead: some list entry occurs anywhere in the path string.
     """
-    lists = (sel.accessories, sel.lights, sel.cameras, sel.expressions)
+    lists = (tuple(sel.accessories), tuple(sel.lights), tuple(sel.cameras),
+             tuple(sel.expressions))
     if sel.legacy_substring_match:
-        return all(any(u in rel_path for u in values) for values in lists)
+        return all(pattern.search(rel_path) for pattern in _substring_patterns(lists))
     keys = ("accessory", "light", "camera", "expression")
     return all(attrs[k] in values for k, values in zip(keys, lists, strict=True))
 
