@@ -17,11 +17,13 @@ network, 30 steps, then the evaluate stage over the test people). Each step's wa
 and the peak RSS of the largest process (sampled every 0.5 s) are printed as JSON lines
 and written to ``--work``/results.json.
 
-``rate --detector res10 --subjects 20``: detection alone on the first subjects (photos/s,
-and the wall time the whole set would take); ``dask --subjects 20 --workers 4``: the same
-detection on a local Dask cluster of that many worker processes (``--dask-address``).
+``probe``: after ``run``, its memory-heavy steps again with today's code (``probe``'s
+docstring). ``rate --detector res10 --subjects 20``: detection alone on the first
+subjects (photos/s, and the wall time the whole set would take); ``dask --subjects 20
+--workers 4``: the same detection on a local Dask cluster of that many worker processes
+(``--dask-address``).
 
-``python bench/bench_full_size.py build|run|rate|dask [--work /work/big]``
+``python bench/bench_full_size.py build|run|probe|rate|dask [--work /work/big]``
 """
 
 from __future__ import annotations
@@ -232,6 +234,31 @@ def run(work: Path) -> list[dict]:
     return results
 
 
+def probe(work: Path) -> list[dict]:
+    """After ``run``: the two memory-heavy steps again on its run folder, with today's
+    code: ``select`` after new mtimes on every photo (every file hashed), then merge and
+    split recomputed (their outputs removed) with the crop plan read (every crop shard
+    reused); and ``kface status``."""
+    out, rows = work / "run", []
+    args = ["run", *config_args(work, out, "yunet")]
+    now = time.time()
+    for photo in (work / "photos").rglob("*.jpg"):
+        os.utime(photo, (now, now))
+    for step, extra, before in (
+            ("select, every photo with new mtimes", ["--stages", "select"], ()),
+            ("merge and split recomputed, crops planned (all reused)",
+             ["--stages", "merge,split,crops"], ("faces.parquet", "split.parquet")),
+            ("kface status", None, ())):
+        for name in before:
+            (out / name).unlink(missing_ok=True)
+        res = kface([*args, *extra] if extra else ["status", "--out", str(out)])
+        res.pop("tail")
+        rows.append({"step": step, **res,
+                     "files_hashed": summary(out, "select").get("files_hashed")})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def rate(work: Path, detector: str, subjects: int) -> dict:
     out = work / f"rate-{detector}-{subjects}"
     res = kface(["run", *config_args(work, out, detector, subjects), "--stages",
@@ -269,7 +296,7 @@ def dask(work: Path, subjects: int, workers: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["build", "run", "rate", "dask"])
+    ap.add_argument("step", choices=["build", "run", "probe", "rate", "dask"])
     ap.add_argument("--work", type=Path, default=Path("/work/big"))
     ap.add_argument("--detector", default="res10")
     ap.add_argument("--subjects", type=int, default=20)
@@ -281,6 +308,8 @@ def main() -> None:
     elif args.step == "run":
         build(args.work)
         run(args.work)
+    elif args.step == "probe":
+        probe(args.work)
     elif args.step == "rate":
         rate(args.work, args.detector, args.subjects)
     else:
