@@ -58,8 +58,9 @@ class CropPlan:
         boxes = self.boxes[rows].tolist()
         if self.landmarks is None:
             return boxes, None
-        found = np.isfinite(self.landmarks[rows]).all(axis=1).tolist()
-        points = self.landmarks[rows].reshape(-1, 5, 2).tolist()
+        chosen = self.landmarks[rows]
+        found = np.isfinite(chosen).all(axis=1).tolist()
+        points = chosen.reshape(-1, 5, 2).tolist()
         return boxes, [p if ok else None for p, ok in zip(points, found, strict=True)]
 
     def shard_key(self, shard: Shard, c: Sections) -> str:

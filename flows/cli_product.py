@@ -64,12 +64,13 @@ def predict(
     except PhotoInputError as exc:
         fail(str(exc))
     if flow:  # the workers load the model; checked here up front
-        load_analyzer(model, threshold, detector)  # a bad model folder: one line, no server
+        # a bad model folder: one line, no server; its folder and notes said once
+        checked = load_analyzer(model, threshold, detector)
         from flows.predict import run_batch_predict
         from flows.server import ServerStartError
 
         try:
-            s = run_batch_predict(model_dir(model), paths, out, shard_size, threshold, csv,
+            s = run_batch_predict(checked.model_dir, paths, out, shard_size, threshold, csv,
                                   annotated, workers, detector, merged_json, dask_address)
         except ServerStartError as exc:
             fail(str(exc))
