@@ -1,18 +1,26 @@
-"""Sharding, shared by every sharded stage (detect, crops, batch predict): photos are
-grouped by subject into shards (one file each), and shards into task-sized batches."""
+"""Sharding, shared by every sharded job (the detect and crops stages, batch predict).
+
+Photos are grouped into shards (one file each: by subject in the pipeline, by path order
+in batch predict) and shards into task-sized batches. One plan type (``ShardPlan``: the
+shards and, per shard, the summary of its file when it is complete) and one resume rule
+(``holds_key``: a shard file is complete when its Parquet metadata holds the shard's
+key; files written under the previous key rule are adopted) serve them all, and
+``tidy_shards`` clears what a killed run left before any worker starts.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.content import stat_digest
-from core.storage import fingerprint
+from core.storage import fingerprint, read_cache_key, remove_temporaries, write_parquet_atomic
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -105,6 +113,55 @@ class Shard:
         return fingerprint(self.paths, self.sizes, self.mtimes) if self.mtimes else None
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """A sharded job's plan: its shards and, per shard, the stored summary of a file
+    complete for the shard's key (None: the shard needs work)."""
+
+    shards: list[Shard]
+    stored: list[ShardResult | None]
+    extra: Any = None  # what the job's calls need besides the shard (the crop plan)
+
+    @property
+    def todo(self) -> list[Shard]:
+        return [s for s, done in zip(self.shards, self.stored, strict=True) if done is None]
+
+
+def holds_key(final: Path, key: str, old_key: Callable[[], str | None] | None = None,
+              adopt: bool = False) -> bool:
+    """The resume rule: whether the shard file ``final`` is complete for ``key`` (its
+    Parquet metadata holds it; files are written atomically, so a file that is there is
+    whole). A file holding ``old_key()`` (the key the same inputs had under the previous
+    key rule; computed only when the key differs) is complete too, and with ``adopt``
+    (a run, never ``kface status``) it is re-keyed in place, its rows kept."""
+    stored = read_cache_key(final)
+    if stored == key:
+        return True
+    if stored is None or old_key is None or stored != old_key():
+        return False
+    if adopt:
+        import pyarrow.parquet as pq
+
+        write_parquet_atomic(final, pq.read_table(final).replace_schema_metadata(None), key,
+                             digest=False)
+    return True
+
+
+def tidy_shards(out_dir: Path, shards: Sequence[Shard]) -> list[str]:
+    """Delete the temporary files a killed worker left in ``out_dir`` and the shard
+    files the plan does not contain (the inputs shrank), so readers of
+    ``shard-*.parquet`` see exactly this plan's shards. Call it only while no worker of
+    this folder runs. Returns the names of the shard files removed."""
+    remove_temporaries(Path(out_dir), ".shard-*.tmp")
+    wanted = {s.filename for s in shards}
+    removed = []
+    for path in sorted(Path(out_dir).glob("shard-*.parquet")):
+        if path.name not in wanted:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def partition_name(subject_id: str, layout: str) -> str:
     """The shard a subject's photos go to: the K-Face ID itself (486 photos a subject),
     else one of ``HASH_BUCKETS`` buckets by the sha256 of the ID (a labelled folder
@@ -139,6 +196,18 @@ def plan_shards(table: pa.Table, layout: str) -> list[Shard]:
                             mtimes if "mtime_ns" in names else (),
                             hashes if "sha256" in names else ()))
     return shards
+
+
+def consecutive_shards(table: pa.Table, size: int) -> list[Shard]:
+    """Batch predict's partition: ``size`` consecutive rows of ``table`` (``path``,
+    ``file_size``, ``mtime_ns``, ``sha256``; in the order given) a shard, named by number
+    (``00000``, ``00001``, ...). Photos whose names sort after the existing ones leave the
+    earlier shards as they were; a photo inserted in the middle moves the shards after
+    it."""
+    columns = [table.column(name).to_pylist()
+               for name in ("path", "file_size", "mtime_ns", "sha256")]
+    return [Shard(f"{i // size:05d}", *(tuple(col[i:i + size]) for col in columns))
+            for i in range(0, table.num_rows, size)]
 
 
 def batch_shards(shards: Sequence[Shard], shard_size: int) -> list[list[Shard]]:

@@ -25,12 +25,11 @@ from prefect.futures import as_completed
 from prefect.states import Completed, State
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from core.sharding import batch_shards, shard_runner
-from core.storage import folder_lock, remove_temporaries, write_bytes_atomic, write_json_atomic
+from core.sharding import ShardPlan, batch_shards, shard_runner, tidy_shards
+from core.storage import folder_lock, write_bytes_atomic, write_json_atomic
 from flows.config import PipelineConfig, dump_config
 from flows.preflight import check_inputs_current, check_stage_names, missing_input
-from flows.stages import STAGE, STAGES, MissingInputError, ShardPlan, Stage, StageConfig
-from tasks.detect import remove_stale_shards
+from flows.stages import STAGE, STAGES, MissingInputError, Stage, StageConfig
 
 __all__ = ["STAGES", "MissingInputError", "kface_pipeline"]
 
@@ -114,7 +113,7 @@ def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan) -> dict:
     the stage summary."""
     out_dir = stage.output(c.folder)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out_dir, ".shard-*.tmp")  # left by a killed run
+    removed = tidy_shards(out_dir, plan.shards)  # what a killed run left, old shards
     start = time.perf_counter()
     results = [s for s in plan.stored if s is not None]
     todo = plan.todo
@@ -135,7 +134,6 @@ def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan) -> dict:
                 bar.advance(tid, len(batch))
                 update_progress_artifact(progress_id,
                                          100.0 * len(results) / max(1, len(plan.shards)))
-    removed = remove_stale_shards(out_dir, plan.shards)
     counts: dict[str, int] = {}
     for r in results:
         for status, n in r.status_counts.items():

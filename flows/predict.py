@@ -15,15 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from core.sharding import ShardingConfig, shard_runner
+from core.sharding import ShardingConfig, ShardResult, shard_runner, tidy_shards
 from inference.batch_predict import (
     CODE_VERSION,
+    SHARDS,
     merge,
     model_digest,
+    plan_batch,
     predict_shard,
-    remove_stale,
-    shards_to_do,
-    write_plan,
 )
 
 
@@ -36,7 +35,7 @@ def _analyzer(model_dir: str, threshold: float | None, detector: str | None = No
 
 @task(name="predict-shard", cache_policy=NO_CACHE, retries=1)
 def predict_shard_task(model_dir: str, threshold: float | None, detector: str | None,
-                       out: str, index: int, annotated: bool) -> dict:
+                       out: str, index: int, annotated: bool) -> ShardResult:
     """Thin wrapper: analyse shard ``index`` of the plan in ``out``."""
     import cv2
 
@@ -47,7 +46,7 @@ def predict_shard_task(model_dir: str, threshold: float | None, detector: str | 
 
 @flow(name="predict-shards")
 def predict_shards_flow(model: str, out: str, todo_from: str, threshold: float | None,
-                        detector: str | None, annotated: bool) -> list[dict]:
+                        detector: str | None, annotated: bool) -> list[ShardResult]:
     """One task run per shard listed in the file ``todo_from``."""
     todo = json.loads(Path(todo_from).read_text())
     futures = [predict_shard_task.submit(model, threshold, detector, out, index, annotated)
@@ -72,15 +71,15 @@ def kface_predict(model: Path, inputs: list[Path], out: Path,
     out = Path(out)
     model_dir, _ = resolve_model_dir(Path(model))
     settings = {"threshold": threshold, "detector": detector, "annotated": annotated}
-    plan = write_plan(inputs, out, shard_size, model_digest(model_dir), settings)
-    shard_count = -(-plan.num_rows // shard_size)  # consecutive shards of shard_size
-    stale = remove_stale(out, shard_count)
-    todo, done = shards_to_do(plan, out)
+    plan = plan_batch(inputs, out, shard_size, model_digest(model_dir), settings)
+    stale = tidy_shards(out / SHARDS, plan.shards)  # what a killed run left, old shards
+    todo = [int(s.name) for s in plan.todo]
+    done = len(plan.shards) - len(todo)
     logger.info("predict: %d photos in %d shards, %d already done, %d to compute%s",
-                plan.num_rows, shard_count, len(done), len(todo),
+                sum(len(s.paths) for s in plan.shards), len(plan.shards), done, len(todo),
                 f", {len(stale)} stale shard files removed" if stale else "")
     if todo:
-        todo_file = out / "shards" / ".todo.json"  # a reference, not a parameter
+        todo_file = out / SHARDS / ".todo.json"  # a reference, not a parameter
         write_json_atomic(todo_file, todo)
         runner = shard_runner(ShardingConfig(workers=workers, dask_address=dask_address))
         predict_shards_flow.with_options(task_runner=runner)(
@@ -89,11 +88,11 @@ def kface_predict(model: Path, inputs: list[Path], out: Path,
     labels = json.loads((model_dir / "labels.json").read_text())
     made_by = provenance(model_dir, labels, model_file(model_dir, model_dir == DEFAULT_MODEL),
                          model_detector(labels, threshold, detector_kind=detector))
-    counts = merge(out, labels, shard_count, write_json, write_csv, made_by)
+    counts = merge(out, labels, plan.shards, write_json, write_csv, made_by)
     parameters = len(json.dumps(flow_run.parameters, default=str))
     logger.info("predict: %d photos, %d faces, %d unreadable (%s)", counts["photos"],
                 counts["faces"], counts["unreadable"], CODE_VERSION)
-    return {**counts, "shards": shard_count, "shards_reused": len(done),
+    return {**counts, "shards": len(plan.shards), "shards_reused": done,
             "shards_computed": len(todo), "parameter_bytes": parameters}
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from core.labels import AGES
 from core.run_folder import RunFolder
-from core.sharding import Shard, ShardResult
+from core.sharding import Shard, ShardPlan
 from core.storage import (
     content_digest,
     file_sha256,
@@ -67,20 +67,6 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
     from prefect import get_run_logger
 
     return get_run_logger()
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """A sharded stage's plan: its shards and, per shard, the stored summary of a file
-    complete for the shard's key (None: the shard needs work)."""
-
-    shards: list[Shard]
-    stored: list[ShardResult | None]
-    extra: Any = None  # what the stage's calls need besides the shard (the crop plan)
-
-    @property
-    def todo(self) -> list[Shard]:
-        return [s for s, done in zip(self.shards, self.stored, strict=True) if done is None]
 
 
 @dataclass(frozen=True)

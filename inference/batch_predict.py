@@ -1,20 +1,24 @@
 """Resumable, sharded batch prediction over photo archives (the ``kface-predict`` flow).
 
-The photos under the inputs are listed once, in path order, into ``OUT/plan.parquet``
-(path, size, mtime, shard number; ``shard_size`` consecutive photos a shard) with each
-shard's cache key: its photos' paths, sizes and mtimes, the model's digest (sha256 of its
-network file and ``labels.json``), the inference settings and ``CODE_VERSION``. A shard
-is ``OUT/shards/shard-NNNNN.parquet``, written atomically with its key in the file's
+Batch predict shards as the pipeline does (``core.sharding``: one plan type, one resume
+rule). The photos under the inputs are listed once, in path order, with their sha256
+(``core.content``: a stat cache in ``OUT/file_hashes.parquet``, so only new or changed
+files are read) into ``OUT/plan.parquet`` (path, size, mtime, sha256, shard number;
+``shard_size`` consecutive photos a shard) with each shard's cache key: its photos'
+paths and content, the model's digest (sha256 of its network file and ``labels.json``),
+the inference settings and ``CODE_VERSION``. A shard is
+``OUT/shards/shard-NNNNN.parquet``, written atomically with its key in the file's
 metadata: one row per face (path, photo size, box, score, landmarks when the detector
 gives them, per-class probabilities, the classes, the age in years when the model has
 that head) and one row with an empty face for a photo without faces or that could not
 be read (its ``error``). A rerun reads the plan and the shards' keys before any worker
-starts and sends out only the shards whose key differs or whose file is missing, so a
-killed run resumes where it stopped and an unchanged rerun costs the listing. Adding
-photos whose names sort after the existing ones leaves the earlier shards' keys as they
-were; a photo inserted in the middle moves the shards after it. ``predictions.json`` /
-``.csv`` (the format of a single-process ``kface predict``) are merged from the shards on
-request.
+starts and sends out only the shards whose file is missing or holds another key, so a
+killed run resumes where it stopped, an unchanged rerun costs the listing, and a copy of
+the archive with new mtimes costs one read of the files and no prediction. Shard files
+written before content keys (paths, sizes and mtimes) are adopted. Adding photos whose
+names sort after the existing ones leaves the earlier shards' keys as they were; a photo
+inserted in the middle moves the shards after it. ``predictions.json`` / ``.csv`` (the
+format of a single-process ``kface predict``) are merged from the shards on request.
 """
 
 from __future__ import annotations
@@ -27,14 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.storage import (
-    file_sha256,
-    fingerprint,
-    read_cache_key,
-    remove_temporaries,
-    write_bytes_atomic,
-    write_parquet_atomic,
-)
+from core.sharding import Shard, ShardPlan, ShardResult, consecutive_shards, holds_key
+from core.storage import file_sha256, fingerprint, write_bytes_atomic, write_parquet_atomic
 from inference.predict import iter_images, predict_entries, predictions_csv, write_predictions
 from models.analyzer import FaceAnalyzer
 from models.backends import model_file
@@ -43,6 +41,7 @@ from models.detector import LANDMARK_COLUMNS
 CODE_VERSION = "batch-predict-1"
 PLAN = "plan.parquet"
 SHARDS = "shards"
+HASHES = "file_hashes.parquet"  # the stat cache of the photos' sha256 (core.content)
 BOX = ("left", "top", "right", "bottom")
 
 
@@ -53,59 +52,63 @@ def model_digest(model_dir: Path) -> str:
                        file_sha256(model_dir / "labels.json"))
 
 
-def shard_path(out: Path, index: int) -> Path:
-    return Path(out) / SHARDS / f"shard-{index:05d}.parquet"
-
-
-def write_plan(inputs: Iterable[Path], out: Path, shard_size: int, digest: str,
-               settings: dict) -> pa.Table:
-    """List the photos under ``inputs`` into ``out/plan.parquet`` with their shard and
-    the shard's key; returns the plan (one row per photo)."""
+def list_photos(inputs: Iterable[Path]) -> pa.Table:
+    """The photos under ``inputs`` in path order: path, file_size, mtime_ns (-1 for an
+    entry that cannot be stat'ed: its shard reads it and records the error)."""
     paths, sizes, mtimes = [], [], []
     for path in iter_images(inputs):
         try:
             st = os.stat(path)
             size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:  # a broken link: the shard reads it and records the error
+        except OSError:  # a broken link
             size, mtime = -1, -1
         paths.append(str(path))
         sizes.append(size)
         mtimes.append(mtime)
-    shards = [i // shard_size for i in range(len(paths))]
-    keys = []
-    for index in range(0, len(paths), shard_size):
-        part = slice(index, index + shard_size)
-        keys.append(fingerprint(paths[part], sizes[part], mtimes[part], digest, settings,
-                                CODE_VERSION))
-    plan = pa.table({"path": paths, "file_size": pa.array(sizes, pa.int64()),
-                     "mtime_ns": pa.array(mtimes, pa.int64()),
-                     "number": pa.array(range(len(paths)), pa.int64()),
-                     "shard": pa.array(shards, pa.int32()),
-                     "key": [keys[s] for s in shards]})
+    return pa.table({"path": pa.array(paths, pa.string()),
+                     "file_size": pa.array(sizes, pa.int64()),
+                     "mtime_ns": pa.array(mtimes, pa.int64())})
+
+
+def shard_key(shard: Shard, digest: str, settings: dict) -> str:
+    """A shard's cache key: its photos' paths and content, the model, the settings."""
+    return fingerprint(shard.content_fingerprint(), digest, settings, CODE_VERSION)
+
+
+def stat_key(shard: Shard, digest: str, settings: dict) -> str:
+    """The key the same shard had before content keys (paths, sizes, mtimes)."""
+    return fingerprint(shard.paths, shard.sizes, shard.mtimes, digest, settings,
+                       CODE_VERSION)
+
+
+def plan_batch(inputs: Iterable[Path], out: Path, shard_size: int, digest: str,
+               settings: dict, adopt: bool = True) -> ShardPlan:
+    """List the photos under ``inputs`` into ``out/plan.parquet`` (their shard and the
+    shard's key) and return the plan: the shards and, per shard, its file's summary when
+    it is complete for its key (``core.sharding.holds_key``; with ``adopt``, files of
+    the stat key rule are re-keyed in place)."""
+    from core.content import content_hashes
+
+    out = Path(out)
+    photos = list_photos(inputs)
+    hashes, _ = content_hashes(photos.to_pandas(), Path, out / HASHES)
+    photos = photos.append_column("sha256", pa.array(hashes, pa.string()))
+    shards = consecutive_shards(photos, shard_size)
+    keys = [shard_key(s, digest, settings) for s in shards]
+    plan = photos.append_column("number", pa.array(range(photos.num_rows), pa.int64()))
+    plan = plan.append_column("shard", pa.array(
+        [int(s.name) for s in shards for _ in s.paths], pa.int32()))
+    plan = plan.append_column("key", pa.array(
+        [k for s, k in zip(shards, keys, strict=True) for _ in s.paths], pa.string()))
     # a row group per shard: a shard's task reads its own rows only (row-group statistics)
-    write_parquet_atomic(Path(out) / PLAN, plan, digest=False, row_group_size=shard_size)
-    return plan
-
-
-def shards_to_do(plan: pa.Table, out: Path) -> tuple[list[int], list[int]]:
-    """(shards to compute, shards whose file is there with the plan's key)."""
-    firsts = plan.group_by("shard").aggregate([("key", "min")])
-    todo, done = [], []
-    for index, key in zip(firsts.column("shard").to_pylist(),
-                          firsts.column("key_min").to_pylist(), strict=True):
-        (done if read_cache_key(shard_path(out, index)) == key else todo).append(index)
-    return sorted(todo), sorted(done)
-
-
-def remove_stale(out: Path, shard_count: int) -> list[str]:
-    """Delete shard files beyond the plan (the inputs shrank) and the temporary files a
-    killed worker left (call before any worker starts)."""
-    remove_temporaries(Path(out) / SHARDS)
-    stale = [p for p in (Path(out) / SHARDS).glob("shard-*.parquet")
-             if int(p.stem.split("-")[1]) >= shard_count]
-    for p in stale:
-        p.unlink()
-    return [p.name for p in stale]
+    write_parquet_atomic(out / PLAN, plan, digest=False, row_group_size=shard_size)
+    stored = []
+    for shard, key in zip(shards, keys, strict=True):
+        final = out / SHARDS / shard.filename
+        done = holds_key(final, key, lambda s=shard: stat_key(s, digest, settings), adopt)
+        stored.append(ShardResult.on_disk(final, pq.read_metadata(final).num_rows, {})
+                      if done else None)
+    return ShardPlan(shards, stored)
 
 
 def entries_table(entries: list[dict], labels: dict) -> pa.Table:
@@ -159,35 +162,39 @@ def table_entries(table: pa.Table, labels: dict) -> list[dict]:
     return entries
 
 
-def predict_shard(analyzer: FaceAnalyzer, out: Path, index: int, annotated: bool) -> dict:
+def predict_shard(analyzer: FaceAnalyzer, out: Path, index: int, annotated: bool
+                  ) -> ShardResult:
     """Analyse shard ``index`` of ``out/plan.parquet`` into its shard file (skipped when
-    the file already holds the plan's key). Returns the shard's counts."""
+    the file already holds the plan's key). Returns the shard's result (its counts:
+    ``faces``, ``no_face``, ``unreadable`` photos)."""
     out = Path(out)
     rows = pq.read_table(out / PLAN, filters=[("shard", "=", index)])
     key = rows.column("key")[0].as_py()
-    target = shard_path(out, index)
-    if read_cache_key(target) == key:
-        return {"shard": index, "photos": rows.num_rows, "reused": True}
+    shard = Shard(f"{index:05d}", tuple(rows.column("path").to_pylist()), ())
+    target = out / SHARDS / shard.filename
+    if holds_key(target, key):
+        return ShardResult.done_here(shard, target, pq.read_metadata(target).num_rows, {},
+                                     reused=True)
     start = rows.column("number")[0].as_py()  # annotated files: numbered across shards
-    entries = predict_entries(analyzer, rows.column("path").to_pylist(),
+    entries = predict_entries(analyzer, list(shard.paths),
                               out / "annotated" if annotated else None, start)
-    write_parquet_atomic(target, entries_table(entries, analyzer.labels), cache_key=key,
-                         digest=False)
-    return {"shard": index, "photos": len(entries), "reused": False,
-            "faces": sum(len(e["faces"]) for e in entries),
-            "unreadable": sum(bool(e["error"]) for e in entries)}
+    table = entries_table(entries, analyzer.labels)
+    write_parquet_atomic(target, table, cache_key=key, digest=False)
+    unreadable = sum(bool(e["error"]) for e in entries)
+    return ShardResult.done_here(shard, target, table.num_rows, {
+        "faces": sum(len(e["faces"]) for e in entries), "unreadable": unreadable,
+        "no_face": sum(not e["faces"] and not e["error"] for e in entries)})
 
 
-def merge(out: Path, labels: dict, shard_count: int, write_json: bool,
+def merge(out: Path, labels: dict, shards: list[Shard], write_json: bool,
           write_csv: bool, provenance: dict | None = None) -> dict:
     """Counts over all shards; ``predictions.json``/``.csv`` merged when asked (with the
     ``provenance`` of ``models.analyzer.provenance``)."""
     out = Path(out)
     merging = write_json or write_csv
     columns = None if merging else ["path", "face", "error"]  # counts need only these
-    table = pa.concat_tables([pq.read_table(shard_path(out, i), columns=columns)
-                              for i in range(shard_count)]
-                             ) if shard_count else entries_table([], labels)
+    table = pa.concat_tables([pq.read_table(out / SHARDS / s.filename, columns=columns)
+                              for s in shards]) if shards else entries_table([], labels)
     photos = pc.count_distinct(table.column("path")).as_py() if table.num_rows else 0
     counts = {"photos": photos, "faces": table.num_rows - table.column("face").null_count,
               "unreadable": pc.count_distinct(

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.images import ImageError, ImageRoots, as_roots, load_image
-from core.sharding import Shard, ShardResult
-from core.storage import fingerprint, read_cache_key, write_parquet_atomic
+from core.sharding import Shard, ShardResult, holds_key
+from core.storage import fingerprint, write_parquet_atomic
 from models.face_crop import CropError, CropSpec, face_crop
 
 CODE_VERSION = "crops-1"
@@ -113,7 +113,7 @@ def stored_shard(final: Path, key: str, cfg: CropConfig,
                  landmarks: Sequence[Landmarks] | None) -> ShardResult | None:
     """The summary of a crop shard file that holds ``key`` (its error column's null
     count from the file's statistics, no data read); None when it needs work."""
-    if read_cache_key(final) != key:
+    if not holds_key(final, key):
         return None
     meta = pq.ParquetFile(final).metadata
     error = meta.schema.to_arrow_schema().get_field_index("error")
@@ -142,7 +142,7 @@ def crop_shard(root: Path | ImageRoots, shard: Shard, boxes: Sequence[Sequence[i
     cv2.setNumThreads(opencv_threads)
     final = Path(out_dir) / shard.filename
     key = crop_shard_key(shard, boxes, cfg, landmarks, margin)
-    reused = final.exists() and read_cache_key(final) == key
+    reused = holds_key(final, key)
     if reused:
         table = pq.read_table(final, columns=["error"])
     else:

@@ -48,8 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.images import ImageError, ImageRoots, as_roots, load_image
-from core.sharding import Shard, ShardResult
-from core.storage import fingerprint, read_cache_key, write_parquet_atomic
+from core.sharding import Shard, ShardResult, holds_key
+from core.storage import fingerprint, write_parquet_atomic
 from models.detector import (
     LANDMARK_COLUMNS,
     LANDMARK_KINDS,
@@ -203,19 +203,13 @@ def conform(table: pa.Table) -> pa.Table:
 
 def stored_shard(final: Path, key: str, stat_key: Callable[[], str | None] | None = None,
                  adopt: bool = False) -> ShardResult | None:
-    """The summary of a shard file that is complete for ``key`` (it holds the key and no
-    ``unreadable`` row to retry), read from its status column; None when it needs work.
-    The flow decides with it which shards to submit, and ``kface status`` what a run
-    would redo. A file holding ``stat_key()`` (written before keys had content hashes,
-    from the same photos' sizes and mtimes; computed only when the key differs) is current
-    too; with ``adopt`` (a run, not
-    status) it is re-keyed in place, its detections kept."""
-    stored = read_cache_key(final)
-    if stored != key and (stored is None or stat_key is None or stored != stat_key()):
+    """The summary of a shard file complete for ``key`` (``core.sharding.holds_key``;
+    ``stat_key()``: the key of the same photos' sizes and mtimes, before keys had content
+    hashes) with no ``unreadable`` row to retry, read from its status column; None when
+    it needs work. The flow decides with it which shards to submit, and ``kface status``
+    what a run would redo."""
+    if not holds_key(final, key, stat_key, adopt):
         return None
-    if stored != key and adopt:
-        write_parquet_atomic(final, pq.read_table(final).replace_schema_metadata(None), key,
-                             digest=False)
     statuses = pq.read_table(final, columns=["status"]).column("status")
     counts = {c["values"]: c["counts"] for c in pc.value_counts(statuses).to_pylist()}
     if counts.get("unreadable"):
@@ -231,7 +225,7 @@ def detect_shard(root: Path | ImageRoots, shard: Shard, cfg: DetectorConfig, out
     final = Path(out_dir) / shard.filename
     key = shard_cache_key(shard, cfg, chips)
     retried, reused = 0, False
-    if final.exists() and read_cache_key(final) == key:
+    if holds_key(final, key):
         table = pq.read_table(final, columns=["status"])
         redo = pc.equal(table.column("status"), "unreadable")
         retried = pc.sum(redo).as_py() or 0
@@ -249,15 +243,3 @@ def detect_shard(root: Path | ImageRoots, shard: Shard, cfg: DetectorConfig, out
     counts = pc.value_counts(table.column("status")).to_pylist()
     return ShardResult.done_here(shard, final, table.num_rows,
                                  {c["values"]: c["counts"] for c in counts}, reused, retried)
-
-
-def remove_stale_shards(out_dir: Path, shards: Sequence[Shard]) -> list[str]:
-    """Delete shard files that the current plan does not contain (e.g. after the manifest
-    shrank), so readers of ``shard-*.parquet`` see exactly this run's shards."""
-    wanted = {s.filename for s in shards}
-    removed = []
-    for path in sorted(Path(out_dir).glob("shard-*.parquet")):
-        if path.name not in wanted:
-            path.unlink()
-            removed.append(path.name)
-    return removed

@@ -467,3 +467,52 @@ def test_batch_predict_resumes_after_sigkill(onnx_model, scenes_dir, tmp_path, p
         first = faces[str(folder / f"{i % len(photos):03d}.jpg")]
         assert faces[str(folder / f"{i:03d}.jpg")] == first
     assert len(faces[str(folder / "000.jpg")]) == 6  # insightface_t1: six people
+
+
+def test_batch_predict_keys_shards_on_content_as_the_pipeline_does(onnx_model, scenes_dir,
+                                                                   tmp_path):
+    """Batch predict's plan and resume rule are the pipeline's (``core.sharding``): new
+    mtimes on the same bytes (a copy) keep every shard, changed bytes redo their shard
+    only, and a shard file written under the old key rule (paths, sizes, mtimes) is
+    adopted, re-keyed in place, not recomputed."""
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from core.storage import read_cache_key, write_parquet_atomic
+    from inference.batch_predict import model_digest, plan_batch, predict_shard, stat_key
+
+    photos = sorted(p for p in scenes_dir.iterdir() if p.suffix == ".jpg")[:4]
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i, photo in enumerate(photos):
+        shutil.copy(photo, folder / f"{i}.jpg")
+    digest, settings = model_digest(onnx_model), {"threshold": None}
+
+    def plan():
+        return plan_batch([folder], out, 2, digest, settings)
+
+    first = plan()
+    assert [s.name for s in first.todo] == ["00000", "00001"]
+    analyzer = FaceAnalyzer(onnx_model)
+    results = [predict_shard(analyzer, out, int(s.name), False) for s in first.todo]
+    assert [r.reused for r in results] == [False, False]
+    assert sum(r.status_counts["faces"] for r in results) > 0
+    files = sorted((out / "shards").glob("shard-*.parquet"))
+    written = [f.stat().st_mtime_ns for f in files]
+
+    for i, photo in enumerate(sorted(folder.iterdir())):  # a copy: same bytes, new times
+        os.utime(photo, ns=(10**18 + i, 10**18 + i))
+    assert plan().todo == [] and [f.stat().st_mtime_ns for f in files] == written
+
+    shutil.copy(photos[0], folder / "3.jpg")  # other bytes in the second shard
+    assert [s.name for s in plan().todo] == ["00001"]
+
+    again = plan()
+    old = stat_key(again.shards[0], digest, settings)  # shard 0 as a kface before 2026-12
+    write_parquet_atomic(files[0], pq.read_table(files[0]).replace_schema_metadata(None),
+                         old, digest=False)
+    adopted = plan()
+    assert adopted.stored[0] is not None and [s.name for s in adopted.todo] == ["00001"]
+    assert read_cache_key(files[0]) == pq.read_table(out / "plan.parquet").column("key")[0].as_py()
