@@ -23,7 +23,13 @@ subjects (photos/s, and the wall time the whole set would take); ``dask --subjec
 --workers 4``: the same detection on a local Dask cluster of that many worker processes
 (``--dask-address``).
 
-``python bench/bench_full_size.py build|run|probe|rate|dask [--work /work/big]``
+``status``: after ``run``, an unchanged rerun of the data stages, then ``kface status``
+three times as it is now (the walk and a stat per photo compared with the manifest's
+scan, the sharded stages' keys from ``stages/<stage>.plan.json``), and once as a run
+folder without those records makes it (a full scan and every shard key planned): the
+seconds and the ratio.
+
+``python bench/bench_full_size.py build|run|probe|status|rate|dask [--work /work/big]``
 """
 
 from __future__ import annotations
@@ -259,6 +265,47 @@ def probe(work: Path) -> list[dict]:
     return rows
 
 
+def status(work: Path) -> list[dict]:
+    """``kface status`` with the records a run keeps (the walk's names in
+    ``stages/select.json``, the plans' keys in ``stages/<stage>.plan.json``) and
+    without them (hidden for one call, then put back), on the same run folder."""
+    out, rows = work / "run", []
+    rerun = kface(["run", *config_args(work, out, "yunet"), "--stages",
+                   "select,detect,merge,split,crops"])
+    rerun.pop("tail")
+    rows.append({"step": "unchanged rerun of the data stages", **rerun})
+    print(json.dumps(rows[-1]), flush=True)
+    now = []
+    for _ in range(3):
+        res = kface(["status", "--out", str(out)])
+        now.append(res)
+    report = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--out", str(out),
+                             "--json"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    states = {s["stage"]: s["state"] for s in json.loads(report.stdout)["stages"]}
+    select_file = out / "stages" / "select.json"
+    select = select_file.read_text()
+    indexes = sorted((out / "stages").glob("*.plan.json"))
+    hidden = [p.rename(p.with_name(p.name + ".hidden")) for p in indexes]
+    try:
+        select_file.write_text(json.dumps({k: v for k, v in json.loads(select).items()
+                                           if k != "listing_digest"}))
+        before = kface(["status", "--out", str(out)])
+    finally:
+        select_file.write_text(select)
+        for p, original in zip(hidden, indexes, strict=True):
+            p.rename(original)
+    seconds = sorted(r["seconds"] for r in now)
+    rows.append({"step": "kface status, with the run's records (3 calls)",
+                 "seconds": seconds, "peak_rss_gb": max(r["peak_rss_gb"] for r in now),
+                 "rc": now[-1]["rc"], "states": states})
+    rows.append({"step": "kface status, without them (a full scan, every shard key)",
+                 "seconds": before["seconds"], "peak_rss_gb": before["peak_rss_gb"],
+                 "rc": before["rc"], "ratio": round(before["seconds"] / seconds[1], 1)})
+    for row in rows[1:]:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def rate(work: Path, detector: str, subjects: int) -> dict:
     out = work / f"rate-{detector}-{subjects}"
     res = kface(["run", *config_args(work, out, detector, subjects), "--stages",
@@ -296,7 +343,7 @@ def dask(work: Path, subjects: int, workers: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["build", "run", "probe", "rate", "dask"])
+    ap.add_argument("step", choices=["build", "run", "probe", "status", "rate", "dask"])
     ap.add_argument("--work", type=Path, default=Path("/work/big"))
     ap.add_argument("--detector", default="res10")
     ap.add_argument("--subjects", type=int, default=20)
@@ -310,6 +357,8 @@ def main() -> None:
         run(args.work)
     elif args.step == "probe":
         probe(args.work)
+    elif args.step == "status":
+        status(args.work)
     elif args.step == "rate":
         rate(args.work, args.detector, args.subjects)
     else:

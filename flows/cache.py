@@ -63,6 +63,12 @@ class CropPlan:
         points = chosen.reshape(-1, 5, 2).tolist()
         return boxes, [p if ok else None for p, ok in zip(points, found, strict=True)]
 
+    def unaligned(self) -> int:
+        """How many faces have no landmarks (aligned crops cut them as box crops)."""
+        if self.landmarks is None:
+            return len(self.boxes)
+        return int((~np.isfinite(self.landmarks).all(axis=1)).sum())
+
     def shard_key(self, shard: Shard, c: Sections) -> str:
         boxes, landmarks = self.shard_faces(shard)
         return crop_shard_key(shard, boxes, c.crops, landmarks, c.detector.margin)

@@ -41,6 +41,7 @@ from core.storage import (
     replace_folder,
     table_digest,
     write_bytes_atomic,
+    write_json_atomic,
     write_parquet_atomic,
 )
 from flows import cache
@@ -210,6 +211,58 @@ class StageConfig:
         return self.memo[name]
 
 
+# ------------------------------------------------------------------ the plans' index
+
+def _plan_inputs(c: StageConfig) -> str:
+    """What a sharded stage's plan (its shards and their keys) is made of: the digests
+    of the outputs its row reads, its sections as keys see them (not ``sharding``: it
+    changes no file) and its code version."""
+    stage = STAGE[c.stage]
+    return fingerprint(stage.name, stage.code_version,
+                       *(c.read_digest(name) for name in stage.reads),
+                       *(c.key_setting(name) for name in stage.sections if name != "sharding"))
+
+
+def _plan_index(c: StageConfig) -> Path:
+    return STAGE[c.stage].summary_file(c.folder).with_suffix(".plan.json")
+
+
+def _indexed_plan(c: StageConfig) -> tuple[list[Shard], list[str]] | None:
+    """``kface status`` only: the shards (by name; status reads their files, never the
+    photos) and keys the last run planned (``stages/<stage>.plan.json``), when what the
+    plan is made of is the same now; None otherwise and in a run, which plans (K-Face
+    size: about 8 s for the crop keys of 583,200 faces, a read of this file instead)."""
+    if c.writing:
+        return None
+
+    def read() -> tuple[list[Shard], list[str]] | None:
+        try:
+            index = json.loads(_plan_index(c).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(index, dict) or index.get("inputs") != _plan_inputs(c):
+            return None
+        return ([Shard(name, (), ()) for name, _ in index["shards"]],
+                [key for _, key in index["shards"]])
+
+    return c.memo_get(f"{c.stage}_index", read)
+
+
+def _record_plan(c: StageConfig, shards: list[Shard], keys: list[str]) -> None:
+    """A run keeps its plan's shard names and keys for ``kface status``."""
+    if not c.writing:
+        return
+    index = {"inputs": _plan_inputs(c),
+             "shards": [[s.name, k] for s, k in zip(shards, keys, strict=True)]}
+    path = _plan_index(c)
+    try:
+        if json.loads(path.read_text()) == index:
+            return
+    except (OSError, ValueError):
+        pass
+    write_json_atomic(path, index)
+
+
 # ------------------------------------------------------------------------------ select
 
 def _scan(c: StageConfig):
@@ -221,8 +274,24 @@ def _scan(c: StageConfig):
 
 def _select_source(c: StageConfig) -> str:
     """The scan's result (paths below the root, sizes, content, labels), not where the
-    root or the labels file is."""
-    return table_digest(_scan(c)[0])
+    root or the labels file is. A K-Face tree whose walk sees the names the manifest's
+    scan saw, each photo with the manifest's size and mtime, gives the manifest's digest
+    without parsing and hashing (``select.manifest_is_current``: 583,200 photos in ~3 s
+    instead of ~15 s)."""
+    stage = STAGE[c.stage]
+    stored = stage.stored_summary(c.folder)
+    if select.manifest_is_current(c.data, c.selection, c.folder.manifest,
+                                  stored.get("listing_digest")):
+        return content_digest(c.folder.manifest)
+    table, report = _scan(c)
+    digest = table_digest(table)
+    if (c.writing and stored and report.listing_digest != stored.get("listing_digest")
+            and digest == content_digest(c.folder.manifest)):
+        # the manifest is current but its summary lacks this walk's names (a run folder
+        # of a kface before 2026-12, or a copied tree): record them for the next time
+        write_json_atomic(stage.summary_file(c.folder),
+                          {**stored, "listing_digest": report.listing_digest})
+    return digest
 
 
 def _select_check(c: StageConfig) -> None:
@@ -254,6 +323,9 @@ def _select_run(c: StageConfig, key: str) -> dict:
 # ------------------------------------------------------------------------------ detect
 
 def _detect_shards(c: StageConfig) -> list[Shard]:
+    indexed = _indexed_plan(c)
+    if indexed is not None:
+        return indexed[0]
     return c.memo_get("detect_shards", lambda: cache.detect_shards(c))
 
 
@@ -297,12 +369,20 @@ def _chip_geometry(c: StageConfig) -> dict[str, dict]:
 
 def _detect_plan(c: StageConfig) -> ShardPlan:
     def plan() -> ShardPlan:
+        indexed = _indexed_plan(c)
+        if indexed is not None:
+            shards, keys = indexed
+            return ShardPlan(shards, [
+                detect.stored_shard(c.folder.detections / s.filename, k)
+                for s, k in zip(shards, keys, strict=True)])
         shards = _detect_shards(c)
         chips = {name: g["landmarks"] for name, g in _chip_geometry(c).items()}
+        keys = [detect.shard_cache_key(s, c.detector, chips) for s in shards]
+        _record_plan(c, shards, keys)
         stored = [detect.stored_shard(
-            c.folder.detections / s.filename, detect.shard_cache_key(s, c.detector, chips),
+            c.folder.detections / s.filename, k,
             lambda s=s: detect.shard_cache_key(s, c.detector, chips, by_stat=True),
-            adopt=c.writing) for s in shards]
+            adopt=c.writing) for s, k in zip(shards, keys, strict=True)]
         return ShardPlan(shards, stored, chips)
 
     return c.memo_get("detect_plan", plan)
@@ -418,16 +498,22 @@ def _crop_plan(c: StageConfig) -> cache.CropPlan:
 
 
 def _crop_shards(c: StageConfig) -> list[Shard]:
-    return _crop_plan(c).shards
+    indexed = _indexed_plan(c)
+    return _crop_plan(c).shards if indexed is None else indexed[0]
 
 
 def _crops_plan(c: StageConfig) -> ShardPlan:
-    plan = _crop_plan(c)
-    keys = [plan.shard_key(s, c) for s in plan.shards]
-    stored = [crops.stored_shard(c.folder.crops / s.filename, k, c.crops,
-                                 plan.shard_faces(s)[1])
-              for s, k in zip(plan.shards, keys, strict=True)]
-    return ShardPlan(plan.shards, stored, plan)
+    indexed = _indexed_plan(c)
+    if indexed is not None:
+        shards, keys = indexed
+        plan = None
+    else:
+        plan = _crop_plan(c)
+        shards, keys = plan.shards, [plan.shard_key(s, c) for s in plan.shards]
+        _record_plan(c, shards, keys)
+    stored = [crops.stored_shard(c.folder.crops / s.filename, k)
+              for s, k in zip(shards, keys, strict=True)]
+    return ShardPlan(shards, stored, plan)
 
 
 def _crops_call(c: StageConfig, plan: ShardPlan, shard: Shard):
@@ -437,7 +523,10 @@ def _crops_call(c: StageConfig, plan: ShardPlan, shard: Shard):
 
 
 def _crops_finish(c: StageConfig, plan: ShardPlan, summary: dict) -> None:
-    unaligned = summary["status_counts"].get("unaligned", 0)
+    if not c.crops.align:
+        return
+    unaligned = plan.extra.unaligned()  # faces without landmarks: box crops
+    summary["status_counts"]["unaligned"] = unaligned
     if unaligned:
         _log().warning(
             "crops: %d faces have no landmarks (detector.kind %s finds none): cut as box "
@@ -680,8 +769,11 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     * ``done``: up to date, computed by the last run that ran the stage.
     * ``cached``: up to date, and the last run reused it instead of recomputing.
 
-    The select stage re-scans the dataset (the scan is cheap: ~200k paths/s), so new or
-    changed photos show as ``stale``.
+    The select stage walks the dataset and stats every selected photo, so new, removed,
+    renamed or changed photos show as ``stale``; it parses and hashes only when the walk
+    or the stats differ from the manifest's scan. The sharded stages take their shards'
+    keys from the plans the last run recorded while what a plan is made of is unchanged,
+    and read every shard file's key. K-Face size (583,200 photos): about 4 s.
     """
     result: list[StageStatus] = []
     current_outputs: set[str] = set()

@@ -205,8 +205,11 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
     the images with ``labels=False``; with ``age_sigma`` the targets also hold ``age``
     (``models.classifier.age_targets`` of the exact ages over the head's
     ``age_classes``). With ``seed`` the order is shuffled every epoch (see
-    ``epoch_order``) and ``augment_cfg`` applies; without, rows come in ``index`` order
-    (what evaluation needs to line predictions up with rows)."""
+    ``epoch_order``) and ``augment_cfg`` applies, and every batch is full: the last one
+    is completed with the epoch's first rows (one batch shape, so JAX and TensorFlow
+    compile the train step once, not again for a smaller last batch); without, rows come
+    in ``index`` order, each once (what evaluation needs to line predictions up with
+    rows)."""
     keras = load_keras()
     chunk = index.file.to_numpy(np.int64) * 1_000_000 + index.rg.to_numpy(np.int64)
     targets = Targets(index, weights, age_sigma, age_classes)
@@ -234,6 +237,8 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
 
         def __getitem__(self, i: int):
             rows = self.order[i * batch_size:(i + 1) * batch_size]
+            if seed is not None and len(rows) < batch_size:  # one shape: a full batch
+                rows = np.concatenate([rows, np.resize(self.order, batch_size - len(rows))])
             rng = (np.random.default_rng([seed, self.epoch, i])
                    if augment_cfg is not None and seed is not None else None)
             images = np.empty((len(rows), size, size, 3), np.uint8)

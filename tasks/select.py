@@ -30,6 +30,7 @@ keeps a stat cache so that an unchanged photo is not read again), and with
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import re
@@ -192,6 +193,7 @@ class ScanReport:
     excluded_labels: int = 0
     excluded_label_examples: list[str] = field(default_factory=list)
     files_hashed: int = 0  # photos read for their sha256 (``core.content``)
+    listing_digest: str | None = None  # K-Face: the names the walk saw (``listing_digest``)
 
     def note_unrecognised(self, rel: str) -> None:
         self.unrecognised += 1
@@ -222,47 +224,83 @@ def parse_kface_path(parts: tuple[str, ...]) -> dict[str, str] | None:
     return out
 
 
-def _walk(top: str, rel: tuple[str, ...]):
+def _walk(top: str, sel: SelectionConfig | None = None):
     """Yield ``(rel_parts, DirEntry)`` for every file below ``top`` (symlinks not followed
-    into directories; broken symlinks still yielded so they surface as errors later)."""
-    try:
-        entries = list(os.scandir(top))
-    except OSError:
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(entry.path, (*rel, entry.name))
-        else:
-            yield (*rel, entry.name), entry
+    into directories; broken symlinks still yielded so they surface as errors later).
 
-
-def _walk_selected(top: str, sel: SelectionConfig):
-    """Like ``_walk`` over a K-Face resolution folder, but descend only into the
-    accessory, light and expression folders that ``sel`` lists: ~34,000 listings for 400
-    subjects instead of ~216,000 folders and 4.3M files. A folder whose name does not fit
-    its level is yielded (reported as not in the layout); a fitting but unselected one is
-    skipped unread."""
-    levels = (None, set(sel.accessories), set(sel.lights), set(sel.expressions))
+    With ``sel`` (a K-Face resolution folder), descend only into the accessory, light and
+    expression folders it lists: ~34,000 listings for 400 subjects instead of ~216,000
+    folders and 4.3M files. A folder whose name does not fit its level is yielded
+    (reported as not in the layout); a fitting but unselected one is skipped unread.
+    One loop over a stack of folders (no generator per level: 583,200 files in ~1 s)."""
+    levels = (None, *(set(v) for v in (sel.accessories, sel.lights, sel.expressions))
+              ) if sel is not None else ()
     patterns = tuple(_KFACE_PARTS.values())
-
-    def walk(path: str, rel: tuple[str, ...]):
-        depth = len(rel)
-        try:
-            entries = list(os.scandir(path))
+    stack: list[tuple[str, tuple[str, ...]]] = [(top, ())]
+    while stack:
+        path, rel = stack.pop()
+        try:  # in name order: a copy of the tree is walked in the same order
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError:
-            return
+            continue
+        depth = len(rel)
+        below = []
         for entry in entries:
             parts = (*rel, entry.name)
             if not entry.is_dir(follow_symlinks=False):
                 yield parts, entry
             elif depth >= len(levels):
-                yield from _walk(entry.path, parts)
+                below.append((entry.path, parts))
             elif not patterns[depth].fullmatch(entry.name):
                 yield parts, entry
             elif levels[depth] is None or entry.name in levels[depth]:
-                yield from walk(entry.path, parts)
+                below.append((entry.path, parts))
+        stack.extend(reversed(below))
 
-    yield from walk(top, ())
+
+def _kface_walk(data: DataConfig, sel: SelectionConfig):
+    """The K-Face scan's walk of the resolution folder: the selected folders only, or
+    everything under ``legacy_substring_match`` (the original's substring rule can match
+    any folder name)."""
+    res_dir = _check_resolution_folder(data)
+    return _walk(str(res_dir), None if sel.legacy_substring_match else sel)
+
+
+def listing_digest(data: DataConfig, sel: SelectionConfig) -> str:
+    """sha256 of the names the K-Face scan's walk sees (no stat, no parsing): equal
+    between two walks when no file was added, removed or renamed where the scan looks."""
+    h = hashlib.sha256()
+    for parts, _ in _kface_walk(data, sel):
+        h.update("/".join(parts).encode() + b"\n")
+    return h.hexdigest()
+
+
+def manifest_is_current(data: DataConfig, sel: SelectionConfig, manifest: Path,
+                        listing: str | None) -> bool:
+    """Whether a K-Face scan now would give back ``manifest`` (written by a scan whose
+    walk saw ``listing``, ``listing_digest``; the same selection): the same names are
+    there, and each selected photo has the manifest's size and mtime (so the stat cache
+    gives it the manifest's sha256). Costs the walk and a stat per photo (583,200
+    photos: ~3 s) instead of the scan's parsing and hashing; False (scan again) on any
+    doubt, and always for the labelled layout (a labels file and folders to compare)."""
+    if data.layout != "kface" or not listing or not Path(manifest).exists():
+        return False
+    if listing_digest(data, sel) != listing:
+        return False
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest, columns=["path", "file_size", "mtime_ns"])
+    root = str(data.root) + os.sep
+    try:
+        for path, size, mtime in zip(table.column("path").to_pylist(),
+                                     table.column("file_size").to_pylist(),
+                                     table.column("mtime_ns").to_pylist(), strict=True):
+            st = os.stat(root + path)
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _stat(entry: os.DirEntry) -> tuple[int, int]:
@@ -299,14 +337,12 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
     Only the selected accessory/light/expression folders are listed (except with
     ``legacy_substring_match``), so ``report.images`` counts the photos in those."""
     _check_root(Path(data.root))
-    res_dir = _check_resolution_folder(data)
     report = ScanReport()
     rows: list[tuple] = []
     prefix = f"{data.resolution}_Resolution/"
-    # the original's substring rule can match any folder name: it needs the full walk
-    walk = (_walk(str(res_dir), ()) if sel.legacy_substring_match
-            else _walk_selected(str(res_dir), sel))
-    for parts, entry in walk:
+    listing = hashlib.sha256()  # what ``manifest_is_current`` compares
+    for parts, entry in _kface_walk(data, sel):
+        listing.update("/".join(parts).encode() + b"\n")
         rel = prefix + "/".join(parts)
         attrs = parse_kface_path(parts)
         if attrs is None:
@@ -324,6 +360,7 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
              attrs["expression"], attrs["camera"], None, None, None, size, mtime)
         )
     report.selected = len(rows)
+    report.listing_digest = listing.hexdigest()
     return _frame(rows), report
 
 

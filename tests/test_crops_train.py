@@ -259,3 +259,20 @@ def test_weight_averaging_validates_and_saves_the_averaged_weights(tiny_run, tmp
     accuracy = float(np.mean(probs["age_band"].argmax(1) == val.age_idx.to_numpy()))
     best = result["best_epoch"] - 1
     assert accuracy == pytest.approx(history["val_age_band_accuracy"][best], abs=1e-6)
+
+
+def test_training_batches_have_one_shape_and_evaluation_batches_every_row_once(tiny_run):
+    """A shuffled (training) stream completes its last batch with the epoch's first rows,
+    so the train step sees one batch shape (JAX and TensorFlow compile it once); every
+    face still comes once an epoch. Evaluation's stream keeps each row once, in order."""
+    from tasks.crop_stream import crop_batches
+
+    index = tiny_run["examples"]["train"].head(21).reset_index(drop=True)
+    files = tiny_run["crops"].files
+    train = crop_batches(index, files, 64, 8, seed=5)
+    batches = [train[i] for i in range(len(train))]
+    assert [b[0].shape for b in batches] == [(8, 64, 64, 3)] * 3
+    assert all(len(b[2]) == 8 and len(b[1]["gender"]) == 8 for b in batches)
+    assert len(train.order) == 21 and sorted(train.order) == list(range(21))
+    scored = crop_batches(index, files, 64, 8, labels=False)
+    assert [scored[i].shape[0] for i in range(len(scored))] == [8, 8, 5]
