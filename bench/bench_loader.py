@@ -6,6 +6,8 @@ AAF faces (224 px, augmented as the train stage augments), each path in the same
 
 * **today's loader** (``tasks.crop_stream.crop_batches``): uint8 batches, OpenCV
   augmentation, ``max_queue_size`` twice the workers, no per-batch callback hook;
+* **today's loader with decoding processes** (``processes=True``, ``train.loader:
+  processes``): the same batches, decoded in spawned processes;
 * **the previous loader**, kept here as the baseline: float32 batches, the brightness
   shift in NumPy float, at most 4 batches in flight whatever the workers, and a
   per-batch callback hook (which makes Keras wait for every step).
@@ -88,6 +90,14 @@ def todays_loader(index, files, size, batch_size, augment_cfg, seed, workers):
                         workers=workers)
 
 
+def process_loader(index, files, size, batch_size, augment_cfg, seed, workers):
+    """Today's loader with ``train.loader: processes``: the decoding in spawned processes."""
+    from tasks.crop_stream import crop_batches
+
+    return crop_batches(index, files, size, batch_size, seed=seed, augment_cfg=augment_cfg,
+                        workers=workers, processes=True)
+
+
 def loader_alone(data, batches: int) -> float:
     """images/s read through Keras' enqueuer (threads, bounded queue), as fit reads."""
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
@@ -159,27 +169,36 @@ def main() -> None:
     results = []
     for workers in args.workers:
         for name, make, hook in (("today", todays_loader, False),
+                                 ("processes", process_loader, False),
                                  ("previous", previous_loader, True)):
             row = {"loader": name, "workers": workers, "batch": args.batch}
             data = make(train, crops.files, args.size, args.batch, augment_cfg, 777, workers)
             row["alone_images_per_s"] = round(loader_alone(data, args.batches), 1)
+            getattr(data, "close", lambda: None)()
             data = make(train, crops.files, args.size, args.batch, augment_cfg, 777, workers)
             data.batch_size_hint = args.batch
             row["fit_images_per_s"] = round(through_fit(data, args.batches, hook), 1)
+            getattr(data, "close", lambda: None)()
             print(json.dumps(row), flush=True)
             results.append(row)
     by = {(r["loader"], r["workers"]): r for r in results}
     for workers in args.workers:
         today, previous = by[("today", workers)], by[("previous", workers)]
+        processes = by[("processes", workers)]
         print(json.dumps({"workers": workers, "ratio_fit_today_vs_previous": round(
             today["fit_images_per_s"] / previous["fit_images_per_s"], 2),
             "ratio_alone_today_vs_previous": round(
-                today["alone_images_per_s"] / previous["alone_images_per_s"], 2)}))
+                today["alone_images_per_s"] / previous["alone_images_per_s"], 2),
+            "ratio_fit_processes_vs_threads": round(
+                processes["fit_images_per_s"] / today["fit_images_per_s"], 2)}))
     first, last = args.workers[0], args.workers[-1]
     if last != first:
         print(json.dumps({"scaling_today_alone": round(
             by[("today", last)]["alone_images_per_s"]
             / by[("today", first)]["alone_images_per_s"], 2),
+            "scaling_processes_alone": round(
+            by[("processes", last)]["alone_images_per_s"]
+            / by[("processes", first)]["alone_images_per_s"], 2),
             "workers": [first, last], "cpu_count": os.cpu_count()}))
 
 

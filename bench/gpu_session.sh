@@ -21,8 +21,10 @@ case "$1" in
   resnet)
     python3 bench/gpu_train_check.py loaders --faces 60000 --batch 256 \
       --loader-workers 1 4 14 >> "$LOG/resnet.log" 2>&1
-    python3 bench/gpu_train_check.py run --faces 60000 --epochs 2 --batch 256 \
-      >> "$LOG/resnet.log" 2>&1
+    for loader in processes threads; do  # train.loader: the decoding's place
+      python3 bench/gpu_train_check.py run --faces 60000 --epochs 2 --batch 256 \
+        --loader $loader >> "$LOG/resnet.log" 2>&1
+    done
     ;;
   face)
     python3 bench/gpu_face_model.py build --cache /tmp/face-cache >> "$LOG/face.log" 2>&1

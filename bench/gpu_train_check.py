@@ -15,7 +15,8 @@ GPU machines often have JAX or PyTorch but no TensorFlow, and no package registr
    subject), trains ResNet50 from scratch with mixed precision, evaluates on the test
    split, and prints JSON: the train stage's images/s of its last epoch (input pipeline
    included, validation excluded), the whole epoch's seconds, GPU memory peak, the
-   metrics. The log goes to ``bench/out/gpu/run.log``; commit it as
+   metrics (``--loader processes``, the default here, or ``threads``: where the crops are
+   decoded). The log goes to ``bench/out/gpu/run-<loader>.log``; commit it as
    ``bench/results-gpu-stage-<gpu>.log``.
 
 Tested on the CPU here: ``KERAS_BACKEND=jax python bench/gpu_train_check.py run --faces
@@ -89,8 +90,9 @@ def seed_faces(size: int, n: int = 600) -> tuple[list[bytes], list[str], list[st
 
 def loaders(args) -> list[dict]:
     """The input path alone (``bench/bench_loader.py``) on this machine's cores: today's
-    loader and the previous one, by worker count, on the crop cache of ``run``."""
-    from bench_loader import loader_alone, previous_loader, todays_loader
+    loader (threads, and decoding processes) and the previous one, by worker count, on
+    the crop cache of ``run``."""
+    from bench_loader import loader_alone, previous_loader, process_loader, todays_loader
     from bench_train_scale import _crops, build
 
     from tasks.crop_stream import AugmentConfig
@@ -101,11 +103,13 @@ def loaders(args) -> list[dict]:
     augment = AugmentConfig(rotation=0.08, zoom=0.15, brightness=0.2)
     rows = []
     for workers in args.loader_workers:
-        for name, make in (("today", todays_loader), ("previous", previous_loader)):
+        for name, make in (("today", todays_loader), ("processes", process_loader),
+                           ("previous", previous_loader)):
             data = make(crops.splits["train"], crops.files, args.size, args.batch, augment,
                         777, workers)
             rows.append({"loader": name, "workers": workers, "batch": args.batch,
                          "alone_images_per_s": round(loader_alone(data, 30), 1)})
+            getattr(data, "close", lambda: None)()
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -127,7 +131,7 @@ def run(args) -> dict:
 
     shutil.rmtree(folder / "model", ignore_errors=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, workers=args.workers,
-                      mixed_precision="auto", early_stopping_patience=0)
+                      mixed_precision="auto", early_stopping_patience=0, loader=args.loader)
     start = time.perf_counter()
     result = train_model(crops, args.size, ModelConfig(backbone=args.backbone), cfg,
                          folder / "model", folder / "logs")
@@ -138,6 +142,7 @@ def run(args) -> dict:
                                  args.size)
     return {
         "backend": keras_backend(), "gpus": accelerators(), "faces": args.faces,
+        "loader": args.loader, "workers": args.workers,
         "backbone": args.backbone, "size": args.size, "batch": args.batch,
         "train_faces": result["train_examples"], "build_s": round(built, 1),
         "train_s": round(trained, 1), "evaluate_s": round(time.perf_counter() - start, 1),
@@ -161,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=max(2, (os.cpu_count() or 2) - 2))
     ap.add_argument("--loader-workers", type=int, nargs="+", default=[1, 4, 14])
+    ap.add_argument("--loader", choices=["threads", "processes"], default="processes")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare()
@@ -171,7 +177,7 @@ def main() -> None:
     result = run(args)
     text = json.dumps(result, indent=2)
     print(text)
-    (OUT / "run.log").write_text(text + "\n")
+    (OUT / f"run-{args.loader}.log").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -11,4 +11,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$PWD:/tmp/site" KERAS_BACKEND="${KERAS_BACKEND:-jax}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 bench/gpu_train_check.py run "$@" 2>&1 | tee "${OUT:-$GPU}/stdout.log"
-cp "$GPU/run.log" "${OUT:-$GPU}/" 2>/dev/null || true
+cp "$GPU"/run-*.log "${OUT:-$GPU}/" 2>/dev/null || true

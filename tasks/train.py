@@ -96,7 +96,13 @@ class TrainConfig(BaseModel):
     shuffle_buffer_chunks: int = Field(
         64, ge=1, description="Row groups (64 crops each) shuffled together; memory holds "
         "twice this many.")
-    workers: int = Field(2, ge=1, description="Threads decoding and augmenting crops.")
+    workers: int = Field(2, ge=1, description="Threads decoding and augmenting crops "
+                         "(with loader: processes, that many decoding processes).")
+    loader: Literal["threads", "processes"] = Field(
+        "threads", description="Where the crops are decoded and augmented: threads of the "
+        "training process, or spawned processes (on a GPU machine with many cores: the "
+        "decoding then leaves the training process's GIL). The same batches either way: "
+        "a performance setting only (no cache key reads it).")
     require_gpu: bool = Field(
         False, description="Refuse to train when the Keras backend sees no GPU (instead of "
         "warning when the CPU training would be long).")
@@ -104,8 +110,8 @@ class TrainConfig(BaseModel):
     def key_settings(self) -> dict:
         """What cache keys read of this section: without the settings of ``TRAIN_OFF``
         while they are off, so models trained before they existed stay current."""
-        return self.model_dump(exclude={k for k, off in TRAIN_OFF.items()
-                                        if getattr(self, k) == off})
+        return self.model_dump(exclude={"loader"} | {k for k, off in TRAIN_OFF.items()
+                                                     if getattr(self, k) == off})
 
 
 # train settings added since models were first trained, with the value that means "off"
@@ -210,6 +216,9 @@ def fit_model(keras, crops: CropSet, size: int, model_cfg: ModelConfig, cfg: Tra
                   callbacks=training_callbacks(keras, cfg, len(crops.splits["train"]),
                                                checkpoint, history_csv, model_dir, log_dir),
                   steps_per_epoch=cfg.steps_per_epoch, verbose=2)
+    for data in (fit.train, fit.val):  # the decoding processes (train.loader: processes)
+        if hasattr(data, "close"):
+            data.close()
     del fit  # the saved checkpoint is the result: free the training graphs
     keras.backend.clear_session()  # before evaluation loads the model
     return checkpoint, pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
@@ -293,10 +302,11 @@ def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig
         crop_batches(train, crops.files, size, cfg.batch_size, seed=cfg.seed,
                      augment_cfg=cfg.augment, weights=weights,
                      buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers,
-                     age_sigma=sigma, age_classes=ages or AGES),
+                     age_sigma=sigma, age_classes=ages or AGES,
+                     processes=cfg.loader == "processes"),
         crop_batches(val, crops.files, size, cfg.batch_size, workers=cfg.workers,
                      buffer_chunks=cfg.shuffle_buffer_chunks, age_sigma=sigma,
-                     age_classes=ages or AGES))
+                     age_classes=ages or AGES, processes=cfg.loader == "processes"))
 
 
 def compile_model(keras, model, cfg: TrainConfig, steps: int, heads: list[str],

@@ -1,6 +1,7 @@
 """Crop cache and a tiny real training run on real faces (no Prefect: the stage functions)."""
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -276,3 +277,28 @@ def test_training_batches_have_one_shape_and_evaluation_batches_every_row_once(t
     assert len(train.order) == 21 and sorted(train.order) == list(range(21))
     scored = crop_batches(index, files, 64, 8, labels=False)
     assert [scored[i].shape[0] for i in range(len(scored))] == [8, 8, 5]
+
+
+def test_decoding_processes_give_the_batches_the_threads_give(tiny_run):
+    """``train.loader: processes``: the same augmented batches, decoded in spawned
+    processes (which run ``decode_batch`` as the threads do), and the processes stop."""
+    from tasks.crop_stream import AugmentConfig, crop_batches
+
+    index = tiny_run["examples"]["train"].head(20).reset_index(drop=True)
+    files = tiny_run["crops"].files
+    args = dict(seed=3, augment_cfg=AugmentConfig(), workers=2)
+    threads = crop_batches(index, files, 64, 8, **args)
+    processes = crop_batches(index, files, 64, 8, processes=True, **args)
+    try:
+        for i in range(len(threads)):
+            a, b = threads[i], processes[i]
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1]["age_band"], b[1]["age_band"])
+        decoder = processes._pool
+        workers, slots = decoder.processes, [slot.name for slot in decoder.slots]
+        assert workers and all(w.pid != os.getpid() and w.is_alive() for w in workers)
+    finally:
+        processes.close()
+    assert processes._pool is None and not any(w.is_alive() for w in workers)
+    for name in slots:  # the shared-memory slots are gone with them
+        assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
