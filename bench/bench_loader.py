@@ -6,8 +6,8 @@ AAF faces (224 px, augmented as the train stage augments), each path in the same
 
 * **today's loader** (``tasks.crop_stream.crop_batches``): uint8 batches, OpenCV
   augmentation, ``max_queue_size`` twice the workers, no per-batch callback hook;
-* **today's loader with decoding processes** (``processes=True``, ``train.loader:
-  processes``): the same batches, decoded in spawned processes;
+* **today's loader with decoding processes** (``decoder=DecodeProcesses(...)``,
+  ``train.loader: processes``): the same batches, decoded in spawned processes;
 * **the previous loader**, kept here as the baseline: float32 batches, the brightness
   shift in NumPy float, at most 4 batches in flight whatever the workers, and a
   per-batch callback hook (which makes Keras wait for every step).
@@ -92,10 +92,13 @@ def todays_loader(index, files, size, batch_size, augment_cfg, seed, workers):
 
 def process_loader(index, files, size, batch_size, augment_cfg, seed, workers):
     """Today's loader with ``train.loader: processes``: the decoding in spawned processes."""
-    from tasks.crop_stream import crop_batches
+    from tasks.crop_stream import DecodeProcesses, crop_batches
 
-    return crop_batches(index, files, size, batch_size, seed=seed, augment_cfg=augment_cfg,
-                        workers=workers, processes=True)
+    decoder = DecodeProcesses(workers, batch_size, size)
+    data = crop_batches(index, files, size, batch_size, seed=seed, augment_cfg=augment_cfg,
+                        workers=workers, decoder=decoder)
+    data.close = decoder.close  # the caller stops the processes it had made
+    return data
 
 
 def loader_alone(data, batches: int) -> float:

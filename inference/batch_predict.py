@@ -82,11 +82,11 @@ def stat_key(shard: Shard, digest: str, settings: dict) -> str:
 
 
 def plan_batch(inputs: Iterable[Path], out: Path, shard_size: int, digest: str,
-               settings: dict, adopt: bool = True) -> ShardPlan:
+               settings: dict) -> ShardPlan:
     """List the photos under ``inputs`` into ``out/plan.parquet`` (their shard and the
     shard's key) and return the plan: the shards and, per shard, its file's summary when
-    it is complete for its key (``core.sharding.holds_key``; with ``adopt``, files of
-    the stat key rule are re-keyed in place)."""
+    it is complete for its key (``core.sharding.holds_key``; files of the stat key rule
+    are re-keyed in place)."""
     from core.content import content_hashes
 
     out = Path(out)
@@ -105,7 +105,8 @@ def plan_batch(inputs: Iterable[Path], out: Path, shard_size: int, digest: str,
     stored = []
     for shard, key in zip(shards, keys, strict=True):
         final = out / SHARDS / shard.filename
-        done = holds_key(final, key, lambda s=shard: stat_key(s, digest, settings), adopt)
+        done = holds_key(final, key, lambda s=shard: stat_key(s, digest, settings),
+                         adopt=True)
         stored.append(ShardResult.on_disk(final, pq.read_metadata(final).num_rows, {})
                       if done else None)
     return ShardPlan(shards, stored)

@@ -17,8 +17,9 @@ model casts on the device: a quarter of the bytes to copy and to move to the GPU
 augmentation runs in OpenCV calls that release the GIL (no float copy of each image), and
 ``workers`` threads really run in parallel: Keras' enqueuer holds at most
 ``max_queue_size`` batches in flight, so it is twice the worker count (it was 4, which
-capped any number of workers at four). With ``processes`` (``train.loader: processes``)
-each batch is decoded and augmented in one of ``workers`` spawned processes
+capped any number of workers at four). With a ``DecodeProcesses`` (``train.loader:
+processes``: one for the training and the validation stream) each batch is decoded and
+augmented in one of ``workers`` spawned processes
 (``decode_batch``, the same function the threads call, so the batches are the same bit
 for bit): the threads then only read the crops' bytes and wait, and the Python work of
 decoding leaves the training process's GIL, which its step dispatch needs (on the H200
@@ -226,6 +227,8 @@ class DecodeProcesses:
     mid-state). A slot per batch being decoded; the caller copies its batch out."""
 
     def __init__(self, workers: int, batch_size: int, size: int):
+        """Processes start on the first batch; ``close()`` (or the object's end) stops
+        them and frees the slots."""
         self.size = size
         self.pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
@@ -287,7 +290,8 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
                  labels: bool = True, weights: np.ndarray | None = None,
                  augment_cfg: AugmentConfig | None = None, seed: int | None = None,
                  buffer_chunks: int = 64, workers: int = 2, age_sigma: float | None = None,
-                 age_classes: tuple[int, ...] = AGES, processes: bool = False):
+                 age_classes: tuple[int, ...] = AGES,
+                 decoder: DecodeProcesses | None = None):
     """A ``keras.utils.PyDataset`` over ``index`` (one split of ``load_index``).
 
     Yields ``(images uint8 0..255, {"gender", "age_band"}, weights)`` batches, or only
@@ -298,8 +302,8 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
     is completed with the epoch's first rows (one batch shape, so JAX and TensorFlow
     compile the train step once, not again for a smaller last batch); without, rows come
     in ``index`` order, each once (what evaluation needs to line predictions up with
-    rows). With ``processes``, ``workers`` spawned processes decode the batches (started on
-    the first batch; ``close()`` or the object's end stops them)."""
+    rows). With ``decoder`` (made for ``batch_size`` crops of ``size``), its processes
+    decode the batches; its owner closes it."""
     keras = load_keras()
     chunk = index.file.to_numpy(np.int64) * 1_000_000 + index.rg.to_numpy(np.int64)
     targets = Targets(index, weights, age_sigma, age_classes)
@@ -313,21 +317,6 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
                              max_queue_size=max(4, 2 * workers))
             self.epoch = 0
             self.order = self._order()
-            self._pool: DecodeProcesses | None = None
-            self._pool_lock = threading.Lock()
-
-        def _decoder(self) -> DecodeProcesses:
-            with self._pool_lock:
-                if self._pool is None:
-                    self._pool = DecodeProcesses(workers, batch_size, size)
-                return self._pool
-
-        def close(self) -> None:
-            """Stop the decoding processes (``processes``); a later batch starts them."""
-            with self._pool_lock:
-                if self._pool is not None:
-                    self._pool.close()
-                    self._pool = None
 
         def _order(self) -> np.ndarray:
             rng = None if seed is None else np.random.default_rng([seed, self.epoch])
@@ -346,7 +335,7 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
                 rows = np.concatenate([rows, np.resize(self.order, batch_size - len(rows))])
             jpegs = [cache.get(int(f), int(g))[r] for f, g, r in where[rows]]
             stream = None if seed is None else (seed, self.epoch, i)
-            images = (self._decoder().decode(jpegs, augment_cfg, stream) if processes
+            images = (decoder.decode(jpegs, augment_cfg, stream) if decoder is not None
                       else decode_batch(jpegs, size, augment_cfg, stream))
             if not labels:
                 return images

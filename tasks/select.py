@@ -266,12 +266,17 @@ def _kface_walk(data: DataConfig, sel: SelectionConfig):
     return _walk(str(res_dir), None if sel.legacy_substring_match else sel)
 
 
+def _listed(parts: tuple[str, ...]) -> bytes:
+    """One walked name as ``listing_digest`` and the scan hash it."""
+    return "/".join(parts).encode() + b"\n"
+
+
 def listing_digest(data: DataConfig, sel: SelectionConfig) -> str:
     """sha256 of the names the K-Face scan's walk sees (no stat, no parsing): equal
     between two walks when no file was added, removed or renamed where the scan looks."""
     h = hashlib.sha256()
     for parts, _ in _kface_walk(data, sel):
-        h.update("/".join(parts).encode() + b"\n")
+        h.update(_listed(parts))
     return h.hexdigest()
 
 
@@ -347,7 +352,7 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
     prefix = f"{data.resolution}_Resolution/"
     listing = hashlib.sha256()  # what ``manifest_is_current`` compares
     for parts, entry in _kface_walk(data, sel):
-        listing.update("/".join(parts).encode() + b"\n")
+        listing.update(_listed(parts))
         rel = prefix + "/".join(parts)
         attrs = parse_kface_path(parts)
         if attrs is None:

@@ -36,7 +36,13 @@ from models.classifier import (
     load_classifier,
 )
 from models.runtime import accelerators, keras_backend, load_keras
-from tasks.crop_stream import AugmentConfig, CropSet, crop_batches, has_exact_ages
+from tasks.crop_stream import (
+    AugmentConfig,
+    CropSet,
+    DecodeProcesses,
+    crop_batches,
+    has_exact_ages,
+)
 
 CODE_VERSION = "train-7"  # 6: exact-age head (model.exact_age); 7: its age line
 log = logging.getLogger(__name__)
@@ -216,9 +222,8 @@ def fit_model(keras, crops: CropSet, size: int, model_cfg: ModelConfig, cfg: Tra
                   callbacks=training_callbacks(keras, cfg, len(crops.splits["train"]),
                                                checkpoint, history_csv, model_dir, log_dir),
                   steps_per_epoch=cfg.steps_per_epoch, verbose=2)
-    for data in (fit.train, fit.val):  # the decoding processes (train.loader: processes)
-        if hasattr(data, "close"):
-            data.close()
+    if fit.decoder is not None:  # the decoding processes (train.loader: processes)
+        fit.decoder.close()
     del fit  # the saved checkpoint is the result: free the training graphs
     keras.backend.clear_session()  # before evaluation loads the model
     return checkpoint, pd.read_csv(history_csv).drop_duplicates("epoch", keep="last")
@@ -274,6 +279,7 @@ class FitPlan:
     model: object
     train: object
     val: object
+    decoder: DecodeProcesses | None = None  # train.loader: processes, for both streams
 
 
 def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
@@ -297,16 +303,17 @@ def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig
             age_sigma=sigma, age_classes=ages or AGES, workers=cfg.workers),
             feature_batches(cached["val"], val, cfg.batch_size, age_sigma=sigma,
                             age_classes=ages or AGES, workers=cfg.workers))
+    decoder = (DecodeProcesses(cfg.workers, cfg.batch_size, size)
+               if cfg.loader == "processes" else None)
     return FitPlan(
         build_classifier(model_cfg, size, exact_age=bool(ages), ages=ages or AGES),
         crop_batches(train, crops.files, size, cfg.batch_size, seed=cfg.seed,
                      augment_cfg=cfg.augment, weights=weights,
                      buffer_chunks=cfg.shuffle_buffer_chunks, workers=cfg.workers,
-                     age_sigma=sigma, age_classes=ages or AGES,
-                     processes=cfg.loader == "processes"),
+                     age_sigma=sigma, age_classes=ages or AGES, decoder=decoder),
         crop_batches(val, crops.files, size, cfg.batch_size, workers=cfg.workers,
                      buffer_chunks=cfg.shuffle_buffer_chunks, age_sigma=sigma,
-                     age_classes=ages or AGES, processes=cfg.loader == "processes"))
+                     age_classes=ages or AGES, decoder=decoder), decoder)
 
 
 def compile_model(keras, model, cfg: TrainConfig, steps: int, heads: list[str],

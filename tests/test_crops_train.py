@@ -282,23 +282,23 @@ def test_training_batches_have_one_shape_and_evaluation_batches_every_row_once(t
 def test_decoding_processes_give_the_batches_the_threads_give(tiny_run):
     """``train.loader: processes``: the same augmented batches, decoded in spawned
     processes (which run ``decode_batch`` as the threads do), and the processes stop."""
-    from tasks.crop_stream import AugmentConfig, crop_batches
+    from tasks.crop_stream import AugmentConfig, DecodeProcesses, crop_batches
 
     index = tiny_run["examples"]["train"].head(20).reset_index(drop=True)
     files = tiny_run["crops"].files
     args = dict(seed=3, augment_cfg=AugmentConfig(), workers=2)
     threads = crop_batches(index, files, 64, 8, **args)
-    processes = crop_batches(index, files, 64, 8, processes=True, **args)
+    decoder = DecodeProcesses(2, 8, 64)
+    processes = crop_batches(index, files, 64, 8, decoder=decoder, **args)
     try:
         for i in range(len(threads)):
             a, b = threads[i], processes[i]
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_array_equal(a[1]["age_band"], b[1]["age_band"])
-        decoder = processes._pool
         workers, slots = decoder.processes, [slot.name for slot in decoder.slots]
         assert workers and all(w.pid != os.getpid() and w.is_alive() for w in workers)
     finally:
-        processes.close()
-    assert processes._pool is None and not any(w.is_alive() for w in workers)
+        decoder.close()
+    assert not any(w.is_alive() for w in workers)
     for name in slots:  # the shared-memory slots are gone with them
         assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
