@@ -88,11 +88,12 @@ def quality_folders(work: Path) -> list[dict]:
 
 
 def folders_overrides(work: Path) -> list[str]:
-    """The ``--set`` arguments that point a run at ``quality_folders`` (ages 15-69)."""
+    """The ``--set`` arguments that point a run at ``quality_folders`` (ages 15-69),
+    calibrated on the AAF validation people (the folder most like the people scored)."""
     import json as json_
 
     return ["--set", f"data.folders={json_.dumps(quality_folders(work))}",
-            "--set", "data.ages=[15, 69]"]
+            "--set", "data.ages=[15, 69]", "--set", "train.calibration_folder=aaf"]
 
 
 def dev_test_aaf(out: Path, experiment: str) -> dict:
@@ -100,6 +101,7 @@ def dev_test_aaf(out: Path, experiment: str) -> dict:
     not held-out people): what recipes are compared and tuned on."""
     from flows.cache import crop_files
     from flows.config import load_config
+    from models.calibration import calibrate_heads, model_calibration
     from models.classifier import load_classifier
     from tasks.crop_stream import load_index
     from tasks.evaluate import compute_metrics, predict_frame
@@ -112,7 +114,9 @@ def dev_test_aaf(out: Path, experiment: str) -> dict:
            else test.subject_id.str.startswith("aaf-"))
     test = test[aaf].reset_index(drop=True)
     model = load_classifier(folder.model_file)
-    metrics = compute_metrics(test, predict_frame(model, test, crops.files, cfg.crops.size))
+    calibration = model_calibration(json.loads((folder.model / "labels.json").read_text()))
+    metrics = compute_metrics(test, calibrate_heads(  # as every inference path sees them
+        predict_frame(model, test, crops.files, cfg.crops.size), calibration))
     return {"people": len(test), "gender": round(metrics["gender"]["accuracy"], 4),
             "age_band": round(metrics["age_band"]["accuracy"], 4)}
 
@@ -144,7 +148,8 @@ def held_out_crops(cfg):
 
 def held_out_metrics(found, probs: dict, labels: dict) -> dict:
     """Scores of a model's probabilities (its saved form: flip-averaged when its recipe
-    says so) on the held-out people: accuracy with 95% intervals by bootstrap over people,
+    says so; calibrated here by its ``labels``, as every inference path does) on the
+    held-out people: accuracy with 95% intervals by bootstrap over people,
     within one band, macro-F1, the age MAE in years."""
     import numpy as np
 
@@ -156,7 +161,10 @@ def held_out_metrics(found, probs: dict, labels: dict) -> dict:
         gender_idx=found.gender.map(GENDERS.index),
         age_idx=found.age.map(age_to_band).map(AGE_BANDS.index),
         joint_class=found.age.map(age_to_band) + "_" + found.gender)
-    probs = {h: np.asarray(p) for h, p in probs.items()}
+    from models.calibration import calibrate_heads, model_calibration
+
+    probs = calibrate_heads({h: np.asarray(p) for h, p in probs.items()},
+                            model_calibration(labels))
     metrics = compute_metrics(frame, {h: probs[h] for h in ("gender", "age_band")})
     ci = subject_bootstrap(frame.subject_id.to_numpy(), {
         "gender": (frame.gender_idx.to_numpy(), probs["gender"].argmax(1), 2),

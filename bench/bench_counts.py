@@ -27,7 +27,7 @@ mix-corrected estimate when the reference is the visitors' pool itself, the very
 the visitors are drawn from (no reference noise, no difference between reference and
 shop people); what is left is the visitors' sampling noise seen through the model's weak age
 signal, which no estimator of these probabilities removes. Also the held-out people's
-age-band calibration error (ECE) with and without the model's temperature, and the ECE a
+age-band calibration error (ECE) with and without the model's calibration, and the ECE a
 perfectly calibrated model would show on as many people (``models.calibration.ece_floor``).
 
 ``python bench/bench_counts.py --model bench/out/aaf-quality/run-utk/experiments/default/model``
@@ -74,7 +74,7 @@ def held_out_folder(work: Path) -> Path:
 def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Per held-out person with a face: the file name, the true band and gender indices
     and the calibrated probabilities of both heads (cached by the model's sha256), and the
-    temperature."""
+    model's labels.json (its calibration)."""
     from core.storage import file_sha256
     from inference.evaluate_folder import folder_predictions
     from models.analyzer import FaceAnalyzer, resolve_model_dir
@@ -92,7 +92,7 @@ def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
         np.savez(cache, files=frame.path.to_numpy(str), band_truth=frame.age_idx.to_numpy(),
                  gender_truth=frame.gender_idx.to_numpy(), band=probs["age_band"],
                  gender=probs["gender"])
-    return dict(np.load(cache)), labels.get("temperature") or {}
+    return dict(np.load(cache)), labels
 
 
 def run_prior(model: Path) -> np.ndarray:
@@ -171,7 +171,12 @@ def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visit
 
 
 def main() -> None:
-    from models.calibration import apply_temperature, calibration_error, ece_floor
+    from models.calibration import (
+        calibration_error,
+        ece_floor,
+        model_calibration,
+        remove_calibration,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a trained model folder")
@@ -187,17 +192,17 @@ def main() -> None:
     ap.add_argument("--visitors", type=int, nargs="+", default=[100, 500])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    data, temperature = predictions(args.model, args.work)
+    data, labels = predictions(args.model, args.work)
     truth, probs = data["band_truth"], data["band"]
-    t = temperature.get("age_band", 1.0)
+    t, bias = model_calibration(labels).get("age_band", (1.0, None))
     result = {"model": str(args.model), "held_out_people": int(len(truth)),
               "age_band_accuracy": round(float((probs.argmax(1) == truth).mean()), 4),
-              "age_band_temperature": t,
+              "age_band_temperature": t, "age_band_bias": bias,
               "age_band_ece_calibrated": round(calibration_error(probs, truth), 4),
               # what a perfectly calibrated model would show on as many people
               "age_band_ece_floor": {k: round(v, 4) for k, v in ece_floor(probs).items()},
               "age_band_ece_uncalibrated": round(calibration_error(
-                  apply_temperature(probs, 1 / t), truth), 4), "shops": []}
+                  remove_calibration(probs, t, bias), truth), 4), "shops": []}
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]

@@ -183,7 +183,7 @@ def score(model_dir: Path) -> dict:
 def choose(runs: list[Path], log: Path) -> float:
     """The learning rate whose runs score best on the run's own AAF test people (mean over
     its seeds); then, and only for it, the held-out scores. Everything goes to ``log``,
-    with each chosen model's labels.json (its temperature) for the record."""
+    with each chosen model's labels.json (its calibration) for the record."""
     import statistics
 
     dev = [json.loads((r / "dev.json").read_text()) for r in runs if (r / "dev.json").exists()]

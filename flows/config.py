@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.run_folder import RunFolder
 from core.sharding import ShardingConfig
@@ -23,7 +23,7 @@ from models.detector import DetectorConfig
 from tasks.crops import CropConfig
 from tasks.select import DataConfig, SelectionConfig
 from tasks.split import SplitConfig
-from tasks.train import TrainConfig
+from tasks.train import TrainConfig, check_calibration_folder
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,11 @@ class PipelineConfig(BaseModel):
         """The run folder's paths (``out`` and the experiment's)."""
         return RunFolder(self.out, self.experiment)
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> PipelineConfig:
+        check_calibration_folder(self.train, [f.name for f in self.data.folders])
+        return self
+
 
 def _describe(exc: ValidationError, source: str) -> str:
     lines = []
@@ -62,6 +67,8 @@ def _describe(exc: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif not err["loc"]:  # a check across sections: its message names the keys
+            lines.append(err["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
     return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)

@@ -46,6 +46,7 @@ from core.storage import (
 )
 from flows import cache
 from flows.config import PipelineConfig, dump_config
+from models.calibration import model_calibration
 from models.detector import LANDMARK_KINDS, gives_landmarks
 from tasks import crops, detect, evaluate, labels, select, split, train
 
@@ -580,7 +581,7 @@ def _evaluate_run(c: StageConfig, key: str) -> dict:
     model_labels = json.loads((folder.model / "labels.json").read_text())
     metrics = evaluate.evaluation_metrics(model, index, c.crops.size,
                                           synthetic_labels=labels_are_synthetic(c.data),
-                                          temperature=model_labels.get("temperature"),
+                                          calibration=model_calibration(model_labels),
                                           ages=tuple(model_labels.get("ages", AGES)),
                                           age_line=model_labels.get("age_calibration"))
     report_path = evaluate.write_report(metrics, train.load_history(folder.model),

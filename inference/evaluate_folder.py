@@ -28,7 +28,7 @@ from core.threads import READERS
 from inference.predict import predict_entries
 from inference.stats import REFERENCE_FILE, reference
 from models.analyzer import FaceAnalyzer
-from models.calibration import apply_temperature
+from models.calibration import uncalibrate_heads
 from tasks.evaluate import (
     FEW_SUBJECTS,
     calibration_metrics,
@@ -101,10 +101,9 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
                    labels_have_ages=bool(frame.age.notna().any()))
     if "age_years" in probs and metrics["labels_have_ages"]:
         metrics["age"] = age_metrics(frame, probs["age_years"])
-    if analyzer.temperature:  # the probabilities came calibrated: undo T for "before"
-        raw = {h: apply_temperature(p, 1 / analyzer.temperature.get(h, 1.0))
-               for h, p in probs.items() if h in ("gender", "age_band")}
-        metrics["calibration"] = calibration_metrics(frame, raw, analyzer.temperature)
+    if analyzer.calibration:  # the probabilities came calibrated: undone for "before"
+        metrics["calibration"] = calibration_metrics(
+            frame, uncalibrate_heads(probs, analyzer.calibration), analyzer.calibration)
     has_subjects = "subject_id" in read_labels_csv(data).columns
     if not has_subjects:
         metrics["subjects_are"] = "photos (the labels have no subject_id)"

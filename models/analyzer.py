@@ -29,7 +29,7 @@ from core.labels import AGES, expected_age
 from core.run_folder import RunFolder
 from core.storage import file_sha256
 from models.backends import MODEL_FILES, ModelFolderError, load_backend, model_file
-from models.calibration import apply_temperature
+from models.calibration import calibrate_heads, model_calibration
 from models.detector import (
     DEFAULT_KIND,
     LANDMARK_KINDS,
@@ -177,8 +177,7 @@ class FaceAnalyzer:
                                                prefer_onnx=model_dir == DEFAULT_MODEL)
         self.model_dir = model_dir
         # models trained before calibration have none: their probabilities as they come
-        self.temperature = {h: float(t) for h, t in self.labels.get("temperature", {}).items()
-                            if h in ("gender", "age_band")}
+        self.calibration = model_calibration(self.labels)
         crop = self.labels.get("crop", {})
         # models from before YuNet: the original's detector
         trained_kind = crop.get("detector", DEFAULT_KIND)
@@ -226,9 +225,7 @@ class FaceAnalyzer:
         if len(batch) == 0:
             return {"gender": np.zeros((0, 2)), "age_band": np.zeros((0, 4))}
         probs = self.model(batch)
-        for head, t in self.temperature.items():  # calibrated (models.calibration)
-            probs[head] = apply_temperature(probs[head], t)
-        return probs
+        return calibrate_heads(probs, self.calibration)  # (models.calibration)
 
     def analyze(self, image: np.ndarray) -> list[FacePrediction]:
         return self.analyze_many([image])[0]

@@ -22,6 +22,7 @@ import pandas as pd
 
 from core.labels import AGE_BANDS, AGES, GENDERS, expected_age
 from core.storage import atomic_path, write_bytes_atomic, write_json_atomic
+from models.calibration import calibrate_heads, calibration_report
 from tasks.crop_stream import CropSet, has_exact_ages
 
 CODE_VERSION = "evaluate-3"  # 3: the exact-age head scored
@@ -195,12 +196,14 @@ def score_split(frame: pd.DataFrame, probs: dict[str, np.ndarray], train_counts:
 
 
 def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool = False,
-                       temperature: dict[str, float] | None = None,
+                       calibration: dict[str, tuple[float, list[float] | None]] | None = None,
                        ages: tuple[int, ...] = AGES, age_line: dict | None = None) -> dict:
     """The report's metrics: the test split scored (validation when there is none), with
     intervals and baselines; validation summarised apart; the report's warnings; with the
-    model's ``temperature`` (labels.json), the calibration of the scored split before and
-    after it (ECE, reliability bins); ``ages`` and ``age_line``: the exact-age head's
+    model's ``calibration`` (``models.calibration.model_calibration`` of its labels.json),
+    the splits are scored as every inference path sees them (calibrated), and the
+    calibration of the scored split is measured before and after it (ECE, reliability
+    bins); ``ages`` and ``age_line``: the exact-age head's
     classes and age calibration (labels.json).
     Reads the crops of the scored splits only."""
     examples = crops.splits
@@ -209,13 +212,14 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     train_counts = {"gender": np.bincount(train.gender_idx, minlength=len(GENDERS)),
                     "age_band": np.bincount(train.age_idx, minlength=len(AGE_BANDS))}
     frame = examples[scored]
-    probs = predict_frame(model, frame, crops.files, size)
+    raw = predict_frame(model, frame, crops.files, size)
+    probs = calibrate_heads(raw, calibration or {})
     metrics = score_split(frame, probs, train_counts)
     metrics["scored_split"] = scored
     metrics["heads"] = sorted(probs)
     metrics["labels_have_ages"] = has_exact_ages(frame)
-    if temperature:
-        metrics["calibration"] = calibration_metrics(frame, probs, temperature)
+    if calibration:
+        metrics["calibration"] = calibration_metrics(frame, raw, calibration)
     if "age" in probs and metrics["labels_have_ages"]:
         metrics["age"] = age_error(frame, probs["age"], train.age.to_numpy(), ages, age_line)
     warnings = []
@@ -234,7 +238,8 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
     metrics["warnings"] = warnings
     if scored == "test" and len(examples["val"]):
         val = examples["val"]
-        val_metrics = compute_metrics(val, predict_frame(model, val, crops.files, size))
+        val_metrics = compute_metrics(val, calibrate_heads(
+            predict_frame(model, val, crops.files, size), calibration or {}))
         metrics["validation"] = {
             "examples": val_metrics["examples"], "subjects": val_metrics["subjects"],
             "gender_accuracy": val_metrics["gender"]["accuracy"],
@@ -244,14 +249,16 @@ def evaluation_metrics(model, crops: CropSet, size: int, synthetic_labels: bool 
 
 
 def calibration_metrics(frame: pd.DataFrame, probs: dict[str, np.ndarray],
-                        temperature: dict[str, float]) -> dict:
-    """Per class head: the temperature, ECE and mean top probability before and after it,
-    and the reliability bins before and after (``models.calibration``)."""
-    from models.calibration import calibration_report
-
-    return {head: calibration_report(probs[head], frame[column].to_numpy(),
-                                     float(temperature.get(head, 1.0)), bins=True)
-            for head, column in (("gender", "gender_idx"), ("age_band", "age_idx"))}
+                        calibration: dict[str, tuple[float, list[float] | None]]) -> dict:
+    """Per class head: the temperature (and bias), the ECE and mean top probability of the
+    model's own ``probs`` before and after its calibration, and the reliability bins before
+    and after (``models.calibration``)."""
+    report = {}
+    for head, column in (("gender", "gender_idx"), ("age_band", "age_idx")):
+        temperature, bias = calibration.get(head, (1.0, None))
+        report[head] = calibration_report(probs[head], frame[column].to_numpy(), temperature,
+                                          bins=True, bias=bias)
+    return report
 
 
 def plot_reliability(calibration: dict, path: Path) -> None:
@@ -449,7 +456,9 @@ def _calibration_section(metrics: dict) -> list[str]:
         return []
     lines = ["", "## Calibration", "",
              f"Every inference path divides each head's logits by the temperature "
-             f"fitted on the validation split after training (labels.json). On the "
+             f"fitted on the validation split after training (labels.json; with "
+             f"train.calibration_bias the age band's logits then get a bias per band). "
+             f"On the "
              f"{metrics.get('scored_split', 'val')} split: expected calibration error (ECE, "
              "15 bins) and mean top probability, before and after. ECE is never zero on "
              "finite data: *calibrated* is the ECE a perfectly calibrated model with these "

@@ -109,6 +109,16 @@ class TrainConfig(BaseModel):
         "training process, or spawned processes (on a GPU machine with many cores: the "
         "decoding then leaves the training process's GIL). The same batches either way: "
         "a performance setting only (no cache key reads it).")
+    calibration_bias: bool = Field(
+        False, description="Calibrate the age band head with a bias per band beside its "
+        "temperature (bias-corrected temperature scaling): its probabilities then follow "
+        "the band mix of the people it is calibrated on (train.calibration_folder), and "
+        "its most likely band may change. Off: a temperature only, which never changes "
+        "the most likely band.")
+    calibration_folder: str | None = Field(
+        None, description="With data.folders: fit the calibration (temperatures, band "
+        "bias, age line) on the validation people of this folder only (its name), the "
+        "one most like the people the model will count. None: all the validation people.")
     require_gpu: bool = Field(
         False, description="Refuse to train when the Keras backend sees no GPU (instead of "
         "warning when the CPU training would be long).")
@@ -121,7 +131,21 @@ class TrainConfig(BaseModel):
 
 
 # train settings added since models were first trained, with the value that means "off"
-TRAIN_OFF = {"ema_momentum": None, "age_mean_weight": 0.0, "feature_cache": True}
+TRAIN_OFF = {"ema_momentum": None, "age_mean_weight": 0.0, "feature_cache": True,
+             "calibration_bias": False, "calibration_folder": None}
+
+
+def check_calibration_folder(cfg: TrainConfig, folders: list[str]) -> None:
+    """Raise ValueError unless ``train.calibration_folder`` is unset or one of the run's
+    ``data.folders`` (``folders``: their names)."""
+    name = cfg.calibration_folder
+    if name is not None and not folders:
+        raise ValueError(f"train.calibration_folder: {name!r} needs several labelled folders "
+                         "(data.folders); with one folder every validation person is of "
+                         "it: leave it unset")
+    if name is not None and name not in folders:
+        raise ValueError(f"train.calibration_folder: {name!r} is not one of data.folders' "
+                         f"names ({', '.join(folders)}): give one of them, or none")
 
 
 def sample_weights(age_idx: np.ndarray, mode: str) -> np.ndarray:
@@ -188,7 +212,8 @@ def train_model(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainCon
     model_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, history = fit_model(keras, crops, size, model_cfg, cfg, model_dir, log_dir,
                                     ages, heads, gpus)
-    write_model_folder(model_dir, model_cfg, size, heads, ages, crop_spec, history, crops)
+    write_model_folder(model_dir, model_cfg, size, heads, ages, crop_spec, history, crops,
+                       cfg)
     chosen = checkpoint.state  # the saved model's epoch and metrics, across resumes
     speed = history.train_images_per_s.iloc[-1] if "train_images_per_s" in history else None
     return {"epochs_run": int(len(history)), "best_epoch": chosen["epoch"] + 1,
@@ -231,7 +256,7 @@ def fit_model(keras, crops: CropSet, size: int, model_cfg: ModelConfig, cfg: Tra
 
 def write_model_folder(model_dir: Path, model_cfg: ModelConfig, size: int, heads: list[str],
                        ages: tuple[int, ...], crop_spec: dict | None, history: pd.DataFrame,
-                       crops: CropSet) -> None:
+                       crops: CropSet, train_cfg: TrainConfig) -> None:
     """The serving model folder from the best checkpoint: ``model.keras`` (no optimizer
     state, which would double its file), ``history.json``, and ``labels.json`` with the
     calibration fitted on the validation people and the model's id."""
@@ -242,9 +267,10 @@ def write_model_folder(model_dir: Path, model_cfg: ModelConfig, size: int, heads
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
     calibration, age_line = fit_calibration(model_dir / "model.keras", crops.splits["val"],
-                                            crops.files, size, ages)
+                                            crops.files, size, ages, train_cfg)
     write_json_atomic(model_dir / "labels.json", {
-        **model_labels(model_cfg, size, heads, ages, crop_spec, calibration),
+        **model_labels(model_cfg, size, heads, ages, crop_spec, calibration,
+                       train_cfg.calibration_folder),
         **({"age_calibration": age_line} if age_line else {}),
         # one id for the model and its exports (kface stats checks a reference's)
         "model_id": file_sha256(model_dir / "model.keras")})
@@ -379,7 +405,8 @@ def save_final_model(best, model_cfg: ModelConfig, size: int, ages: tuple[int, .
 
 
 def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tuple[int, ...],
-                 crop_spec: dict | None, calibration: dict) -> dict:
+                 crop_spec: dict | None, calibration: dict,
+                 calibration_folder: str | None = None) -> dict:
     """``labels.json``: what every inference path needs to use the model as trained."""
     return {
         "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
@@ -390,22 +417,33 @@ def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tupl
         "crop": {"size": size, **(crop_spec or {})},
         # divide each head's logits by this before the softmax (every inference path does)
         "temperature": {h: c["temperature"] for h, c in calibration.items()},
-        "calibration": {"split": "val", **calibration},
+        # then add this bias per class (train.calibration_bias)
+        **({"bias": bias} if (bias := {h: c["bias"] for h, c in calibration.items()
+                                       if "bias" in c}) else {}),
+        "calibration": {"split": "val", **({"folder": calibration_folder}
+                                           if calibration_folder else {}), **calibration},
     }
 
 
 def fit_calibration(model_file: Path, val: pd.DataFrame, files: list[Path], size: int,
-                    ages: tuple[int, ...] = ()) -> tuple[dict, dict | None]:
+                    ages: tuple[int, ...] = (), cfg: TrainConfig | None = None
+                    ) -> tuple[dict, dict | None]:
     """Fitted on the validation split's predictions of the saved model
-    (``models.calibration``): a temperature per class head (gender, age band), with the
-    ECE before and after; and with an exact-age head (``ages``), the line that maps its
-    expected age onto the true ages (``fit_age_line``)."""
+    (``models.calibration``), of ``cfg.calibration_folder``'s people only when set: a
+    temperature per class head (gender, age band; with ``cfg.calibration_bias`` the age
+    band's bias per band too), with the ECE before and after; and with an exact-age head
+    (``ages``), the line that maps its expected age onto the true ages
+    (``fit_age_line``)."""
     from models.calibration import calibrate, fit_age_line
     from tasks.evaluate import predict_frame
 
+    cfg = cfg or TrainConfig()
+    if cfg.calibration_folder is not None and "source" in val:
+        val = val[val.source == cfg.calibration_folder]
     probs = predict_frame(load_classifier(model_file), val, files, size)
     temperatures = calibrate(probs, {"gender": val.gender_idx.to_numpy(),
-                                     "age_band": val.age_idx.to_numpy()})
+                                     "age_band": val.age_idx.to_numpy()},
+                             bias_heads=("age_band",) if cfg.calibration_bias else ())
     line = (fit_age_line(expected_age(probs["age"], ages), val.age.to_numpy())
             if ages and "age" in probs else None)
     return temperatures, line

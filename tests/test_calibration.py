@@ -2,6 +2,7 @@
 answer, and the fitted temperature in a trained model folder, applied at inference."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from models.calibration import (
     calibration_report,
     ece_floor,
     fit_temperature,
+    fit_temperature_bias,
+    nll,
+    remove_calibration,
 )
 
 
@@ -48,6 +52,30 @@ def test_a_calibrated_model_keeps_t_near_one():
     assert report["ece_after"] < 0.03 and report["examples"] == len(labels)
 
 
+def test_a_model_leaning_to_other_classes_gets_its_bias_back_and_its_argmax_mended():
+    """A calibrated population seen through a model twice as sure and leaning towards
+    the first classes (the mix it was trained on): temperature and bias recover the
+    known answer, the argmax moves back, and only a temperature cannot do that."""
+    truth, labels = population(n=8000, seed=5)
+    shift = np.array([2.0, 1.0, -1.0, 0.0])
+    model = apply_temperature(truth, 0.5, shift)
+    t, bias = fit_temperature_bias(model, labels)
+    assert 1.8 < t < 2.2  # the known answer: T = 2, bias = -shift / 2 (the last class 0)
+    np.testing.assert_allclose(bias, -shift / 2, atol=0.15)
+    after = apply_temperature(model, t, bias)
+    assert calibration_error(after, labels) < 0.025
+    right = lambda p: (p.argmax(1) == labels).mean()  # noqa: E731
+    assert right(after) > right(model) + 0.02 and abs(right(after) - right(truth)) < 0.01
+    t_only = apply_temperature(model, fit_temperature(model, labels))
+    assert nll(after, labels) < nll(t_only, labels) - 0.02
+    np.testing.assert_allclose(remove_calibration(after, t, bias), model, atol=1e-9)
+    report = calibrate({"age_band": model, "gender": truth[:, :2] / truth[:, :2].sum(1,
+                        keepdims=True)}, {"age_band": labels, "gender": labels % 2},
+                       bias_heads=("age_band",))
+    assert report["age_band"]["bias"] == bias and "bias" not in report["gender"]
+    assert fit_temperature_bias(model[:0], labels[:0]) == (1.0, [0.0] * 4)
+
+
 def test_the_ece_floor_is_what_calibrated_models_show_on_as_many_examples():
     """Twenty calibrated populations of 400: their ECE averages the floor's mean and
     stays under its 95th percentile about 95% of the time; the floor shrinks with n."""
@@ -74,7 +102,8 @@ def test_an_over_confident_model_is_told_apart_from_the_floor():
     assert calibration_report(sharp[:0], labels[:0], 1.0)["ece_floor"]["mean"] is None
 
 
-def test_the_trained_model_carries_its_temperature_and_inference_applies_it(tiny_run):
+def test_the_trained_model_carries_its_temperature_and_inference_applies_it(tiny_run,
+                                                                          tmp_path):
     from models.analyzer import FaceAnalyzer
 
     labels = json.loads((tiny_run["model_dir"] / "labels.json").read_text())
@@ -90,3 +119,13 @@ def test_the_trained_model_carries_its_temperature_and_inference_applies_it(tiny
     for head in ("gender", "age_band"):
         np.testing.assert_allclose(got[head],
                                    apply_temperature(raw[head], labels["temperature"][head]))
+    # a model calibrated with a bias (train.calibration_bias): every path adds it
+    biased = tmp_path / "biased"
+    shutil.copytree(tiny_run["model_dir"], biased)
+    bias = [0.5, -0.25, 0.25, 0.0]
+    (biased / "labels.json").write_text(json.dumps({**labels, "bias": {"age_band": bias}}))
+    got = FaceAnalyzer(biased).classify(batch)
+    np.testing.assert_allclose(got["age_band"], apply_temperature(
+        raw["age_band"], labels["temperature"]["age_band"], bias), rtol=1e-5)
+    assert not np.allclose(got["age_band"], apply_temperature(
+        raw["age_band"], labels["temperature"]["age_band"]), atol=1e-3)

@@ -32,6 +32,24 @@ def test_bad_value_is_named():
         load_config(None, {"data.layout": "folders"})
 
 
+def test_calibration_folder_must_be_a_folder_of_the_run(tmp_path):
+    """A check across sections (train reads data.folders) is one line naming the key."""
+    with pytest.raises(ConfigError, match=r"train\.calibration_folder: 'aaf' needs several "
+                       r"labelled folders \(data\.folders\)") as caught:
+        load_config(None, {"train.calibration_folder": "aaf"})
+    assert "got" not in str(caught.value)  # (not the whole configuration echoed)
+    folders = [{"name": n, "root": str(tmp_path), "labels": "labels.csv"}
+               for n in ("aaf", "utk")]
+    with pytest.raises(ConfigError, match=r"'AAF' is not one of data\.folders' names "
+                       r"\(aaf, utk\)"):
+        load_config(None, {"data.layout": "labelled", "data.folders": folders,
+                           "train.calibration_folder": "AAF"})
+    cfg = load_config(None, {"data.layout": "labelled", "data.folders": folders,
+                             "train.calibration_folder": "utk"})
+    assert cfg.train.calibration_folder == "utk"
+    assert "calibration_folder" not in PipelineConfig().train.key_settings()  # (off: keys kept)
+
+
 def test_defaults_are_the_originals_lists():
     sel = PipelineConfig().selection
     assert sel.lights == ["L1", "L2", "L3", "L4", "L8", "L9", "L12", "L13", "L22"]

@@ -53,7 +53,8 @@ def test_tiny_training_writes_every_artifact_and_reloads(tiny_run, tmp_path):
     np.testing.assert_allclose(probs["age_band"], probs["age"].reshape(-1, 4, 10).sum(2),
                                atol=1e-5)
     temperature = json.loads((model_dir / "labels.json").read_text())["temperature"]
-    metrics = evaluation_metrics(model, tiny_run["crops"], 64, temperature=temperature)
+    metrics = evaluation_metrics(model, tiny_run["crops"], 64,
+                                 calibration={h: (t, None) for h, t in temperature.items()})
     assert metrics["scored_split"] == "test" and metrics["examples"] == len(examples["test"])
     assert metrics["validation"]["examples"] == len(examples["val"])
     assert 0 <= metrics["age_band"]["accuracy"] <= metrics["age_band"][

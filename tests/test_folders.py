@@ -128,7 +128,8 @@ def test_a_run_over_folders_with_chips_trains_the_face_backbone(two_folders, tmp
         "model": {"backbone": "mobilefacenet", "exact_age": True, "frozen_until": "14px",
                   "flip_average": True,
                   "weights": str(shared_data / "weights" / "mobilefacenet")},
-        "train": {"epochs": 1, "batch_size": 16}}))
+        "train": {"epochs": 1, "batch_size": 16, "calibration_bias": True,
+                  "calibration_folder": "aaf"}}))
     res = run_kface("run", "-c", str(config), env=prefect_env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     detect = json.loads((out / "stages" / "detect.json").read_text())
@@ -142,6 +143,14 @@ def test_a_run_over_folders_with_chips_trains_the_face_backbone(two_folders, tmp
     labels = json.loads((out / "experiments" / "default" / "model" / "labels.json").read_text())
     assert labels["ages"] == list(range(15, 70)) and labels["backbone"] == "mobilefacenet"
     assert labels["crop"]["align"] is True and labels["crop"]["size"] == 112
+    # calibrated on the aaf folder's validation people only, the age band with a bias
+    split = pq.read_table(out / "split.parquet").to_pandas().merge(faces, on="path")
+    aaf_val = int(((split.split == "val") & (split.source == "aaf")).sum())
+    calibration = labels["calibration"]
+    assert calibration["folder"] == "aaf" and 0 < aaf_val < (split.split == "val").sum()
+    assert calibration["age_band"]["examples"] == calibration["gender"]["examples"] == aaf_val
+    assert set(labels["bias"]) == {"age_band"} and len(labels["bias"]["age_band"]) == 4
+    assert labels["bias"]["age_band"][-1] == 0.0 and any(labels["bias"]["age_band"][:3])
     model_dir = out / "experiments" / "default" / "model"
     assert not (model_dir / "features").exists()  # the feature cache served the training
     train = json.loads((out / "experiments" / "default" / "stages" / "train.json").read_text())
