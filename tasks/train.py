@@ -104,11 +104,12 @@ class TrainConfig(BaseModel):
         "twice this many.")
     workers: int = Field(2, ge=1, description="Threads decoding and augmenting crops "
                          "(with loader: processes, that many decoding processes).")
-    loader: Literal["threads", "processes"] = Field(
-        "threads", description="Where the crops are decoded and augmented: threads of the "
-        "training process, or spawned processes (on a GPU machine with many cores: the "
-        "decoding then leaves the training process's GIL). The same batches either way: "
-        "a performance setting only (no cache key reads it).")
+    loader: Literal["auto", "threads", "processes"] = Field(
+        "auto", description="Where the crops are decoded and augmented: threads of the "
+        "training process, or spawned processes (the decoding then leaves the training "
+        "process's GIL, which on a GPU machine also drives the device). 'auto': processes "
+        "when the Keras backend sees a GPU, threads on the CPU (as fast there). The same "
+        "batches either way: a performance setting only (no cache key reads it).")
     calibration_bias: bool = Field(
         False, description="Calibrate the age band head with a bias per band beside its "
         "temperature (bias-corrected temperature scaling): its probabilities then follow "
@@ -234,7 +235,7 @@ def fit_model(keras, crops: CropSet, size: int, model_cfg: ModelConfig, cfg: Tra
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(precision_policy(cfg, gpus))
     with _strategy(gpus).scope():
-        fit = fit_plan(crops, size, model_cfg, cfg, model_dir, ages)
+        fit = fit_plan(crops, size, model_cfg, cfg, model_dir, ages, gpus)
         if model_cfg.init != "none":
             started = initialise(fit.model, model_cfg.init)
             log.info("train: %d layers start from model.init %s", len(started),
@@ -289,6 +290,15 @@ def exact_ages(model_cfg: ModelConfig, train: pd.DataFrame, val: pd.DataFrame
     return age_classes(int(train.age.min()), int(train.age.max()))
 
 
+def loader_kind(cfg: TrainConfig, gpus: list[str]) -> str:
+    """``train.loader`` with 'auto' resolved: decoding processes on a GPU, threads on the
+    CPU (there the two are equally fast, ``bench/bench_loader.py``; on a GPU the threads
+    share one GIL with the loop that feeds the device)."""
+    if cfg.loader == "auto":
+        return "processes" if gpus else "threads"
+    return cfg.loader
+
+
 def precision_policy(cfg: TrainConfig, gpus: list[str]) -> str:
     """Mixed precision on a GPU (float16 on TensorFlow, bfloat16 on JAX and PyTorch)."""
     if cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpus):
@@ -309,7 +319,7 @@ class FitPlan:
 
 
 def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
-             model_dir: Path, ages: tuple[int, ...]) -> FitPlan:
+             model_dir: Path, ages: tuple[int, ...], gpus: list[str] = ()) -> FitPlan:
     train, val = crops.splits["train"], crops.splits["val"]
     sigma = cfg.age_sigma if ages else None
     weights = sample_weights(train.age_idx.to_numpy(), cfg.class_weighting)
@@ -330,7 +340,7 @@ def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig
             feature_batches(cached["val"], val, cfg.batch_size, age_sigma=sigma,
                             age_classes=ages or AGES, workers=cfg.workers))
     decoder = (DecodeProcesses(cfg.workers, cfg.batch_size, size)
-               if cfg.loader == "processes" else None)
+               if loader_kind(cfg, list(gpus)) == "processes" else None)
     return FitPlan(
         build_classifier(model_cfg, size, exact_age=bool(ages), ages=ages or AGES),
         crop_batches(train, crops.files, size, cfg.batch_size, seed=cfg.seed,

@@ -280,6 +280,18 @@ def test_training_batches_have_one_shape_and_evaluation_batches_every_row_once(t
     assert [scored[i].shape[0] for i in range(len(scored))] == [8, 8, 5]
 
 
+def test_the_loader_decodes_in_processes_on_a_gpu_and_in_threads_on_the_cpu():
+    """``train.loader: auto`` (the default): the GPU's feeding loop keeps its GIL."""
+    from tasks.train import TrainConfig, loader_kind
+
+    assert TrainConfig().loader == "auto"
+    assert loader_kind(TrainConfig(), ["cuda:0"]) == "processes"
+    assert loader_kind(TrainConfig(), []) == "threads"
+    assert loader_kind(TrainConfig(loader="threads"), ["cuda:0"]) == "threads"
+    assert loader_kind(TrainConfig(loader="processes"), []) == "processes"
+    assert "loader" not in TrainConfig().key_settings()  # a performance setting only
+
+
 def test_decoding_processes_give_the_batches_the_threads_give(tiny_run):
     """``train.loader: processes``: the same augmented batches, decoded in spawned
     processes (which run ``decode_batch`` as the threads do), and the processes stop."""
