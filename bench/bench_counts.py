@@ -190,6 +190,8 @@ def main() -> None:
                     help="the reference's size as a share of each band's held-out people "
                          "(at most 0.5 with --design halves)")
     ap.add_argument("--visitors", type=int, nargs="+", default=[100, 500])
+    ap.add_argument("--ece-only", action="store_true", help="the held-out people's age-band "
+                    "accuracy and calibration only (no shops)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data, labels = predictions(args.model, args.work)
@@ -203,6 +205,9 @@ def main() -> None:
               "age_band_ece_floor": {k: round(v, 4) for k, v in ece_floor(probs).items()},
               "age_band_ece_uncalibrated": round(calibration_error(
                   remove_calibration(probs, t, bias), truth), 4), "shops": []}
+    if args.ece_only:
+        print(json.dumps(result))
+        return
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]

@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--experiment", default="shipped")
-    ap.add_argument("--name", default="kface-faces-2026-12")
+    ap.add_argument("--name", default="kface-faces-2026-12b")
     args = ap.parse_args()
     run = WORK / "run-folders"
     experiment = run / "experiments" / args.experiment

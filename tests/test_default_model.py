@@ -20,6 +20,8 @@ def test_the_shipped_model_is_small_and_complete():
     assert labels["backbone"] == "mobilefacenet" and labels["crop"]["align"] is True
     assert labels["model_id"] and labels["card"]["name"] and labels["age_calibration"]
     assert set(labels["temperature"]) == {"gender", "age_band"}
+    # calibrated on the AAF validation people, the age band with a bias per band
+    assert labels["calibration"]["folder"] == "aaf" and len(labels["bias"]["age_band"]) == 4
     reference = json.loads((DEFAULT_MODEL / "soft_confusion.json").read_text())
     assert reference["model"]["id"] == labels["model_id"] and reference["people"] > 900
 
