@@ -8,8 +8,9 @@ Two estimators:
   probabilities to the counts, and the interval is that of a sum of independent Bernoulli
   draws with those probabilities (Poisson-binomial: variance ``sum p (1 - p)``, normal
   approximation, clipped to 0..N). Right when the probabilities are calibrated for the
-  people counted: a shop whose mix is the training data's. A shop whose age mix differs
-  gets counts that lean towards the training mix, and an interval that misses (held-out
+  people counted: a shop whose mix is that of the people the model was calibrated on
+  (its validation people: with ``train.calibration_bias``, their band mix). A shop whose
+  age mix differs gets counts that lean towards that mix, and an interval that misses (held-out
   people, 500 visitors of a young or an older shop: 13-19% of visitors in a wrong band,
   coverage near 0; ``bench/bench_counts.py``).
 - **Mix-corrected** (``--reference``, a ``soft_confusion.json`` that ``kface evaluate``
