@@ -319,7 +319,8 @@ class FitPlan:
 
 
 def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
-             model_dir: Path, ages: tuple[int, ...], gpus: list[str] = ()) -> FitPlan:
+             model_dir: Path, ages: tuple[int, ...], gpus: list[str] | None = None
+             ) -> FitPlan:
     train, val = crops.splits["train"], crops.splits["val"]
     sigma = cfg.age_sigma if ages else None
     weights = sample_weights(train.age_idx.to_numpy(), cfg.class_weighting)
@@ -340,7 +341,7 @@ def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig
             feature_batches(cached["val"], val, cfg.batch_size, age_sigma=sigma,
                             age_classes=ages or AGES, workers=cfg.workers))
     decoder = (DecodeProcesses(cfg.workers, cfg.batch_size, size)
-               if loader_kind(cfg, list(gpus)) == "processes" else None)
+               if loader_kind(cfg, gpus or []) == "processes" else None)
     return FitPlan(
         build_classifier(model_cfg, size, exact_age=bool(ages), ages=ages or AGES),
         crop_batches(train, crops.files, size, cfg.batch_size, seed=cfg.seed,
