@@ -41,6 +41,23 @@ def held_out(name: str) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0
 
 
+def aaf_links(folder: Path, keep) -> Path:
+    """``folder``: links to the AAF photos whose file name ``keep`` accepts and their
+    ``labels.csv`` (a labelled folder; one photo a person, the subject_id its name)."""
+    import pandas as pd
+
+    aaf = SHARED / "faces" / "aaf"
+    labels = pd.read_csv(aaf / "labels.csv")
+    labels = labels[labels.file.map(keep)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in labels.file:
+        if not (folder / file).exists():
+            (folder / file).symlink_to(aaf / file)
+    labels.assign(subject_id=labels.file.str.replace(".jpg", "")).to_csv(
+        folder / "labels.csv", index=False)
+    return folder
+
+
 def dev_folder(work: Path, utkface: bool) -> Path:
     """Symlinks to the AAF photos not held out (+ padded UTKFace faces) and labels.csv."""
     import cv2

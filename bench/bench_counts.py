@@ -49,26 +49,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from aaf_quality import SHARED, held_out  # noqa: E402
+from aaf_quality import aaf_links, held_out  # noqa: E402
 
 from core.labels import AGE_BANDS  # noqa: E402
 
 SHOPS = {"young": (0.55, 0.30, 0.10, 0.05), "older": (0.10, 0.20, 0.30, 0.40)}
-
-
-def held_out_folder(work: Path) -> Path:
-    """Symlinks to the held-out AAF photos and their labels.csv (a labelled folder)."""
-    folder = work / "held-out"
-    if (folder / "labels.csv").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = pd.read_csv(SHARED / "faces" / "aaf" / "labels.csv")
-    labels = labels[labels.file.map(held_out)]
-    for file in labels.file:
-        if not (folder / file).exists():
-            (folder / file).symlink_to(SHARED / "faces" / "aaf" / file)
-    labels.assign(subject_id=labels.file).to_csv(folder / "labels.csv", index=False)
-    return folder
 
 
 def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -88,7 +73,7 @@ def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
     if not cache.exists():
         analyzer = FaceAnalyzer(model_dir)
         frame, probs, _ = folder_predictions(analyzer, DataConfig(
-            root=held_out_folder(work), layout="labelled"))
+            root=aaf_links(work / "held-out", held_out), layout="labelled"))
         np.savez(cache, files=frame.path.to_numpy(str), band_truth=frame.age_idx.to_numpy(),
                  gender_truth=frame.gender_idx.to_numpy(), band=probs["age_band"],
                  gender=probs["gender"])

@@ -44,25 +44,9 @@ def kface(*args: str) -> None:
         raise SystemExit(f"kface {' '.join(args)} failed:\n{res.stderr[-3000:]}")
 
 
-def held_out_folder(work: Path) -> Path:
-    """The held-out AAF people as a labelled folder of links (with subject IDs)."""
-    import pandas as pd
-    from aaf_quality import SHARED, held_out
-
-    folder = work / "held-out"
-    folder.mkdir(parents=True, exist_ok=True)
-    aaf = SHARED / "faces" / "aaf"
-    labels = pd.read_csv(aaf / "labels.csv")
-    labels = labels[labels.file.map(held_out)]
-    for file in labels.file:
-        if not (folder / file).exists():
-            (folder / file).symlink_to(aaf / file)
-    labels.assign(subject_id=labels.file.str.replace(".jpg", "")).to_csv(
-        folder / "labels.csv", index=False)
-    return folder
-
-
 def main() -> None:
+    from aaf_quality import aaf_links, held_out
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--experiment", default="shipped")
@@ -88,7 +72,8 @@ def main() -> None:
     onnx = WORK / "shipped-onnx"
     kface("export", "--model", str(model), "--format", "onnx", "--out", str(onnx))
     check = WORK / "shipped-held-out"
-    kface("evaluate", "--model", str(model), "--data-root", str(held_out_folder(WORK)),
+    kface("evaluate", "--model", str(model), "--data-root",
+          str(aaf_links(WORK / "held-out", held_out)),
           "--out", str(check))
     metrics = json.loads((check / "metrics.json").read_text())
     labels = json.loads((model / "labels.json").read_text())

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from aaf_quality import SHARED  # noqa: E402
+from aaf_quality import aaf_links  # noqa: E402
 
 
 def aaf_people(run: Path, part: str, work: Path) -> Path:
@@ -37,15 +37,7 @@ def aaf_people(run: Path, part: str, work: Path) -> Path:
     split = pd.read_parquet(run / "split.parquet")
     files = {p.split("/", 1)[1] for p in split[(split.split == part)
                                                 & split.path.str.startswith("aaf/")].path}
-    labels = pd.read_csv(SHARED / "faces" / "aaf" / "labels.csv")
-    labels = labels[labels.file.isin(files)]
-    folder = work / f"aaf-{part}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for file in labels.file:
-        if not (folder / file).exists():
-            (folder / file).symlink_to(SHARED / "faces" / "aaf" / file)
-    labels.assign(subject_id=labels.file).to_csv(folder / "labels.csv", index=False)
-    return folder
+    return aaf_links(work / f"aaf-{part}", files.__contains__)
 
 
 def main() -> None:
