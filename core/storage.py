@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pyarrow is imported where used: the light inference install
 
 CACHE_KEY_META = b"kface.cache_key"
 DIGEST_META = b"kface.content_digest"
+READERS_META = b"kface.readers_digest"
 
 
 def _current_umask() -> int:
@@ -83,17 +84,21 @@ def write_json_atomic(final: Path, obj: Any) -> None:
 
 
 def write_parquet_atomic(final: Path, table: pa.Table, cache_key: str | None = None,
-                         row_group_size: int | None = None, digest: bool = True) -> None:
+                         row_group_size: int | None = None, digest: bool = True,
+                         readers_leave_out: tuple[str, ...] = ()) -> None:
     """Write ``table`` to ``final`` atomically. The schema metadata gets ``cache_key``
     (what the file was computed from) and, with ``digest``, the table's ``table_digest``
-    (what it holds), which downstream keys use instead of the file's bytes. Shard files
-    pass ``digest=False``: their own keys stand for them, and hashing every crop's bytes
-    again would cost a copy of the shard."""
+    (what it holds), which downstream keys use instead of the file's bytes; with
+    ``readers_leave_out``, also the digest without those columns (``readers_digest``).
+    Shard files pass ``digest=False``: their own keys stand for them, and hashing every
+    crop's bytes again would cost a copy of the shard."""
     meta = dict(table.schema.metadata or {})
-    meta.pop(CACHE_KEY_META, None)
-    meta.pop(DIGEST_META, None)
+    for name in (CACHE_KEY_META, DIGEST_META, READERS_META):
+        meta.pop(name, None)
     if digest:
         meta[DIGEST_META] = table_digest(table).encode()
+    if readers_leave_out:
+        meta[READERS_META] = readers_table_digest(table, readers_leave_out).encode()
     if cache_key is not None:
         meta[CACHE_KEY_META] = cache_key.encode()
     with atomic_path(final) as tmp:
@@ -128,6 +133,35 @@ def table_digest(table: pa.Table) -> str:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def readers_table_digest(table: pa.Table, leave_out: tuple[str, ...]) -> str:
+    """The ``table_digest`` of ``table`` without the columns ``leave_out``."""
+    return table_digest(table.drop_columns([c for c in leave_out if c in table.column_names]))
+
+
+def readers_digest(path: Path, leave_out: tuple[str, ...]) -> str | None:
+    """What the stages that read a Parquet file key on: its digest without the columns
+    ``leave_out`` (stored at write time, else computed: a file of a kface before
+    2026-12-04, about 2 s for the 583,200-photo manifest), or None when it does not
+    exist."""
+    if not Path(path).exists():
+        return None
+    import pyarrow.parquet as pq
+
+    return (_meta(path, READERS_META)
+            or readers_table_digest(pq.read_table(path), leave_out))
+
+
+def store_readers_digest(path: Path, leave_out: tuple[str, ...]) -> None:
+    """Add the readers' digest to a Parquet file written without one (the same table and
+    cache key, rewritten atomically); nothing when it has one."""
+    if _meta(path, READERS_META) is not None:
+        return
+    import pyarrow.parquet as pq
+
+    write_parquet_atomic(path, pq.read_table(path), _meta(path, CACHE_KEY_META),
+                         readers_leave_out=leave_out)
 
 
 def content_digest(path: Path) -> str | None:

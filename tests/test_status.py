@@ -108,3 +108,18 @@ def test_status_reads_the_plans_a_run_recorded_and_sees_every_change(kface_tree,
         assert not manifest_is_current(cfg.data, cfg.selection, cfg.folder.manifest,
                                        listing), change
         extra.unlink()
+
+    # a touched photo (another mtime, the same bytes, as a copied tree has): select is
+    # stale, what the stages after it read is not, and a run recomputes only select
+    shutil.copytree(kface_tree, tree, dirs_exist_ok=True)
+    os.utime(photo, ns=(5, 5))
+    rows = {r.stage: r for r in pipeline_status(cfg)}
+    assert rows["select"].state == "stale" and "file times" in rows["select"].detail
+    assert [rows[s].state for s in ("detect", "merge", "split")] == ["done"] * 3
+    res = run_kface("run", "--data-root", str(tree), "--metadata",
+                    str(tree / "KFace_metadata.csv"), "--out", str(out), "--workers", "1",
+                    "--stages", "select,detect,merge,split,crops", env=prefect_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [states()[s] for s in ("select", "detect", "merge", "split")] == [
+        "done", "cached", "cached", "cached"]
+    assert manifest_is_current(cfg.data, cfg.selection, cfg.folder.manifest, listing)
