@@ -189,10 +189,8 @@ class StageConfig:
         if producer.sharded:
             return [read_cache_key(path / s.filename) for s in producer.shards(c)]
         if producer.key_in == "output":
-            if producer.readers_leave_out:  # (the manifest's: ~2 s at K-Face size unstored)
-                return self.memo_get(f"readers:{output}", lambda: readers_digest(
-                    path, producer.readers_leave_out))
-            return content_digest(path)
+            return (self.readers_digest(producer) if producer.readers_leave_out
+                    else content_digest(path))
         return producer.stored_summary(self.folder).get("cache_key")
 
     def upstream_summary(self, output: str) -> dict:
@@ -216,6 +214,13 @@ class StageConfig:
     def recipe_yaml(self) -> str:
         """The whole config as YAML: the recipe an experiment's model was trained with."""
         return dump_config(self._config)
+
+    def readers_digest(self, stage: Stage) -> str | None:
+        """``stage``'s output as the stages reading it key on: without its
+        ``readers_leave_out`` columns (once per view: ~2 s for a K-Face manifest of a kface
+        before 2026-12-04, which has it unstored)."""
+        return self.memo_get(f"readers:{stage.writes}", lambda: readers_digest(
+            stage.output(self.folder), stage.readers_leave_out))
 
     def memo_get(self, name: str, compute: Callable[[], Any]) -> Any:
         if name not in self.memo:
@@ -311,9 +316,9 @@ def _select_source(c: StageConfig) -> str:
 def _select_same_for_readers(c: StageConfig) -> str | None:
     """When the scan differs from the manifest in the photos' mtimes only (a copied or
     touched tree), what status says; else None."""
-    leave_out = STAGE[c.stage].readers_leave_out
+    stage = STAGE[c.stage]
     table, _ = _scan(c)
-    if readers_table_digest(table, leave_out) != readers_digest(c.folder.manifest, leave_out):
+    if readers_table_digest(table, stage.readers_leave_out) != c.readers_digest(stage):
         return None
     return ("what the stages after it read is unchanged (the photos, their content and "
             "labels; file times may differ, as in a copied tree): the run rewrites the "

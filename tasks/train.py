@@ -319,8 +319,7 @@ class FitPlan:
 
 
 def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig,
-             model_dir: Path, ages: tuple[int, ...], gpus: list[str] | None = None
-             ) -> FitPlan:
+             model_dir: Path, ages: tuple[int, ...], gpus: list[str]) -> FitPlan:
     train, val = crops.splits["train"], crops.splits["val"]
     sigma = cfg.age_sigma if ages else None
     weights = sample_weights(train.age_idx.to_numpy(), cfg.class_weighting)
@@ -341,7 +340,7 @@ def fit_plan(crops: CropSet, size: int, model_cfg: ModelConfig, cfg: TrainConfig
             feature_batches(cached["val"], val, cfg.batch_size, age_sigma=sigma,
                             age_classes=ages or AGES, workers=cfg.workers))
     decoder = (DecodeProcesses(cfg.workers, cfg.batch_size, size)
-               if loader_kind(cfg, gpus or []) == "processes" else None)
+               if loader_kind(cfg, gpus) == "processes" else None)
     return FitPlan(
         build_classifier(model_cfg, size, exact_age=bool(ages), ages=ages or AGES),
         crop_batches(train, crops.files, size, cfg.batch_size, seed=cfg.seed,
@@ -417,7 +416,7 @@ def save_final_model(best, model_cfg: ModelConfig, size: int, ages: tuple[int, .
 
 def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tuple[int, ...],
                  crop_spec: dict | None, calibration: dict,
-                 calibration_folder: str | None = None) -> dict:
+                 calibration_folder: str | None) -> dict:
     """``labels.json``: what every inference path needs to use the model as trained."""
     return {
         "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
@@ -437,8 +436,7 @@ def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tupl
 
 
 def fit_calibration(model_file: Path, val: pd.DataFrame, files: list[Path], size: int,
-                    ages: tuple[int, ...] = (), cfg: TrainConfig | None = None
-                    ) -> tuple[dict, dict | None]:
+                    ages: tuple[int, ...], cfg: TrainConfig) -> tuple[dict, dict | None]:
     """Fitted on the validation split's predictions of the saved model
     (``models.calibration``), of ``cfg.calibration_folder``'s people only when set: a
     temperature per class head (gender, age band; with ``cfg.calibration_bias`` the age
@@ -448,7 +446,6 @@ def fit_calibration(model_file: Path, val: pd.DataFrame, files: list[Path], size
     from models.calibration import calibrate, fit_age_line
     from tasks.evaluate import predict_frame
 
-    cfg = cfg or TrainConfig()
     if cfg.calibration_folder is not None and "source" in val:
         val = val[val.source == cfg.calibration_folder]
     probs = predict_frame(load_classifier(model_file), val, files, size)
