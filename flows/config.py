@@ -113,10 +113,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(tree, key, value)
-            source = f"{source} + command-line options" if "+" not in source else source
+    for key, value in (overrides or {}).items():  # (None sets a setting to null)
+        set_dotted(tree, key, value)
+        source = f"{source} + command-line options" if "+" not in source else source
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:

@@ -18,6 +18,19 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(again) == cfg
 
 
+def test_set_null_unsets_a_setting(tmp_path):
+    """``--set data.metadata=null`` clears what the config file set (it was ignored)."""
+    from flows.options import overrides
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  root: /data/kface\n  metadata: /data/meta.csv\n")
+    assert load_config(cfg_file).data.metadata == Path("/data/meta.csv")
+    sets = overrides({"data.root": None}, ["data.metadata=null"])
+    assert sets == {"data.metadata": None}  # (a flag not given is no override)
+    cfg = load_config(cfg_file, sets)
+    assert cfg.data.metadata is None and cfg.data.root == Path("/data/kface")
+
+
 def test_unknown_key_is_named(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("detector:\n  confidance: 0.8\n")
