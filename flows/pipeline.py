@@ -61,17 +61,23 @@ def stage_task(name: str, config: PipelineConfig):
     _require_inputs(config, name)
     c = StageConfig(config, stage)
     key = stage.key(c)
+    base = {"base_key": stage.base_key(c)} if stage.partial_settings else {}
     if stage.stored_key(c.folder) == key:
         summary = {**(stage.stored_summary(c.folder) or {"rows_in": 0, "rows_out": 0}),
-                   "stage": name, "reused": True, "seconds": 0.0, "cache_key": key}
+                   "stage": name, "reused": True, "seconds": 0.0, "cache_key": key, **base}
         _record(stage, c, summary)
         get_run_logger().info("%s: cached, its inputs, settings and code are unchanged "
                               "(%d rows)", name, summary["rows_out"])
         return Completed(data=summary, name="Cached", message=f"{name} is up to date")
     start = time.perf_counter()
-    summary = {"stage": name, **stage.run(c, key)}
+    if stage.runs_partly(c):  # only its partial settings changed: the work is kept
+        stored = stage.stored_summary(c.folder)
+        summary = {**stored, "stage": name, **stage.partial_run(c, key),
+                   "work_seconds": stored.get("work_seconds", stored.get("seconds"))}
+    else:
+        summary = {"stage": name, **stage.run(c, key)}
     summary.update(seconds=round(time.perf_counter() - start, 2), reused=False,
-                   cache_key=key)
+                   cache_key=key, **base)
     return _record(stage, c, summary)
 
 

@@ -100,6 +100,13 @@ class Stage:
     # run now would change only those (a detail for status: its readers stay current)
     readers_leave_out: tuple[str, ...] = ()
     same_for_readers: Callable[[StageConfig], str | None] | None = None
+    # settings a run applies to the output it has without redoing the work (the train
+    # stage's calibration: refitted on the kept network in seconds): the stored summary
+    # keeps the key without them (``base_key``), and when that is the current one a run
+    # calls ``partial_run`` instead of ``run``
+    partial_settings: tuple[str, ...] = ()
+    partial_run: Callable[[StageConfig, str], dict] | None = None
+    partial_detail: str = "applies them to its output without redoing the work"
     # sharded stages: the planned shards, the plan (with each shard's stored summary),
     # one shard's call (function, arguments), the summary's additions once all shards are
     # done, and its failed rows by status and reason (``kface status``)
@@ -128,6 +135,27 @@ class Stage:
         return fingerprint(*(c.read_digest(name) for name in self.reads),
                            *(c.key_setting(name) for name in self.key_settings),
                            *([self.source(c)] if self.source else []), self.code_version)
+
+    def base_key(self, c: StageConfig) -> str | None:
+        """The key without the ``partial_settings`` (None for a stage without them)."""
+        if not self.partial_settings:
+            return None
+        settings = []
+        for name in self.key_settings:
+            value = c.key_setting(name)
+            left_out = {s.partition(".")[2] for s in self.partial_settings
+                        if s.partition(".")[0] == name}
+            if isinstance(value, dict) and left_out:
+                value = {k: v for k, v in value.items() if k not in left_out}
+            settings.append(value)
+        return fingerprint("base", *(c.read_digest(name) for name in self.reads), *settings,
+                           *([self.source(c)] if self.source else []), self.code_version)
+
+    def runs_partly(self, c: StageConfig) -> bool:
+        """Whether a run would only apply changed ``partial_settings`` to the output it
+        has (its stored base key is the current one)."""
+        return (self.partial_run is not None and self.output(c.folder).exists()
+                and self.stored_summary(c.folder).get("base_key") == self.base_key(c))
 
     def summary_file(self, folder: RunFolder) -> Path:
         """``stages/<name>.json``: the run folder's for data stages, the experiment's for
@@ -600,6 +628,29 @@ def _train_run(c: StageConfig, key: str) -> dict:
             "rows_out": result["train_examples"], **result}
 
 
+def _train_recalibrate(c: StageConfig, key: str) -> dict:
+    """Only the calibration settings changed: refit the calibration of the trained
+    network on the validation people, rewrite labels.json (the network, its history and
+    any export stay)."""
+    from tasks.crop_stream import load_index
+
+    folder = c.folder
+    index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
+    labels = json.loads((folder.model / "labels.json").read_text())
+    calibration = train.write_calibrated_labels(folder.model, labels, index, c.crops.size,
+                                                c.train)
+    write_bytes_atomic(folder.experiment_config, c.recipe_yaml().encode())
+    band = calibration["age_band"]
+    _log().info("train: the calibration settings changed: refitted on %d validation faces "
+                "of the trained network (age band ECE %.3f -> %.3f%s), no training",
+                band["examples"], band["ece_before"], band["ece_after"],
+                ", a bias per band" if "bias" in band else "")
+    return {"recalibrated": {"age_band_ece": band["ece_after"],
+                             "examples": band["examples"],
+                             "folder": c.train.calibration_folder,
+                             "bias": c.train.calibration_bias}}
+
+
 # ---------------------------------------------------------------------------- evaluate
 
 def _evaluate_run(c: StageConfig, key: str) -> dict:
@@ -685,7 +736,11 @@ STAGE_TABLE: list[Stage] = [
           code_version=train.CODE_VERSION, scope="experiment",
           key_settings=("crops", "model", "train"),
           stale_detail="inputs or model/train settings changed", check=_train_check,
-          key_in="summary", run=_train_run),
+          key_in="summary", run=_train_run,
+          partial_settings=tuple(f"train.{k}" for k in train.CALIBRATION_SETTINGS),
+          partial_run=_train_recalibrate,
+          partial_detail="refits the calibration on the trained network (seconds) instead "
+                         "of training anew"),
     Stage("evaluate", evaluate.evaluation_metrics,
           reads=("model", "crops", "faces", "split"), writes="reports",
           sections=("data", "crops"), code_version=evaluate.CODE_VERSION,
@@ -758,6 +813,8 @@ def stage_table_markdown() -> str:
         keyed = [*s.key_settings, *(["(the scan)"] if s.source else [])]
         if s.sharded:
             keyed = ["(per shard: its task's)"]
+        if s.partial_settings:
+            keyed.append(f"(applied without redoing the work: {', '.join(s.partial_settings)})")
         rows.append(f"| {s.name} | {work} | {', '.join(s.reads) or '(the dataset)'} "
                     f"| {s.writes} | {', '.join(s.sections)} | {', '.join(keyed) or '-'} "
                     f"| {s.code_version} | {s.scope} | {'yes' if s.sharded else 'no'} |")
@@ -834,6 +891,9 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
             if same:  # stale, but what its readers key on is unchanged: judge them alone
                 current_outputs.add(stage.writes)
                 detail = same
+            elif exists and upstream_ok and not current and stage.runs_partly(c):
+                detail = (f"only {', '.join(stage.partial_settings)} changed: the run "
+                          f"{stage.partial_detail}")
         if not exists:
             state, detail = "missing", "not run yet"
         elif not upstream_ok:
@@ -870,6 +930,8 @@ def list_experiments(out: Path) -> list[dict]:
         metric = {name: scored_summary.get(f"{scored}_{name}") for name in (
             "gender_accuracy", "age_band_accuracy", "age_band_within_one")}
         metric = {k: f"{v:.3f}" if isinstance(v, float) else "-" for k, v in metric.items()}
+        # (a run that only refitted the calibration keeps the training's time)
+        trained_seconds = trained_summary.get("work_seconds", trained_summary.get("seconds"))
         rows.append({
             "name": name,
             "backbone": cfg.get("model", {}).get("backbone", "-"),
@@ -878,8 +940,8 @@ def list_experiments(out: Path) -> list[dict]:
                        f"{cfg.get('train', {}).get('epochs', '?')}" if trained_summary else "-"),
             "gender": metric["gender_accuracy"], "age_band": metric["age_band_accuracy"],
             "within_one": metric["age_band_within_one"], "scored": scored or "-",
-            "training": (f"{trained_summary['seconds'] / 60:.1f} min" if trained_summary
-                         else "-"), "state": state,
+            "training": (f"{trained_seconds / 60:.1f} min" if trained_summary else "-"),
+            "state": state,
             "model": str(folder.model),
         })
     return rows

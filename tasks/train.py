@@ -25,7 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.labels import AGE_BANDS, AGES, GENDERS, age_classes, expected_age
-from core.storage import file_sha256, write_json_atomic
+from core.storage import file_sha256, fingerprint, write_json_atomic
 from models.classifier import (
     ModelConfig,
     build_classifier,
@@ -267,14 +267,28 @@ def write_model_folder(model_dir: Path, model_cfg: ModelConfig, size: int, heads
     shutil.rmtree(model_dir / "features", ignore_errors=True)  # (kept only for a resume)
     write_json_atomic(model_dir / "history.json",
                       {col: history[col].tolist() for col in history.columns})
+    write_calibrated_labels(model_dir, model_labels(model_cfg, size, heads, ages, crop_spec),
+                            crops, size, train_cfg)
+
+
+def write_calibrated_labels(model_dir: Path, labels: dict, crops: CropSet, size: int,
+                            cfg: TrainConfig) -> dict:
+    """Fit the calibration of ``model_dir/model.keras`` on the validation people
+    (``fit_calibration``) and write ``labels.json``: ``labels`` with the calibration's
+    keys replaced and the model's id. Also all a run does when only the calibration
+    settings (``CALIBRATION_SETTINGS``) changed: the network is kept. Returns the
+    calibration."""
     calibration, age_line = fit_calibration(model_dir / "model.keras", crops.splits["val"],
-                                            crops.files, size, ages, train_cfg)
-    write_json_atomic(model_dir / "labels.json", {
-        **model_labels(model_cfg, size, heads, ages, crop_spec, calibration,
-                       train_cfg.calibration_folder),
-        **({"age_calibration": age_line} if age_line else {}),
-        # one id for the model and its exports (kface stats checks a reference's)
-        "model_id": file_sha256(model_dir / "model.keras")})
+                                            crops.files, size,
+                                            tuple(labels.get("ages", ())), cfg)
+    labels = {k: v for k, v in labels.items() if k not in CALIBRATION_KEYS}
+    labels.update(calibration_labels(calibration, cfg.calibration_folder, age_line))
+    # one id for the network with its calibration (both make the probabilities) and its
+    # exports: kface stats checks a reference's
+    labels["model_id"] = fingerprint(file_sha256(model_dir / "model.keras"),
+                                     *(labels.get(k) for k in CALIBRATION_KEYS))
+    write_json_atomic(model_dir / "labels.json", labels)
+    return calibration
 
 
 def exact_ages(model_cfg: ModelConfig, train: pd.DataFrame, val: pd.DataFrame
@@ -415,9 +429,9 @@ def save_final_model(best, model_cfg: ModelConfig, size: int, ages: tuple[int, .
 
 
 def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tuple[int, ...],
-                 crop_spec: dict | None, calibration: dict,
-                 calibration_folder: str | None) -> dict:
-    """``labels.json``: what every inference path needs to use the model as trained."""
+                 crop_spec: dict | None) -> dict:
+    """``labels.json`` but its calibration (``calibration_labels``): what every inference
+    path needs to use the model as trained."""
     return {
         "gender": list(GENDERS), "age_band": list(AGE_BANDS), "input_size": size,
         "input": "RGB uint8 0..255, face box with margin resized (INTER_AREA)",
@@ -425,6 +439,21 @@ def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tupl
         **({"ages": list(ages)} if ages else {}),
         "flip_average": model_cfg.flip_average,
         "crop": {"size": size, **(crop_spec or {})},
+    }
+
+
+# labels.json's keys that the calibration writes, and the train settings that change only
+# them: a run whose other settings and inputs are unchanged refits these on the kept
+# network (seconds) instead of training anew (the train row's partial_settings)
+CALIBRATION_KEYS = ("temperature", "bias", "calibration", "age_calibration")
+CALIBRATION_SETTINGS = ("calibration_bias", "calibration_folder")
+
+
+def calibration_labels(calibration: dict, calibration_folder: str | None,
+                       age_line: dict | None) -> dict:
+    """``labels.json``'s calibration keys (``CALIBRATION_KEYS``) for a fitted calibration
+    (``fit_calibration``)."""
+    return {
         # divide each head's logits by this before the softmax (every inference path does)
         "temperature": {h: c["temperature"] for h, c in calibration.items()},
         # then add this bias per class (train.calibration_bias)
@@ -432,6 +461,8 @@ def model_labels(model_cfg: ModelConfig, size: int, heads: list[str], ages: tupl
                                        if "bias" in c}) else {}),
         "calibration": {"split": "val", **({"folder": calibration_folder}
                                            if calibration_folder else {}), **calibration},
+        # the exact-age head's line onto the true ages (expected_age applies it)
+        **({"age_calibration": age_line} if age_line else {}),
     }
 
 

@@ -157,3 +157,35 @@ def test_a_run_over_folders_with_chips_trains_the_face_backbone(two_folders, tmp
     assert train["train_examples"] >= 40 and "Report" in res.stdout + res.stderr
     assert chip.eye_r_y == pytest.approx(geometry["landmarks"][0][1] * chip.image_height, 0.01)
     assert alignment_template(112, 0.2)[0][1] == pytest.approx(51.7, abs=0.1)
+
+    # a calibration setting changed: status says so, and the run refits the calibration
+    # on the trained network (on every validation person now) without training anew
+    from core.storage import file_sha256
+    from flows.config import load_config
+    from flows.stages import pipeline_status
+
+    network = file_sha256(model_dir / "model.keras")
+    evaluated = (out / "experiments" / "default" / "stages" / "evaluate.json").read_text()
+    states = {r.stage: r for r in pipeline_status(load_config(
+        config, {"train.calibration_folder": None}))}
+    assert states["train"].state == "stale" and "refits the calibration" in states[
+        "train"].detail and states["evaluate"].state == "stale"
+    assert {r.stage: r.state for r in pipeline_status(load_config(
+        config, {"train.epochs": 2}))}["train"] == "stale"
+    assert "refits" not in {r.stage: r for r in pipeline_status(load_config(
+        config, {"train.epochs": 2, "train.calibration_bias": False}))}["train"].detail
+    res = run_kface("run", "-c", str(config), "--set", "train.calibration_folder=null",
+                    env=prefect_env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert file_sha256(model_dir / "model.keras") == network
+    again = json.loads((model_dir / "labels.json").read_text())
+    all_val = int((split.split == "val").sum())
+    assert again["calibration"]["age_band"]["examples"] == all_val > aaf_val
+    assert "folder" not in again["calibration"] and set(again["bias"]) == {"age_band"}
+    assert again["model_id"] != labels["model_id"] and again["ages"] == labels["ages"]
+    retrain = json.loads((out / "experiments" / "default" / "stages" / "train.json").read_text())
+    assert retrain["recalibrated"]["examples"] == all_val and not retrain["reused"]
+    assert retrain["work_seconds"] == train["seconds"] > retrain["seconds"]
+    assert retrain["epochs_run"] == train["epochs_run"]
+    assert (out / "experiments" / "default" / "stages" / "evaluate.json").read_text() != evaluated
+    assert "refitted on" in res.stdout + res.stderr
