@@ -892,8 +892,8 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
                 current_outputs.add(stage.writes)
                 detail = same
             elif exists and upstream_ok and not current and stage.runs_partly(c):
-                detail = (f"only {', '.join(stage.partial_settings)} changed: the run "
-                          f"{stage.partial_detail}")
+                detail = (f"only settings among {', '.join(stage.partial_settings)} "
+                          f"changed: the run {stage.partial_detail}")
         if not exists:
             state, detail = "missing", "not run yet"
         elif not upstream_ok:
