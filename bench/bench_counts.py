@@ -16,7 +16,13 @@ stricter than a shop: the people of each band are cut in two halves, the referen
 from one and the visitors from the other, so 500 visitors of a skewed shop reuse the few
 people of a band in their half (the older shop's 200 visitors in their 50s come from 59
 people, each about 3.4 times), and the visitors carry those people's quirks, which the
-reference does not share. Printed for each: the
+reference does not share. ``--design split`` cuts each band's people at random for each
+shop: ``--reference-share`` of them are the reference (each once), the rest the
+visitors' pool: a reference of real people other than the shop's, of any size. With
+``--people never-trained`` the people are the held-out ones and the model's run's AAF
+validation and test people (1,122: never trained on; the calibration and best epoch
+were chosen on the first, the recipe on the second), the most a reference can hold; the
+accuracy and calibration figures stay the held-out people's. Printed for each: the
 share of visitors counted in a wrong band (half the summed absolute count errors over
 the visitors) when each visitor is counted by their most likely band (argmax), by
 ``kface stats``' default estimator (summed calibrated probabilities) and by ``kface stats
@@ -56,10 +62,12 @@ from core.labels import AGE_BANDS  # noqa: E402
 SHOPS = {"young": (0.55, 0.30, 0.10, 0.05), "older": (0.10, 0.20, 0.30, 0.40)}
 
 
-def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Per held-out person with a face: the file name, the true band and gender indices
-    and the calibrated probabilities of both heads (cached by the model's sha256), and the
-    model's labels.json (its calibration)."""
+def predictions(model: Path, work: Path, people: str = "held-out", keep=held_out
+                ) -> tuple[dict[str, np.ndarray], dict]:
+    """Per AAF person of ``people`` (default: the held-out ones) with a face: the file
+    name, the true band and gender indices and the calibrated probabilities of both
+    heads (cached by the model's sha256), and the model's labels.json (its
+    calibration)."""
     from core.storage import file_sha256
     from inference.evaluate_folder import folder_predictions
     from models.analyzer import FaceAnalyzer, resolve_model_dir
@@ -68,16 +76,26 @@ def predictions(model: Path, work: Path) -> tuple[dict[str, np.ndarray], dict]:
     model_dir, _ = resolve_model_dir(model)
     network = next(p for p in (model_dir / "model.onnx", model_dir / "model.keras")
                    if p.exists())
-    cache = work / f"held-out-{file_sha256(network)[:16]}-2.npz"
     labels = json.loads((model_dir / "labels.json").read_text())
+    cache = work / f"{people}-{file_sha256(network)[:16]}-2.npz"
     if not cache.exists():
         analyzer = FaceAnalyzer(model_dir)
         frame, probs, _ = folder_predictions(analyzer, DataConfig(
-            root=aaf_links(work / "held-out", held_out), layout="labelled"))
+            root=aaf_links(work / people, keep), layout="labelled"))
         np.savez(cache, files=frame.path.to_numpy(str), band_truth=frame.age_idx.to_numpy(),
                  gender_truth=frame.gender_idx.to_numpy(), band=probs["age_band"],
                  gender=probs["gender"])
     return dict(np.load(cache)), labels
+
+
+def run_people(model: Path, splits: tuple[str, ...]) -> set[str]:
+    """The AAF photos (one a person) of the model's run folder in ``splits``: people it
+    never trained on (``val``: its calibration and best epoch were chosen on them;
+    ``test``: the recipe was), none of them held out."""
+    run = Path(model).resolve().parents[2]
+    split = pd.read_parquet(run / "split.parquet", columns=["path", "split"])
+    chosen = split[split.split.isin(splits) & split.path.str.startswith("aaf/")]
+    return {path.split("/", 1)[1] for path in chosen.path}
 
 
 def run_prior(model: Path) -> np.ndarray:
@@ -106,6 +124,10 @@ def draw_people(truth: np.ndarray, rng: np.random.Generator, share: float = 0.5,
         if design == "population":
             reference.append(rng.choice(people, int(len(people) * share)))
             pool[people] = True
+        elif design == "split":
+            cut = int(len(people) * share)
+            reference.append(people[:cut])
+            pool[people[cut:]] = True
         else:
             reference.append(people[: min(int(len(people) * share), len(people) // 2)])
             pool[people[len(people) // 2:]] = True
@@ -168,9 +190,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "counts")
     ap.add_argument("--draws", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--design", choices=("population", "halves"), default="population",
-                    help="population: reference and visitors drawn from all held-out "
-                         "people; halves: from two disjoint halves (stricter)")
+    ap.add_argument("--design", choices=("population", "halves", "split"),
+                    default="population",
+                    help="population: reference and visitors drawn from all the people; "
+                         "halves: from two disjoint halves (stricter); split: each band's "
+                         "people cut at random, --reference-share of them the reference, "
+                         "the rest the visitors' pool")
+    ap.add_argument("--people", choices=("held-out", "never-trained"), default="held-out",
+                    help="the people shops are made of: the held-out AAF people, or those "
+                         "and the model's run's AAF validation and test people (never "
+                         "trained on: all the AAF people a reference can hold)")
     ap.add_argument("--reference-share", type=float, default=0.5,
                     help="the reference's size as a share of each band's held-out people "
                          "(at most 0.5 with --design halves)")
@@ -193,18 +222,24 @@ def main() -> None:
     if args.ece_only:
         print(json.dumps(result))
         return
+    if args.people == "never-trained":  # and the run's AAF validation and test people
+        run, _ = predictions(args.model, args.work, "run-val-test",
+                             run_people(args.model, ("val", "test")).__contains__)
+        truth = np.concatenate([truth, run["band_truth"]])
+        probs = np.concatenate([probs, run["band"]])
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]
-    halves = args.design == "halves"
+    disjoint = args.design in ("halves", "split")
     share = args.reference_share
     reference, pool = draw_people(truth, np.random.default_rng(), share, args.design)
-    result["design"] = args.design  # (the sizes are the same in every draw)
+    result["design"], result["people"] = args.design, args.people
     result["reference_people"], result["visitor_people"] = len(reference), int(pool.sum())
     shops = {"training mix": tuple(prior), **SHOPS}
     print(f"per shop: a reference of {result['reference_people']} people and visitors "
-          + (f"from the other {result['visitor_people']} (disjoint halves by band)" if halves
-             else f"drawn from all {len(truth)} held-out people (with replacement)"))
+          + (f"from the other {result['visitor_people']} (disjoint by band)" if disjoint
+             else f"drawn from all {len(truth)} people (with replacement)")
+          + f"; the people: {args.people}")
     print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong: argmax':>15}"
           f"{'summed':>8}{'corrected':>11}{'perfect ref':>13}{'coverage: summed':>18}"
           f"{'corrected':>11}{'width':>7}")
