@@ -214,12 +214,18 @@ class StageConfig:
         shard keys, a Parquet file's content digest, else its stage's stored key."""
         producer, c = self.upstream(output)
         path = producer.output(self.folder)
-        if producer.sharded:
-            return [read_cache_key(path / s.filename) for s in producer.shards(c)]
-        if producer.key_in == "output":
-            return (self.readers_digest(producer) if producer.readers_leave_out
-                    else content_digest(path))
-        return producer.stored_summary(self.folder).get("cache_key")
+
+        def digest() -> Any:
+            if producer.sharded:
+                return [read_cache_key(path / s.filename) for s in producer.shards(c)]
+            if producer.key_in == "output":
+                return (self.readers_digest(producer) if producer.readers_leave_out
+                        else content_digest(path))
+            return producer.stored_summary(self.folder).get("cache_key")
+
+        # once per view (a stage's key and its base key read the same; its work writes
+        # only its own output)
+        return self.memo_get(f"digest:{output}", digest)
 
     def upstream_summary(self, output: str) -> dict:
         """The stored summary of the stage that writes ``output`` (one this stage reads)."""
@@ -635,6 +641,8 @@ def _train_recalibrate(c: StageConfig, key: str) -> dict:
     from tasks.crop_stream import load_index
 
     folder = c.folder
+    if not (folder.model / "labels.json").is_file():  # (removed by hand): train anew
+        return _train_run(c, key)
     index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
     labels = json.loads((folder.model / "labels.json").read_text())
     calibration = train.write_calibrated_labels(folder.model, labels, index, c.crops.size,
