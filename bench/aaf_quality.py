@@ -41,6 +41,17 @@ def held_out(name: str) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0
 
 
+def run_aaf_people(run: Path, splits: tuple[str, ...] = ("val", "test")) -> set[str]:
+    """The AAF photos (one a person) of a ``--folders`` run folder's ``splits``: people
+    its models never trained on (``val``: their calibration and best epoch were chosen
+    on them; ``test``: the recipe was), none of them held out."""
+    import pandas as pd
+
+    split = pd.read_parquet(Path(run) / "split.parquet", columns=["path", "split"])
+    chosen = split[split.split.isin(splits) & split.path.str.startswith("aaf/")]
+    return {path.split("/", 1)[1] for path in chosen.path}
+
+
 def aaf_links(folder: Path, keep) -> Path:
     """``folder``: links to the AAF photos whose file name ``keep`` accepts and their
     ``labels.csv`` (a labelled folder; one photo a person, the subject_id its name)."""

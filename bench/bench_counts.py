@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from aaf_quality import aaf_links, held_out  # noqa: E402
+from aaf_quality import aaf_links, held_out, run_aaf_people  # noqa: E402
 
 from core.labels import AGE_BANDS  # noqa: E402
 
@@ -86,16 +86,6 @@ def predictions(model: Path, work: Path, people: str = "held-out", keep=held_out
                  gender_truth=frame.gender_idx.to_numpy(), band=probs["age_band"],
                  gender=probs["gender"])
     return dict(np.load(cache)), labels
-
-
-def run_people(model: Path, splits: tuple[str, ...]) -> set[str]:
-    """The AAF photos (one a person) of the model's run folder in ``splits``: people it
-    never trained on (``val``: its calibration and best epoch were chosen on them;
-    ``test``: the recipe was), none of them held out."""
-    run = Path(model).resolve().parents[2]
-    split = pd.read_parquet(run / "split.parquet", columns=["path", "split"])
-    chosen = split[split.split.isin(splits) & split.path.str.startswith("aaf/")]
-    return {path.split("/", 1)[1] for path in chosen.path}
 
 
 def run_prior(model: Path) -> np.ndarray:
@@ -223,8 +213,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.people == "never-trained":  # and the run's AAF validation and test people
-        run, _ = predictions(args.model, args.work, "run-val-test",
-                             run_people(args.model, ("val", "test")).__contains__)
+        run, _ = predictions(args.model, args.work, "run-val-test", run_aaf_people(
+            Path(args.model).resolve().parents[2]).__contains__)
         truth = np.concatenate([truth, run["band_truth"]])
         probs = np.concatenate([probs, run["band"]])
     rng = np.random.default_rng(args.seed)
