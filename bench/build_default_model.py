@@ -8,8 +8,11 @@
    stages included), and scores it on those held-out people;
 2. exports it to ONNX (``kface export --format onnx``: checked against Keras);
 3. runs ``kface evaluate`` on the held-out people (a labelled folder of links): their
-   report and ``soft_confusion.json``, the reference with which ``kface stats`` corrects
-   counts for a shop's mix out of the box (people the model never trained on);
+   report, the card's figures; and on every AAF person the model never trained on (the
+   held-out ones and the run's AAF validation and test people, 2,077): their
+   ``soft_confusion.json``, the reference with which ``kface stats`` corrects counts for
+   a shop's mix out of the box (the larger, the less its own noise weighs:
+   ``bench/bench_counts.py --people never-trained``);
 4. copies ``model.keras``, ``model.onnx``, ``labels.json`` (with a ``card``: name, data,
    held-out scores) and ``soft_confusion.json`` into ``models/data/default/`` and prints
    the sizes (kept under 10 MB).
@@ -45,7 +48,7 @@ def kface(*args: str) -> None:
 
 
 def main() -> None:
-    from aaf_quality import aaf_links, held_out
+    from aaf_quality import aaf_links, held_out, run_aaf_people
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=777)
@@ -75,6 +78,12 @@ def main() -> None:
     kface("evaluate", "--model", str(model), "--data-root",
           str(aaf_links(WORK / "held-out", held_out)),
           "--out", str(check))
+    never_trained = run_aaf_people(run)
+    reference = WORK / "shipped-reference"
+    kface("evaluate", "--model", str(model), "--data-root",
+          str(aaf_links(WORK / "never-trained",
+                        lambda file: held_out(file) or file in never_trained)),
+          "--out", str(reference))
     metrics = json.loads((check / "metrics.json").read_text())
     labels = json.loads((model / "labels.json").read_text())
     train = json.loads((experiment / "stages" / "train.json").read_text())
@@ -96,7 +105,7 @@ def main() -> None:
     shutil.copy(model / "model.keras", TARGET / "model.keras")
     shutil.copy(onnx / "model.onnx", TARGET / "model.onnx")
     (TARGET / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-    confusion = json.loads((check / "soft_confusion.json").read_text())
+    confusion = json.loads((reference / "soft_confusion.json").read_text())
     confusion["model"]["name"] = args.name  # (the build folder's path means nothing later)
     (TARGET / "soft_confusion.json").write_text(json.dumps(confusion, indent=1) + "\n")
     sizes = {p.name: p.stat().st_size for p in sorted(TARGET.iterdir())}
