@@ -62,22 +62,27 @@ def stage_task(name: str, config: PipelineConfig):
     c = StageConfig(config, stage)
     key = stage.key(c)
     base = {"base_key": stage.base_key(c)} if stage.partial_settings else {}
+    stored = stage.stored_summary(c.folder)
+    # the seconds the output's work took (``seconds``: this run's), kept while it is
+    # reused or only its partial settings are applied (kface experiments' training time)
+    work = stored.get("work_seconds", stored.get("seconds"))
     if stage.stored_key(c.folder) == key:
-        summary = {**(stage.stored_summary(c.folder) or {"rows_in": 0, "rows_out": 0}),
-                   "stage": name, "reused": True, "seconds": 0.0, "cache_key": key, **base}
+        summary = {**(stored or {"rows_in": 0, "rows_out": 0}), "stage": name,
+                   "reused": True, "seconds": 0.0, "cache_key": key, "work_seconds": work,
+                   **base}
         _record(stage, c, summary)
         get_run_logger().info("%s: cached, its inputs, settings and code are unchanged "
                               "(%d rows)", name, summary["rows_out"])
         return Completed(data=summary, name="Cached", message=f"{name} is up to date")
     start = time.perf_counter()
     if stage.runs_partly(c):  # only its partial settings changed: the work is kept
-        stored = stage.stored_summary(c.folder)
-        summary = {**stored, "stage": name, **stage.partial_run(c, key),
-                   "work_seconds": stored.get("work_seconds", stored.get("seconds"))}
+        summary = {**stored, "stage": name, **stage.partial_run(c, key)}
     else:
         summary = {"stage": name, **stage.run(c, key)}
-    summary.update(seconds=round(time.perf_counter() - start, 2), reused=False,
-                   cache_key=key, **base)
+        work = None
+    seconds = round(time.perf_counter() - start, 2)
+    summary.update(seconds=seconds, work_seconds=seconds if work is None else work,
+                   reused=False, cache_key=key, **base)
     return _record(stage, c, summary)
 
 

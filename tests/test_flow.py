@@ -154,6 +154,8 @@ def test_full_pipeline_then_everything_cached(kface_tree, tmp_path, prefect_env)
     assert _mtimes(out) == mtimes  # nothing rewritten
     assert (out / exp / "model" / "model.keras").stat().st_mtime_ns == model_mtime
     assert _states(status_args, prefect_env) == dict.fromkeys(STAGES, "cached")
+    trained = _summary(out, "train")  # a cached stage keeps the time its work took
+    assert trained["seconds"] == 0.0 and trained["work_seconds"] > 0
 
     # a training hyper-parameter: only train and evaluate are redone
     changed = [*args, "--set", "train.learning_rate=0.002"]
