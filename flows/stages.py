@@ -128,28 +128,24 @@ class Stage:
         where = folder.out if self.scope == "data" else folder.experiment_dir
         return where / f"{self.writes}.parquet"
 
-    def key(self, c: StageConfig) -> str:
+    def key(self, c: StageConfig, leave_out: tuple[str, ...] = ()) -> str:
         """A single-output stage's cache key: the digests of the outputs it reads, the
-        settings its row names, what it reads from outside the run folder, and its code
-        version (never a path: a moved dataset or run folder keeps its keys)."""
+        settings its row names (but the ``section.field`` settings of ``leave_out``),
+        what it reads from outside the run folder, and its code version (never a path: a
+        moved dataset or run folder keeps its keys)."""
+        def setting(name: str) -> Any:
+            value = c.key_setting(name)
+            left = {s.partition(".")[2] for s in leave_out if s.partition(".")[0] == name}
+            return ({k: v for k, v in value.items() if k not in left}
+                    if left and isinstance(value, dict) else value)
+
         return fingerprint(*(c.read_digest(name) for name in self.reads),
-                           *(c.key_setting(name) for name in self.key_settings),
+                           *(setting(name) for name in self.key_settings),
                            *([self.source(c)] if self.source else []), self.code_version)
 
     def base_key(self, c: StageConfig) -> str | None:
         """The key without the ``partial_settings`` (None for a stage without them)."""
-        if not self.partial_settings:
-            return None
-        settings = []
-        for name in self.key_settings:
-            value = c.key_setting(name)
-            left_out = {s.partition(".")[2] for s in self.partial_settings
-                        if s.partition(".")[0] == name}
-            if isinstance(value, dict) and left_out:
-                value = {k: v for k, v in value.items() if k not in left_out}
-            settings.append(value)
-        return fingerprint("base", *(c.read_digest(name) for name in self.reads), *settings,
-                           *([self.source(c)] if self.source else []), self.code_version)
+        return self.key(c, self.partial_settings) if self.partial_settings else None
 
     def runs_partly(self, c: StageConfig) -> bool:
         """Whether a run would only apply changed ``partial_settings`` to the output it
@@ -563,6 +559,15 @@ def _crop_plan(c: StageConfig) -> cache.CropPlan:
     return c.memo_get("crop_plan", lambda: cache.crop_plan(c))
 
 
+def _crop_index(c: StageConfig):
+    """The crop shards and their index of faces by split (``crop_stream.load_index``),
+    as train and evaluate read them."""
+    from tasks.crop_stream import load_index
+
+    return load_index(cache.crop_files(c, _crop_plan(c).shards), c.folder.faces,
+                      c.folder.split)
+
+
 def _crop_shards(c: StageConfig) -> list[Shard]:
     indexed = _indexed_plan(c)
     return _crop_plan(c).shards if indexed is None else indexed[0]
@@ -609,8 +614,6 @@ def _train_check(c: StageConfig) -> None:
 
 
 def _train_run(c: StageConfig, key: str) -> dict:
-    from tasks.crop_stream import load_index
-
     folder = c.folder
     # train beside the current model; it is replaced only once the new one is complete,
     # and a killed training of the same settings resumes from its own folder
@@ -619,7 +622,7 @@ def _train_run(c: StageConfig, key: str) -> dict:
         if other != work:
             shutil.rmtree(other)  # an unfinished training of other settings
     work.mkdir(parents=True, exist_ok=True)
-    index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
+    index = _crop_index(c)
     crop_spec = {"margin": c.detector.margin, "margin_mode": c.detector.margin_mode,
                  "detector": c.detector.kind,
                  "align": c.crops.align and gives_landmarks(c.detector.kind)}
@@ -638,12 +641,10 @@ def _train_recalibrate(c: StageConfig, key: str) -> dict:
     """Only the calibration settings changed: refit the calibration of the trained
     network on the validation people, rewrite labels.json (the network, its history and
     any export stay)."""
-    from tasks.crop_stream import load_index
-
     folder = c.folder
     if not (folder.model / "labels.json").is_file():  # (removed by hand): train anew
         return _train_run(c, key)
-    index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
+    index = _crop_index(c)
     labels = json.loads((folder.model / "labels.json").read_text())
     calibration = train.write_calibrated_labels(folder.model, labels, index, c.crops.size,
                                                 c.train)
@@ -663,10 +664,9 @@ def _train_recalibrate(c: StageConfig, key: str) -> dict:
 
 def _evaluate_run(c: StageConfig, key: str) -> dict:
     from models.classifier import load_classifier
-    from tasks.crop_stream import load_index
 
     folder = c.folder
-    index = load_index(cache.crop_files(c, _crop_plan(c).shards), folder.faces, folder.split)
+    index = _crop_index(c)
     model = load_classifier(folder.model_file)
     model_labels = json.loads((folder.model / "labels.json").read_text())
     metrics = evaluate.evaluation_metrics(model, index, c.crops.size,
