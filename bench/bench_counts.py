@@ -22,11 +22,15 @@ visitors' pool: a reference of real people other than the shop's, of any size. W
 ``--people never-trained`` the people are the held-out ones and the model's run's AAF
 validation and test people (1,122: never trained on; the calibration and best epoch
 were chosen on the first, the recipe on the second), the most a reference can hold; the
-accuracy and calibration figures stay the held-out people's. Printed for each: the
+accuracy and calibration figures stay the held-out people's. ``--people dev`` takes the
+run's people alone: where an estimator is chosen before the held-out people count
+anything. Printed for each: the
 share of visitors counted in a wrong band (half the summed absolute count errors over
 the visitors) when each visitor is counted by their most likely band (argmax), by
 ``kface stats``' default estimator (summed calibrated probabilities) and by ``kface stats
---reference`` (mix-corrected); how often the true count of each band falls inside each
+--reference`` (mix-corrected; and ``means alone``, the same shops by its estimator before
+2026-12-05, which matched the reference's mean probabilities without their squares); how
+often the true count of each band falls inside each
 estimator's 95% interval (the lowest band's figure; each band's in the JSON), and the
 corrected interval's mean width. And the model's own limit (``perfect ref``): the
 mix-corrected estimate when the reference is the visitors' pool itself, the very people
@@ -124,6 +128,13 @@ def draw_people(truth: np.ndarray, rng: np.random.Generator, share: float = 0.5,
     return np.concatenate(reference), pool
 
 
+def means_only(reference: dict) -> dict:
+    """A soft confusion without its moments: ``kface stats`` then matches the mean
+    probabilities alone (its estimator before 2026-12-05)."""
+    return {**reference, "rows": {c: {k: v for k, v in row.items() if k != "moments"}
+                                  for c, row in reference["rows"].items()}}
+
+
 def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visitors: int,
              draws: int, rng: np.random.Generator, share: float = 0.5,
              design: str = "population") -> dict:
@@ -131,7 +142,8 @@ def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visit
     coverage."""
     from inference.stats import counts_with_intervals, mix_corrected_counts, soft_confusion
 
-    wrong = {"argmax": [], "summed": [], "corrected": [], "perfect_reference": []}
+    wrong = {"argmax": [], "summed": [], "corrected": [], "corrected_means": [],
+             "perfect_reference": []}
     inside = {"summed": [], "corrected": []}
     width = []
     for _ in range(draws):
@@ -143,6 +155,10 @@ def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visit
         true = np.bincount(bands, minlength=len(AGE_BANDS))
         p = probs[chosen]
         corrected, _ = mix_corrected_counts(p, reference, rng)
+        # the estimator before the moments: the reference's mean probabilities alone
+        means, _ = mix_corrected_counts(p, means_only(reference), rng)
+        estimate = np.array([means[b]["estimate"] for b in AGE_BANDS])
+        wrong["corrected_means"].append(np.abs(estimate - true).sum() / (2 * visitors))
         # the model's own limit: a reference of the visitors' own people
         perfect, _ = mix_corrected_counts(p, soft_confusion(probs[pool], truth[pool],
                                                             list(AGE_BANDS)), rng)
@@ -186,10 +202,13 @@ def main() -> None:
                          "halves: from two disjoint halves (stricter); split: each band's "
                          "people cut at random, --reference-share of them the reference, "
                          "the rest the visitors' pool")
-    ap.add_argument("--people", choices=("held-out", "never-trained"), default="held-out",
-                    help="the people shops are made of: the held-out AAF people, or those "
+    ap.add_argument("--people", choices=("held-out", "never-trained", "dev"),
+                    default="held-out",
+                    help="the people shops are made of: the held-out AAF people; or those "
                          "and the model's run's AAF validation and test people (never "
-                         "trained on: all the AAF people a reference can hold)")
+                         "trained on: all the AAF people a reference can hold); or those "
+                         "run's people alone (dev: where an estimator is chosen, before "
+                         "the held-out people are counted)")
     ap.add_argument("--reference-share", type=float, default=0.5,
                     help="the reference's size as a share of each band's held-out people "
                          "(at most 0.5 with --design halves)")
@@ -212,11 +231,14 @@ def main() -> None:
     if args.ece_only:
         print(json.dumps(result))
         return
-    if args.people == "never-trained":  # and the run's AAF validation and test people
+    if args.people != "held-out":  # the run's AAF validation and test people
         run, _ = predictions(args.model, args.work, "run-val-test", run_aaf_people(
             Path(args.model).resolve().parents[2]).__contains__)
-        truth = np.concatenate([truth, run["band_truth"]])
-        probs = np.concatenate([probs, run["band"]])
+        if args.people == "dev":  # theirs alone
+            truth, probs = run["band_truth"], run["band"]
+        else:
+            truth = np.concatenate([truth, run["band_truth"]])
+            probs = np.concatenate([probs, run["band"]])
     rng = np.random.default_rng(args.seed)
     prior = run_prior(args.model)
     result["training_prior"] = [round(float(x), 3) for x in prior]
@@ -231,8 +253,8 @@ def main() -> None:
              else f"drawn from all {len(truth)} people (with replacement)")
           + f"; the people: {args.people}")
     print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong: argmax':>15}"
-          f"{'summed':>8}{'corrected':>11}{'perfect ref':>13}{'coverage: summed':>18}"
-          f"{'corrected':>11}{'width':>7}")
+          f"{'summed':>8}{'corrected':>11}{'means alone':>13}{'perfect ref':>13}"
+          f"{'coverage: summed':>18}{'corrected':>11}{'width':>7}")
     for name, mix in shops.items():
         for visitors in args.visitors:
             row = {"shop": name, "mix": [round(m, 3) for m in mix], "visitors": visitors,
@@ -242,6 +264,7 @@ def main() -> None:
             print(f"{name:<14}{'/'.join(f'{m:.2f}' for m in mix):<24}{visitors:>9}"
                   f"{row['wrong_band_argmax']:>15.1%}{row['wrong_band_summed']:>8.1%}"
                   f"{row['wrong_band_corrected']:>11.1%}"
+                  f"{row['wrong_band_corrected_means']:>13.1%}"
                   f"{row['wrong_band_perfect_reference']:>13.1%}"
                   f"{row['coverage_min_summed']:>18.1%}"
                   f"{row['coverage_min_corrected']:>11.1%}"

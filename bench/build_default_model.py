@@ -18,6 +18,9 @@
    the sizes (kept under 10 MB).
 
 With ``--experiment`` naming a trained experiment of that run folder, step 1 reuses it.
+``--reference-only`` rewrites the shipped ``soft_confusion.json`` alone (step 3's second
+evaluate, with this kface's reference format), leaving the model files as they are: the
+shipped model must be that experiment's.
 docs/model.md is the model card; its figures come from this script's output.
 """
 
@@ -47,16 +50,41 @@ def kface(*args: str) -> None:
         raise SystemExit(f"kface {' '.join(args)} failed:\n{res.stderr[-3000:]}")
 
 
-def main() -> None:
+def write_reference(model: Path, run: Path, name: str) -> None:
+    """``kface evaluate`` on every AAF person ``model`` never trained on (the held-out
+    ones and the run's AAF validation and test people): its ``soft_confusion.json``,
+    named ``name``, becomes the shipped reference."""
     from aaf_quality import aaf_links, held_out, run_aaf_people
+
+    never_trained = run_aaf_people(run)
+    reference = WORK / "shipped-reference"
+    kface("evaluate", "--model", str(model), "--data-root",
+          str(aaf_links(WORK / "never-trained",
+                        lambda file: held_out(file) or file in never_trained)),
+          "--out", str(reference))
+    confusion = json.loads((reference / "soft_confusion.json").read_text())
+    confusion["model"]["name"] = name  # (the build folder's path means nothing later)
+    TARGET.mkdir(parents=True, exist_ok=True)
+    (TARGET / "soft_confusion.json").write_text(json.dumps(confusion, indent=1) + "\n")
+
+
+def main() -> None:
+    from aaf_quality import aaf_links, held_out
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--experiment", default="shipped")
     ap.add_argument("--name", default="kface-faces-2026-12b")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="rewrite the shipped soft_confusion.json alone")
     args = ap.parse_args()
     run = WORK / "run-folders"
     experiment = run / "experiments" / args.experiment
+    if args.reference_only:
+        write_reference(experiment / "model", run, args.name)
+        print(json.dumps({"target": str(TARGET / "soft_confusion.json"),
+                          "bytes": (TARGET / "soft_confusion.json").stat().st_size}))
+        return
     if not (experiment / "model" / "model.keras").is_file():
         res = subprocess.run([sys.executable, str(REPO / "bench" / "aaf_quality.py"),
                               "--folders", "--experiment", args.experiment,
@@ -78,12 +106,6 @@ def main() -> None:
     kface("evaluate", "--model", str(model), "--data-root",
           str(aaf_links(WORK / "held-out", held_out)),
           "--out", str(check))
-    never_trained = run_aaf_people(run)
-    reference = WORK / "shipped-reference"
-    kface("evaluate", "--model", str(model), "--data-root",
-          str(aaf_links(WORK / "never-trained",
-                        lambda file: held_out(file) or file in never_trained)),
-          "--out", str(reference))
     metrics = json.loads((check / "metrics.json").read_text())
     labels = json.loads((model / "labels.json").read_text())
     train = json.loads((experiment / "stages" / "train.json").read_text())
@@ -105,9 +127,7 @@ def main() -> None:
     shutil.copy(model / "model.keras", TARGET / "model.keras")
     shutil.copy(onnx / "model.onnx", TARGET / "model.onnx")
     (TARGET / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-    confusion = json.loads((reference / "soft_confusion.json").read_text())
-    confusion["model"]["name"] = args.name  # (the build folder's path means nothing later)
-    (TARGET / "soft_confusion.json").write_text(json.dumps(confusion, indent=1) + "\n")
+    write_reference(model, run, args.name)
     sizes = {p.name: p.stat().st_size for p in sorted(TARGET.iterdir())}
     total = sum(sizes.values())
     print(json.dumps({"target": str(TARGET), "bytes": sizes, "total_mb": round(total / 2**20, 2),

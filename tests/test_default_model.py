@@ -24,6 +24,9 @@ def test_the_shipped_model_is_small_and_complete():
     assert labels["calibration"]["folder"] == "aaf" and len(labels["bias"]["age_band"]) == 4
     reference = json.loads((DEFAULT_MODEL / "soft_confusion.json").read_text())
     assert reference["model"]["id"] == labels["model_id"] and reference["people"] > 900
+    # the moments kface stats matches (probabilities and their squares), every class
+    assert all(len(row["moments"]["mean"]) == 2 * (len(head["classes"]) - 1)
+               for head in reference["heads"].values() for row in head["rows"].values())
 
 
 def test_predict_without_a_model_uses_the_shipped_one(scenes_dir, tmp_path):

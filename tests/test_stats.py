@@ -99,6 +99,61 @@ def test_mix_corrected_counts_cover_a_shop_whose_mix_differs():
     assert np.mean(wrong["corrected"]) < 0.6 * np.mean(wrong["summed"]), wrong
 
 
+def test_the_moments_read_a_mix_the_means_cannot():
+    """Two classes whose people get the same mean probabilities: class a's people are
+    unsure (near 0.5), class b's confident either way (near 0 or 1). Their means cannot
+    tell a shop's mix; the squares can, so the corrected counts find a shop of 80% a and
+    cover it. A reference without the moments (a kface before them) still works, on the
+    means alone: its interval stays wide, as it must."""
+    rng = np.random.default_rng(5)
+    names = ["a", "b"]
+
+    def people(classes):
+        unsure = rng.beta(40, 40, len(classes))
+        confident = np.where(rng.random(len(classes)) < 0.5, rng.beta(1, 30, len(classes)),
+                             rng.beta(30, 1, len(classes)))
+        p = np.where(classes == 0, unsure, confident)
+        return np.stack([p, 1 - p], 1)
+
+    ref_truth = np.repeat([0, 1], 200)
+    reference = soft_confusion(people(ref_truth), ref_truth, names)
+    truth = rng.choice(2, size=500, p=[0.8, 0.2])
+    true = np.bincount(truth, minlength=2)
+    probs = people(truth)
+    counts, _ = mix_corrected_counts(probs, reference, rng)
+    assert abs(counts["a"]["estimate"] - true[0]) < 25, (counts, true)
+    assert counts["a"]["low"] <= true[0] <= counts["a"]["high"], (counts, true)
+    means_only = {**reference, "rows": {n: {k: v for k, v in r.items() if k != "moments"}
+                                        for n, r in reference["rows"].items()}}
+    counts, _ = mix_corrected_counts(probs, means_only, rng)
+    assert counts["a"]["high"] - counts["a"]["low"] > 200, counts
+
+
+def test_a_reference_from_before_the_moments_is_read_with_a_warning(tmp_path):
+    """A soft_confusion.json of an older kface (no moments) still corrects counts, on the
+    means alone, and says so."""
+    from core.labels import AGE_BANDS, GENDERS
+    from inference.stats import load_reference, reference
+
+    rng = np.random.default_rng(6)
+    names = {"age_band": list(AGE_BANDS), "gender": list(GENDERS)}
+    truth = {"age_band": np.repeat(np.arange(4), 40), "gender": np.tile([0, 1], 80)}
+    probs = {"age_band": rng.dirichlet(np.ones(4), 160), "gender": rng.dirichlet([1, 1], 160)}
+    made = reference(probs, truth, names)
+    path = tmp_path / "soft_confusion.json"
+    path.write_text(json.dumps(made))
+    assert not any("before 2026-12-05" in w for w in load_reference(path, names)[1])
+    for head in made["heads"].values():
+        for row in head["rows"].values():
+            del row["moments"]
+    path.write_text(json.dumps(made))
+    ref, warnings = load_reference(path, names)
+    assert any("before 2026-12-05" in w and "mean probabilities alone" in w
+               for w in warnings), warnings
+    counts, _ = mix_corrected_counts(probs["age_band"][:50], ref["heads"]["age_band"], rng)
+    assert abs(sum(c["estimate"] for c in counts.values()) - 50) < 0.5
+
+
 def test_a_model_that_cannot_tell_the_bands_apart_gives_wide_intervals():
     """Every band's people get the same probabilities (an untrained model): the shop's
     mix cannot be read from them, so the corrected counts must stay wide, not pile the
