@@ -26,7 +26,8 @@ accuracy and calibration figures stay the held-out people's. ``--people dev`` ta
 run's people alone: where an estimator is chosen before the held-out people count
 anything. Printed for each: the
 share of visitors counted in a wrong band (half the summed absolute count errors over
-the visitors) when each visitor is counted by their most likely band (argmax), by
+the visitors; the mean over the shops, and its Monte Carlo standard error in the JSON and
+beside the mix-corrected figure) when each visitor is counted by their most likely band (argmax), by
 ``kface stats``' default estimator (summed calibrated probabilities) and by ``kface stats
 --reference`` (mix-corrected; and ``means alone``, the same shops by its estimator before
 2026-12-05, which matched the reference's mean probabilities without their squares); how
@@ -174,6 +175,9 @@ def simulate(truth: np.ndarray, probs: np.ndarray, mix: tuple[float, ...], visit
         argmax = np.bincount(p.argmax(1), minlength=len(AGE_BANDS))
         wrong["argmax"].append(np.abs(argmax - true).sum() / (2 * visitors))
     row = {f"wrong_band_{k}": round(float(np.mean(v)), 4) for k, v in wrong.items()}
+    # the Monte Carlo standard error of those means (over the shops)
+    row |= {f"wrong_band_{k}_se": round(float(np.std(v, ddof=1) / np.sqrt(len(v))), 4)
+            for k, v in wrong.items()}
     for name, hits in inside.items():
         coverage = np.mean(hits, axis=0)
         row[f"coverage_min_{name}"] = round(float(coverage.min()), 3)
@@ -253,7 +257,7 @@ def main() -> None:
              else f"drawn from all {len(truth)} people (with replacement)")
           + f"; the people: {args.people}")
     print(f"{'shop':<14}{'mix 20s/30s/40s/50s':<24}{'visitors':>9}{'wrong: argmax':>15}"
-          f"{'summed':>8}{'corrected':>11}{'means alone':>13}{'perfect ref':>13}"
+          f"{'summed':>8}{'corrected, se':>15}{'means alone':>13}{'perfect ref':>13}"
           f"{'coverage: summed':>18}{'corrected':>11}{'width':>7}")
     for name, mix in shops.items():
         for visitors in args.visitors:
@@ -263,7 +267,7 @@ def main() -> None:
             result["shops"].append(row)
             print(f"{name:<14}{'/'.join(f'{m:.2f}' for m in mix):<24}{visitors:>9}"
                   f"{row['wrong_band_argmax']:>15.1%}{row['wrong_band_summed']:>8.1%}"
-                  f"{row['wrong_band_corrected']:>11.1%}"
+                  f"{row['wrong_band_corrected']:>7.1%}+-{row['wrong_band_corrected_se']:.1%}"
                   f"{row['wrong_band_corrected_means']:>13.1%}"
                   f"{row['wrong_band_perfect_reference']:>13.1%}"
                   f"{row['coverage_min_summed']:>18.1%}"

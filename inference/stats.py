@@ -32,12 +32,12 @@ Two estimators:
   It assumes only that people of one class look to the model the same in the shop as in
   the reference (label shift), not that the shop's mix is the training mix. The reference
   must come from people like the shop's: one from another population (the model's own
-  validation split of AAF and UTKFace faces, for AAF-only people) biases it. Measured on
-  held-out people (500 visitors, a reference of 474): the interval covers every band's
-  true count in at least 97% of shops at every mix, and is wide (about +-70 to +-85
-  visitors per band with the quality recipe: the model's age estimate is weak); 10-11% of
-  the visitors land in a wrong band at a young or an older shop, 7% with a perfect
-  reference.
+  validation split of AAF and UTKFace faces, for AAF-only people) biases it. Measured with
+  the shipped model on held-out people (500 visitors, a reference of 955;
+  ``bench/bench_counts.py``, docs/model.md): the interval covers every band's true count
+  in at least 96% of shops at every mix, and is about +-50 visitors per band; 6.9% / 7.7%
+  of a young / an older shop's visitors land in a wrong band (7.3% / 8.9% by the means
+  alone), 5.6-5.7% with a perfect reference.
 
 NumPy only (it runs in the light install).
 """
@@ -223,6 +223,11 @@ def load_reference(path: Path, names: dict[str, list[str]]) -> tuple[dict, list[
                  f"wide, and {head} is corrected on the mean probabilities alone"
                  for head in ("age_band", "gender") for c, n in people[head].items()
                  if n < FEW_PEOPLE]
+    thin = [] if few else [c for c, n in people["joint"].items() if n < FEW_PEOPLE]
+    if thin:
+        warnings.append(f"the reference has fewer than {FEW_PEOPLE} labelled people of "
+                        f"{', '.join(thin)}: the age band x gender cells are corrected on "
+                        "the mean probabilities alone")
     if any("moments" not in row for row in heads["age_band"]["rows"].values()):
         warnings.append("the reference was made by a kface before 2026-12-05: counts are "
                         "corrected on its mean probabilities alone (run kface evaluate "
