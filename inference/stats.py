@@ -25,10 +25,11 @@ Two estimators:
   mean is the estimate, and whose draws of the realised counts (multinomial) give the 95%
   interval. The squares tell a class whose people the model is unsure of from one whose
   people it splits between two confident answers, which the means alone cannot: with the
-  shipped model they put 0.4-0.7 points fewer of a young or older shop's visitors in a
-  wrong band (the run's own AAF validation and test people, 500 visitors; chosen there,
-  before the held-out people were counted). A class with fewer than ``FEW_PEOPLE``
-  reference people, or a reference from a kface before 2026-12-05, gives the means alone.
+  shipped model they put 0.3-0.7 points fewer of a young or older shop's visitors in a
+  wrong band on the run's own AAF validation and test people (500 visitors; chosen there,
+  before the held-out people were counted), 0.4-1.2 points fewer on the held-out people.
+  A class with fewer than ``FEW_PEOPLE`` reference people, or a reference from a kface
+  before 2026-12-05, gives the means alone.
   It assumes only that people of one class look to the model the same in the shop as in
   the reference (label shift), not that the shop's mix is the training mix. The reference
   must come from people like the shop's: one from another population (the model's own
