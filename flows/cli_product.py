@@ -16,9 +16,11 @@ from flows.options import (
     ModelOpt,
     ReferenceOpt,
     ShardSizeOpt,
+    SummedOpt,
     ThresholdOpt,
     WorkersOpt,
     app,
+    check_count_options,
     command,
     load_analyzer,
     model_dir,
@@ -118,6 +120,7 @@ def video(
         10.0, min=0, help="A person who leaves the view and is back within this long, "
         "looking alike, stays the same visitor (0: every return is a new visitor)."),
     reference: Path | None = ReferenceOpt,
+    summed: bool = SummedOpt,
     allow_other_model: bool = AllowOtherModelOpt,
 ) -> None:
     """Annotate a video (or camera) with tracked, smoothed predictions; one line per
@@ -129,8 +132,10 @@ def video(
     from inference.stats import StatsError, check_reference_for_model
     from inference.video import VideoError, analyze_video, check_video
 
-    if reference is not None and not stats:
-        fail("--reference corrects the counts of --stats: add --stats")
+    if (reference is not None or summed) and not stats:
+        fail(f"{'--reference' if reference else '--summed'} chooses how --stats counts: "
+             "add --stats")
+    check_count_options(reference, summed)
     try:  # before the model loads: a missing file or one that is no video is one line,
         check_video(source)  # and a bad reference before minutes of video, not after
         analyzer = load_analyzer(model, threshold, detector)
@@ -147,7 +152,7 @@ def video(
                 analyzer, source, stage, stats, max_frames, min_seconds, gap_seconds,
                 return_seconds, lambda done, total: bar.update(frames, completed=done,
                                                                total=total),
-                reference=reference, allow_other_model=allow_other_model)
+                reference=reference, allow_other_model=allow_other_model, summed=summed)
         except (VideoError, StatsError) as exc:
             bar.stop()
             fail(str(exc))
@@ -210,15 +215,19 @@ def stats_cmd(
                                   "tracks.jsonl (kface video)."),
     out: Path = out_option("stats", "Folder for stats.json"),
     reference: Path | None = ReferenceOpt,
+    summed: bool = SummedOpt,
     allow_other_model: bool = AllowOtherModelOpt,
 ) -> None:
     """People per age band, gender and age band x gender, with 95% intervals, from the
-    visitors' calibrated probabilities (see docs: what the interval covers)."""
+    visitors' calibrated probabilities, corrected for the shop's age mix with a
+    reference (the shipped model's own for its visitors; see docs: what the interval
+    covers)."""
     from core.storage import staged_outputs
     from inference.stats import StatsError, visitor_stats, write_stats_json
 
+    check_count_options(reference, summed)
     try:
-        stats = visitor_stats(source, reference, allow_other_model)
+        stats = visitor_stats(source, reference, allow_other_model, summed)
     except StatsError as exc:
         fail(str(exc))
     with staged_outputs(out) as stage:

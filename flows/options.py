@@ -88,7 +88,12 @@ AllowOtherModelOpt = typer.Option(
 ReferenceOpt = typer.Option(
     None, "--reference", help="soft_confusion.json of kface evaluate on labelled people "
     "like the shop's: counts corrected for a shop whose age mix differs from the training "
-    "data's (see docs: which estimator)")
+    "data's (see docs: which estimator). Default: for visitors of the shipped model, its "
+    "own reference (docs/model.md); for another model, none.")
+SummedOpt = typer.Option(
+    False, "--summed", help="Count by the summed calibrated probabilities, without the "
+    "shipped model's reference: right only for a shop whose age mix is the training "
+    "data's.")
 WorkersOpt = typer.Option(1, help="Worker processes; > 1 runs the kface-predict Prefect "
                           "flow: Parquet shards under OUT/shards, resumable.")
 ShardSizeOpt = typer.Option(ShardingConfig.model_fields["shard_size"].default,
@@ -203,6 +208,14 @@ def overrides(pairs: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
 def check_detector_kind(detector: str | None) -> None:
     if detector is not None and detector not in KIND:
         fail(f"--detector {detector!r}: expected {' or '.join(KIND)}")
+
+
+def check_count_options(reference: Path | None, summed: bool) -> None:
+    """``--reference`` and ``--summed`` answer one question (how to count): one line when
+    both are given."""
+    if reference is not None and summed:
+        fail("give --reference (counts corrected with it) or --summed (summed "
+             "probabilities), not both")
 
 
 def load_analyzer(model: Path | None, threshold: float | None, detector: str | None = None):

@@ -174,9 +174,18 @@ def print_counts(stats: dict) -> None:
     stdout_console().print(table)
     for warning in stats["warnings"]:
         say("warning:", "yellow", warning)
-    say("note:", "yellow", "mix-corrected: the shop's age mix estimated with the reference "
-        f"{stats['reference']}" if corrected else "summed calibrated probabilities: right "
-        "for a shop whose age mix is the training data's; for another, give --reference")
+    if not corrected:
+        note = ("summed calibrated probabilities: right for a shop whose age mix is the "
+                "training data's; for another, give --reference")
+    elif stats.get("reference_source") == "given":
+        note = ("mix-corrected: the shop's age mix estimated with the reference "
+                f"{stats['reference']}")
+    else:
+        note = ("mix-corrected with the shipped model's own reference (labelled AAF people "
+                "it never trained on; docs/model.md): for people unlike those give "
+                "--reference (kface evaluate on your own labelled people); --summed sums "
+                "the probabilities")
+    say("note:", "yellow", note)
     console.print("(what the interval covers, and the counts by most likely class kept as "
                   "a diagnostic in stats.json: docs/training.md, 'Counts a shop can trust')")
 

@@ -2,19 +2,22 @@
 from a predictions file (``predictions.json``: each face is a visitor) or a tracks file
 (``tracks.jsonl``: each counted visitor).
 
-Two estimators:
+Two estimators (which one: ``visitor_stats``; for the shipped model's visitors the
+mix-corrected one with its own reference, unless ``--summed``):
 
-- **Summed probabilities** (the default): each visitor adds their calibrated
-  probabilities to the counts, and the interval is that of a sum of independent Bernoulli
-  draws with those probabilities (Poisson-binomial: variance ``sum p (1 - p)``, normal
-  approximation, clipped to 0..N). Right when the probabilities are calibrated for the
-  people counted: a shop whose mix is that of the people the model was calibrated on
-  (its validation people: with ``train.calibration_bias``, their band mix). A shop whose
-  age mix differs gets counts that lean towards that mix, and an interval that misses (held-out
-  people, 500 visitors of a young or an older shop: 13-19% of visitors in a wrong band,
-  coverage near 0; ``bench/bench_counts.py``).
+- **Summed probabilities** (``--summed``, or a model without a reference): each visitor
+  adds their calibrated probabilities to the counts, and the interval is that of a sum
+  of independent Bernoulli draws with those probabilities (Poisson-binomial: variance
+  ``sum p (1 - p)``, normal approximation, clipped to 0..N). Right when the
+  probabilities are calibrated for the people counted: a shop whose mix is that of the
+  people the model was calibrated on (its validation people: with
+  ``train.calibration_bias``, their band mix). A shop whose age mix differs gets counts
+  that lean towards that mix, and an interval that misses (held-out people, 500 visitors
+  of a young or an older shop: 13-19% of visitors in a wrong band, coverage near 0;
+  ``bench/bench_counts.py``).
 - **Mix-corrected** (``--reference``, a ``soft_confusion.json`` that ``kface evaluate``
-  writes for labelled photos of people like the shop's): label-shift estimation in the
+  writes for labelled photos of people like the shop's, or the shipped model's own,
+  ``models/data/default/soft_confusion.json``): label-shift estimation in the
   spirit of BBSE (Lipton et al. 2018), in Bayesian form. The reference says, per true
   class, what the model's probabilities look like (their mean, one row of the *soft
   confusion*, and covariance), and the same of their *moments*: each probability but the
@@ -377,14 +380,32 @@ def check_reference_for_model(path: Path | None, model_id: str | None,
         check_reference_model(ref, model_id, path, allow_other_model)
 
 
+def shipped_reference(model_id: str | None) -> Path | None:
+    """The shipped model's own reference (``models/data/default/soft_confusion.json``)
+    when the visitors were counted by that model (the same model id), else None."""
+    from models.analyzer import DEFAULT_MODEL
+
+    path = DEFAULT_MODEL / REFERENCE_FILE
+    try:
+        made = json.loads(path.read_text())["model"]["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if model_id is not None and made == model_id else None
+
+
 def visitor_stats(path: Path, reference_path: Path | None = None,
-                  allow_other_model: bool = False) -> dict:
+                  allow_other_model: bool = False, summed: bool = False) -> dict:
     """Counts with intervals for ``age_band``, ``gender`` and their ``joint`` cells (the
-    two heads taken as independent for each visitor): by summed probabilities, or
-    mix-corrected with a reference (``soft_confusion.json`` of the same model; see
-    ``check_reference_model``). The counts by each visitor's most likely class are
-    beside, as a diagnostic (``diagnostic_most_likely_class``)."""
+    two heads taken as independent for each visitor): mix-corrected with a reference
+    (``soft_confusion.json`` of the same model; see ``check_reference_model``), which
+    for visitors of the shipped model is its own (``shipped_reference``) unless another
+    is given; by summed probabilities with ``summed`` or where there is none. The
+    counts by each visitor's most likely class are beside, as a diagnostic
+    (``diagnostic_most_likely_class``)."""
     names, gender, band, model_id = visitor_probabilities(path)
+    shipped = reference_path is None and not summed
+    if shipped:
+        reference_path = shipped_reference(model_id)
     joint = joint_probabilities(band, gender)
     probs = {"age_band": band, "gender": gender, "joint": joint}
     classes = {**names, "joint": joint_names(names)}
@@ -406,6 +427,7 @@ def visitor_stats(path: Path, reference_path: Path | None = None,
                                "means and squares, flat Dirichlet prior) with the "
                                "reference; 95% posterior interval",
                   "reference": str(reference_path), "interval_covers": CORRECTED_COVERS,
+                  "reference_source": "the shipped model's own" if shipped else "given",
                   "reference_model": ref.get("model"), "reference_detector": ref.get("detector")})
     for h in probs:
         if h not in heads:  # a joint cell the reference lacks people of

@@ -346,7 +346,7 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                   gap_seconds: float = GAP_SECONDS, return_seconds: float = RETURN_SECONDS,
                   progress: Callable[[int, int | None], None] | None = None,
                   readers: int | None = None, reference: Path | None = None,
-                  allow_other_model: bool = False) -> dict:
+                  allow_other_model: bool = False, summed: bool = False) -> dict:
     """Analyse a video file or camera; write ``out/annotated.mp4``, ``out/frames.jsonl``,
     ``out/tracks.jsonl`` and (``stats``) ``out/stats.json`` (the visitors' counts with
     intervals, ``inference.stats``, mix-corrected with a ``reference``), ``out/timeline.csv``,
@@ -435,16 +435,17 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
     if stats:
         summary["people"], summary["counts"] = write_stats(counter, out, reference,
                                                            summary["made_by"],
-                                                           allow_other_model)
+                                                           allow_other_model, summed)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
 def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None,
-                made_by: dict | None = None, allow_other_model: bool = False
-                ) -> tuple[dict, dict]:
+                made_by: dict | None = None, allow_other_model: bool = False,
+                summed: bool = False) -> tuple[dict, dict]:
     """The visitors' counts with 95% intervals (``kface stats`` over ``tracks.jsonl``,
-    mix-corrected with a ``reference``); the headline ``people`` is their age band x
+    mix-corrected with a ``reference``, the shipped model's own for its visitors, or
+    ``summed`` probabilities); the headline ``people`` is their age band x
     gender estimates; a per-minute timeline of expected visitors (``timeline.csv``); a
     chart of the estimates with their intervals (``people.png``; left out where matplotlib
     is not installed, as in the light inference install); all in ``stats.json``."""
@@ -455,7 +456,7 @@ def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None
         lines.append(f"{m}," + ",".join(f"{v:.2f}" for v in counter.per_minute[m]))
     with atomic_path(out / "timeline.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    counts = visitor_stats(out / "tracks.jsonl", reference, allow_other_model)
+    counts = visitor_stats(out / "tracks.jsonl", reference, allow_other_model, summed)
     people = {c: counts["joint"][c] for c in classes}
     write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes,
                                            **({"made_by": made_by} if made_by else {}),

@@ -47,6 +47,25 @@ def test_predict_without_a_model_uses_the_shipped_one(scenes_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]  # its own reference: counts corrected
     stats = json.loads((tmp_path / "s" / "stats.json").read_text())
     assert stats["estimator"].startswith("mix-corrected") and stats["visitors"] == 6
+    assert stats["reference_source"] == "given"
+    # no --reference: the shipped model's visitors are corrected with its own, out of the box
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "d"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "shipped model's own reference" in res.stderr
+    auto = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert auto["reference_source"] == "the shipped model's own"
+    assert {h: auto[h] for h in ("age_band", "gender", "joint")} == {
+        h: stats[h] for h in ("age_band", "gender", "joint")}
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "m"), "--summed")  # the summed probabilities, asked for
+    assert res.returncode == 0, res.stderr[-2000:]
+    summed = json.loads((tmp_path / "m" / "stats.json").read_text())
+    assert summed["estimator"].startswith("sum of calibrated") and "reference" not in summed
+    res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
+                    str(tmp_path / "x"), "--summed", "--reference",
+                    str(DEFAULT_MODEL / "soft_confusion.json"))
+    assert res.returncode == 2 and "not both" in res.stderr and not (tmp_path / "x").exists()
 
 
 def test_keras_and_onnx_forms_answer_the_same(scenes_dir):

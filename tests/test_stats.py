@@ -231,6 +231,9 @@ def test_video_stats_with_a_reference(tiny_run, aaf_dir, tmp_path):
                     "--reference", str(ref))
     assert res.returncode == 2 and "add --stats" in res.stderr
     res = run_kface("video", str(clip), "--model", model, "--out", str(tmp_path / "w"),
+                    "--summed")
+    assert res.returncode == 2 and "add --stats" in res.stderr
+    res = run_kface("video", str(clip), "--model", model, "--out", str(tmp_path / "w"),
                     "--stats", "--reference", str(clip))
     assert res.returncode == 2 and "is not a soft_confusion.json" in res.stderr
     assert not (tmp_path / "w").exists()
