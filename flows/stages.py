@@ -106,6 +106,8 @@ class Stage:
     # calls ``partial_run`` instead of ``run``
     partial_settings: tuple[str, ...] = ()
     partial_run: Callable[[StageConfig, str], dict] | None = None
+    # what ``partial_run`` needs of the output beyond its existence (else a full run)
+    partial_needs: Callable[[RunFolder], bool] | None = None
     partial_detail: str = "applies them to its output without redoing the work"
     # sharded stages: the planned shards, the plan (with each shard's stored summary),
     # one shard's call (function, arguments), the summary's additions once all shards are
@@ -151,6 +153,7 @@ class Stage:
         """Whether a run would only apply changed ``partial_settings`` to the output it
         has (its stored base key is the current one)."""
         return (self.partial_run is not None and self.output(c.folder).exists()
+                and (self.partial_needs is None or self.partial_needs(c.folder))
                 and self.stored_summary(c.folder).get("base_key") == self.base_key(c))
 
     def summary_file(self, folder: RunFolder) -> Path:
@@ -642,8 +645,6 @@ def _train_recalibrate(c: StageConfig, key: str) -> dict:
     network on the validation people, rewrite labels.json (the network, its history and
     any export stay)."""
     folder = c.folder
-    if not (folder.model / "labels.json").is_file():  # (removed by hand): train anew
-        return _train_run(c, key)
     index = _crop_index(c)
     labels = json.loads((folder.model / "labels.json").read_text())
     calibration = train.write_calibrated_labels(folder.model, labels, index, c.crops.size,
@@ -747,6 +748,8 @@ STAGE_TABLE: list[Stage] = [
           key_in="summary", run=_train_run,
           partial_settings=tuple(f"train.{k}" for k in train.CALIBRATION_SETTINGS),
           partial_run=_train_recalibrate,
+          # (a labels.json removed by hand: train anew)
+          partial_needs=lambda folder: (folder.model / "labels.json").is_file(),
           partial_detail="refits the calibration on the trained network (seconds) instead "
                          "of training anew"),
     Stage("evaluate", evaluate.evaluation_metrics,

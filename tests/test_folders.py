@@ -189,3 +189,11 @@ def test_a_run_over_folders_with_chips_trains_the_face_backbone(two_folders, tmp
     assert retrain["epochs_run"] == train["epochs_run"]
     assert (out / "experiments" / "default" / "stages" / "evaluate.json").read_text() != evaluated
     assert "refitted on" in res.stdout + res.stderr
+    # without its labels.json (removed by hand) the model is trained anew: status says so
+    labels_file = model_dir / "labels.json"
+    kept = labels_file.read_bytes()
+    labels_file.unlink()
+    detail = {r.stage: r for r in pipeline_status(load_config(
+        config, {"train.calibration_bias": False}))}["train"].detail
+    labels_file.write_bytes(kept)
+    assert "refits" not in detail, detail
