@@ -29,7 +29,7 @@ from core.sharding import ShardPlan, batch_shards, shard_runner, tidy_shards
 from core.storage import folder_lock, write_bytes_atomic, write_json_atomic
 from flows.config import PipelineConfig, dump_config
 from flows.preflight import check_inputs_current, check_stage_names, missing_input
-from flows.stages import STAGE, STAGES, MissingInputError, Stage, StageConfig
+from flows.stages import STAGE, STAGES, MissingInputError, Stage, StageConfig, work_seconds
 
 __all__ = ["STAGES", "MissingInputError", "kface_pipeline"]
 
@@ -63,9 +63,7 @@ def stage_task(name: str, config: PipelineConfig):
     key = stage.key(c)
     base = {"base_key": stage.base_key(c)} if stage.partial_settings else {}
     stored = stage.stored_summary(c.folder)
-    # the seconds the output's work took (``seconds``: this run's), kept while it is
-    # reused or only its partial settings are applied (kface experiments' training time)
-    work = stored.get("work_seconds", stored.get("seconds"))
+    work = work_seconds(stored)  # (``seconds`` is this run's: kface experiments' time)
     if stage.stored_key(c.folder) == key:
         summary = {**(stored or {"rows_in": 0, "rows_out": 0}), "stage": name,
                    "reused": True, "seconds": 0.0, "cache_key": key, "work_seconds": work,

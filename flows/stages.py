@@ -919,6 +919,13 @@ def pipeline_status(config: PipelineConfig) -> list[StageStatus]:
     return result
 
 
+def work_seconds(summary: dict) -> float | None:
+    """What computing a single-output stage's output took, kept while the output is
+    reused or only its partial settings are applied: ``work_seconds``, or ``seconds`` in
+    a summary written before it was kept (2026-12-05)."""
+    return summary.get("work_seconds", summary.get("seconds"))
+
+
 def list_experiments(out: Path) -> list[dict]:
     """One summary per ``OUT/experiments/<name>/``: its recipe (from its config.yaml),
     the scored metrics, training time and state (evaluated / trained / training
@@ -942,7 +949,7 @@ def list_experiments(out: Path) -> list[dict]:
             "gender_accuracy", "age_band_accuracy", "age_band_within_one")}
         metric = {k: f"{v:.3f}" if isinstance(v, float) else "-" for k, v in metric.items()}
         # (a run that only refitted the calibration keeps the training's time)
-        trained_seconds = trained_summary.get("work_seconds", trained_summary.get("seconds"))
+        trained_seconds = work_seconds(trained_summary)
         rows.append({
             "name": name,
             "backbone": cfg.get("model", {}).get("backbone", "-"),
