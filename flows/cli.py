@@ -233,6 +233,7 @@ def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt
 def main() -> None:
     """The ``kface`` command (the typer app, with the usual help placeholders)."""
     import flows.cli_product  # noqa: F401  (registers the commands that run a model)
+    import flows.cli_shop  # noqa: F401  (count, counts, dashboard)
 
     command = typer.main.get_command(app)
     usual_metavars(command)

@@ -402,7 +402,19 @@ def visitor_stats(path: Path, reference_path: Path | None = None,
     is given; by summed probabilities with ``summed`` or where there is none. The
     counts by each visitor's most likely class are beside, as a diagnostic
     (``diagnostic_most_likely_class``)."""
-    names, gender, band, model_id = visitor_probabilities(path)
+    stats = probability_stats(*visitor_probabilities(path), reference_path,
+                              allow_other_model, summed)
+    return {"input": str(path), **stats}
+
+
+def probability_stats(names: dict[str, list[str]], gender: np.ndarray, band: np.ndarray,
+                      model_id: str | None, reference_path: Path | None = None,
+                      allow_other_model: bool = False, summed: bool = False,
+                      draws: int = MIX_DRAWS) -> dict:
+    """``visitor_stats`` of visitors given as their class ``names`` and per visitor the
+    ``gender`` and ``band`` probabilities, made by the model ``model_id``; ``draws``:
+    the mix-corrected estimator's importance draws. Counts too few to split by band
+    get a warning (``thin_counts``)."""
     shipped = reference_path is None and not summed
     if shipped:
         reference_path = shipped_reference(model_id)
@@ -411,13 +423,13 @@ def visitor_stats(path: Path, reference_path: Path | None = None,
     classes = {**names, "joint": joint_names(names)}
     argmax = {h: {n: int((p.argmax(1) == i).sum()) for i, n in enumerate(classes[h])}
               for h, p in probs.items()}
-    stats = {"input": str(path), "model_id": model_id, "visitors": int(len(band)),
+    stats = {"model_id": model_id, "visitors": int(len(band)),
              "diagnostic_most_likely_class": argmax, "warnings": []}
     if reference_path is None or not len(band):  # (nobody to count: nothing to correct)
         stats.update({"estimator": "sum of calibrated probabilities; 95% Poisson-binomial "
                                    "interval", "interval_covers": INTERVAL_COVERS})
         stats.update({h: counts_with_intervals(probs[h], classes[h]) for h in probs})
-        return stats
+        return thin_counts(stats)
     ref, stats["warnings"] = load_reference(reference_path, names)
     stats["warnings"] += check_reference_model(ref, model_id, reference_path,
                                                allow_other_model)
@@ -433,10 +445,28 @@ def visitor_stats(path: Path, reference_path: Path | None = None,
         if h not in heads:  # a joint cell the reference lacks people of
             stats[h] = counts_with_intervals(probs[h], classes[h])
             continue
-        stats[h], effective = mix_corrected_counts(probs[h], heads[h], rng)
+        stats[h], effective = mix_corrected_counts(probs[h], heads[h], rng, draws)
         if effective < FEW_DRAWS:
             stats["warnings"].append(f"{h}: only {effective:.0f} effective posterior draws: "
                                      "its interval is rough")
+    return thin_counts(stats)
+
+
+THIN_SHARE = 0.5  # a band's 95% interval wider than this share of the visitors: too few
+
+
+def thin_counts(stats: dict) -> dict:
+    """Mark counts too few to split by age band: where some band's 95% interval spans
+    more than ``THIN_SHARE`` of the visitors, ``stats["thin"]`` is True and a warning
+    says so (the estimate is then mostly the prior's or the model's guess). The one rule
+    for ``kface stats``, ``kface video --stats`` and the counts per period."""
+    n = stats["visitors"]
+    widths = [c["high"] - c["low"] for c in stats["age_band"].values()]
+    stats["thin"] = bool(n) and max(widths, default=0) > THIN_SHARE * n
+    if stats["thin"]:
+        stats["warnings"].append(
+            f"too few visitors ({n}) to split by age band: a band's 95% interval spans "
+            f"more than {THIN_SHARE:.0%} of them; read the totals, or a longer period")
     return stats
 
 

@@ -283,33 +283,76 @@ class PeopleCounter:
 
     def add(self, visitor: Visitor) -> dict:
         """Count ``visitor`` (when in view long enough) and return its line for
-        ``tracks.jsonl``: first and last second, time in view (the sum of its tracks'),
-        its tracks, the averaged probabilities and age."""
-        cls = self.label(visitor)
-        first, last = visitor.first_frame / self.fps, (visitor.last_frame + 1) / self.fps
-        in_view = visitor.frames_in_view() / self.fps
-        counted = in_view >= self.min_seconds
-        frames = visitor.frames
-        gender_p, age_p = visitor.gender_sum / frames, visitor.age_sum / frames
-        if counted:
-            self.people[cls] += 1
+        ``tracks.jsonl`` (``visitor_record``)."""
+        record = visitor_record(visitor, self.g_names, self.a_names, self.fps,
+                                self.min_seconds, self.model_id)
+        if record["counted"]:
+            self.people[record["class"]] += 1
+            gender_p = np.array(list(record["gender_probs"].values()))
+            age_p = np.array(list(record["age_band_probs"].values()))
             joint = (age_p[:, None] * gender_p[None, :]).ravel()  # (stats' joint order)
             for minute in visitor.minutes:
                 self.per_minute[minute] = self.per_minute.get(minute, 0) + joint
-        return {"track_id": visitor.tracks[0].track_id,
-                "track_ids": [t.track_id for t in visitor.tracks],
-                "returns": len(visitor.tracks) - 1, "first_frame": visitor.first_frame,
-                "last_frame": visitor.last_frame, "frames": frames,
-                "first_s": round(first, 2), "last_s": round(last, 2),
-                "seconds_in_view": round(in_view, 2), "counted": counted,
-                "class": cls,
-                "gender": self.g_names[int(np.argmax(gender_p))],
-                "gender_probs": {n: round(float(v), 4)
-                                 for n, v in zip(self.g_names, gender_p, strict=True)},
-                "age_band": self.a_names[int(np.argmax(age_p))],
-                "age_band_probs": {n: round(float(v), 4)
-                                   for n, v in zip(self.a_names, age_p, strict=True)},
-                "age": visitor.age, "model_id": self.model_id}
+        return record
+
+
+def visitor_record(visitor: Visitor, g_names: list[str], a_names: list[str], fps: float,
+                   min_seconds: float = 0.0, model_id: str | None = None) -> dict:
+    """One visitor's line (``tracks.jsonl``, and the visitors store's row): first and last
+    second (frames / ``fps``), time in view (the sum of its tracks'), whether that is at
+    least ``min_seconds`` (``counted``), its tracks, the averaged probabilities and age."""
+    first, last = visitor.first_frame / fps, (visitor.last_frame + 1) / fps
+    in_view = visitor.frames_in_view() / fps
+    frames = visitor.frames
+    gender_p, age_p = visitor.gender_sum / frames, visitor.age_sum / frames
+    g, a = g_names[int(np.argmax(gender_p))], a_names[int(np.argmax(age_p))]
+    return {"track_id": visitor.tracks[0].track_id,
+            "track_ids": [t.track_id for t in visitor.tracks],
+            "returns": len(visitor.tracks) - 1, "first_frame": visitor.first_frame,
+            "last_frame": visitor.last_frame, "frames": frames,
+            "first_s": round(first, 2), "last_s": round(last, 2),
+            "seconds_in_view": round(in_view, 2), "counted": in_view >= min_seconds,
+            "class": f"{a}_{g}", "gender": g,
+            "gender_probs": {n: round(float(v), 4)
+                             for n, v in zip(g_names, gender_p, strict=True)},
+            "age_band": a,
+            "age_band_probs": {n: round(float(v), 4)
+                               for n, v in zip(a_names, age_p, strict=True)},
+            "age": visitor.age, "model_id": model_id}
+
+
+class FaceTracks:
+    """Faces frame by frame into tracks, tracks into visitors: ``step`` takes a frame's
+    predictions and returns each face's track and the visitors no later frame can change;
+    ``finish`` hands out the rest (the end of the stream). ``fps`` is the rate of the
+    frames given, which the gap and return windows are counted in."""
+
+    def __init__(self, fps: float, gap_seconds: float = GAP_SECONDS,
+                 return_seconds: float = RETURN_SECONDS):
+        self.tracker = IoUTracker(max_gap=max(1, round(gap_seconds * fps)))
+        self.visitors = Visitors(round(return_seconds * fps))
+
+    def _finished(self, ended: list[Track], frame: int | None) -> list[Visitor]:
+        for track in ended:
+            self.visitors.add(track)
+        return self.visitors.finished(frame, self.tracker.live)
+
+    def step(self, frame_index: int, frame: np.ndarray, preds: list[FacePrediction]
+             ) -> tuple[list[Track], list[Visitor]]:
+        done = self._finished(self.tracker.close_ended(frame_index), frame_index)
+        live = self.tracker.update(preds, frame_index,
+                                   [face_thumbnail(frame, p.box) for p in preds])
+        return live, done
+
+    def finish(self) -> list[Visitor]:
+        return self._finished(self.tracker.close_ended(), None)
+
+    def oldest_frame(self) -> int | None:
+        """The first frame of any live track or waiting visitor (what a stream must
+        still be able to date); None when there is none."""
+        firsts = [t.first_frame for t in self.tracker.live] + [
+            v.first_frame for v in self.visitors.waiting]
+        return min(firsts, default=None)
 
 
 def is_camera(source: str) -> bool:
@@ -366,21 +409,18 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
     if total and max_frames:
         total = min(total, max_frames)
     g_names, a_names = analyzer.labels["gender"], analyzer.labels["age_band"]
-    tracker = IoUTracker(max_gap=max(1, round(gap_seconds * fps)))
-    visitors = Visitors(round(return_seconds * fps))
+    tracks = FaceTracks(fps, gap_seconds, return_seconds)
     counter = PeopleCounter(g_names, a_names, fps, min_seconds,
                             analyzer.provenance()["model"]["id"])
     writer = None
     frame_index = 0
     # tracks.jsonl is a log written as tracks end (a stopped stream keeps what it counted)
     with atomic_path(out / "frames.jsonl") as jsonl_tmp, open(jsonl_tmp, "w") as jsonl, \
-            open(out / "tracks.jsonl", "w") as tracks:
-        def close(ended: list[Track], frame: int | None) -> None:
-            for track in ended:
-                visitors.add(track)
-            for visitor in visitors.finished(frame, tracker.live):
-                tracks.write(json.dumps(counter.add(visitor)) + "\n")
-            tracks.flush()
+            open(out / "tracks.jsonl", "w") as tracks_file:
+        def write(done: list[Visitor]) -> None:
+            for visitor in done:
+                tracks_file.write(json.dumps(counter.add(visitor)) + "\n")
+            tracks_file.flush()
 
         def frames() -> Iterator[np.ndarray]:
             for _ in itertools.count() if max_frames is None else range(max_frames):
@@ -396,10 +436,9 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
                     h, w = frame.shape[:2]
                     writer = cv2.VideoWriter(str(out / ".annotated.mp4"),
                                              cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-                close(tracker.close_ended(frame_index), frame_index)
                 preds = analyzer.predictions([found])[0]
-                live = tracker.update(preds, frame_index,
-                                      [face_thumbnail(frame, p.box) for p in preds])
+                live, done = tracks.step(frame_index, frame, preds)
+                write(done)
                 minute = int(frame_index / fps // 60)
                 labels, records = [], []
                 for pred, track in zip(preds, live, strict=True):
@@ -421,14 +460,14 @@ def analyze_video(analyzer: FaceAnalyzer, source: str, out: Path, stats: bool = 
         except KeyboardInterrupt:
             if not is_camera(source):
                 raise
-        close(tracker.close_ended(), None)
+        write(tracks.finish())
     cap.release()
     if writer is None:
         raise VideoError(f"{source!r}: no frame could be read")
     writer.release()
     (out / ".annotated.mp4").replace(out / "annotated.mp4")
     summary = {"source": str(source), "frames": frame_index, "fps": fps,
-               "tracks": tracker.started, "visitors": sum(counter.people.values()),
+               "tracks": tracks.tracker.started, "visitors": sum(counter.people.values()),
                "min_seconds": min_seconds, "gap_seconds": gap_seconds,
                "return_seconds": return_seconds}
     summary["made_by"] = analyzer.provenance()

@@ -3,9 +3,13 @@ tiny pipeline config. ``../shared/data`` must exist in CI (tests fail, not skip)
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -294,3 +298,50 @@ def make_video(path, aaf_dir, frames=30):
             frame[150:320, 420:570] = b
         writer.write(frame)
     writer.release()
+
+
+def pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(
+        f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if not found:
+        pytest.fail(f"{name} not found: install Debian's postgresql (apt-get install -y "
+                    "postgresql); .ci/run does this")
+    return found
+
+
+def compose_env(service: str) -> dict:
+    res = compose_config("--format", "json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["services"][service]["environment"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster with the compose file's user, password and database."""
+    settings = compose_env("postgres")
+    user, password, db = (settings[k] for k in ("POSTGRES_USER", "POSTGRES_PASSWORD",
+                                                "POSTGRES_DB"))
+    work = Path(tempfile.mkdtemp(prefix="kface-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        shutil.chown(work, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    (work / "pw").write_text(password)
+    if as_user:
+        shutil.chown(work / "pw", "postgres")
+    port = free_port()
+    subprocess.run([*as_user, pg_bin("initdb"), "-D", str(work / "data"), "-U", user,
+                    f"--pwfile={work / 'pw'}", "--auth=scram-sha-256"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(work / "data"), "-w", "-l",
+                    str(work / "log"), "-o", f"-p {port} -k {work} -c "
+                    "listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    env = {**os.environ, "PGPASSWORD": password}
+    try:
+        subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user,
+                        db], check=True, env=env, capture_output=True)
+        yield {"port": port, "user": user, "db": db, "env": env}
+    finally:
+        subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(work / "data"), "-m", "fast",
+                        "stop"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
