@@ -61,6 +61,8 @@ class CameraConfig(BaseModel):
 
     source: str
     detect_fps: float = Field(10.0, gt=0, description="Frames analysed per second.")
+    loop: bool = Field(False, description="A video file: start it again at its end (a "
+                       "camera that never ends, for trials and benchmarks).")
     enabled: bool = True
 
 
@@ -136,6 +138,7 @@ class CameraReader(threading.Thread):
         super().__init__(name=f"kface-camera-{name}", daemon=True)
         self.camera_name, self.cfg, self.stop_event = name, cfg, stop
         self.source = expand_source(camera.source)
+        self.loop = camera.loop
         self.shown = redact(self.source)
         self.file = not (is_stream(self.source) or is_camera(self.source))
         self.on_down, self.on_up = on_down, on_up
@@ -204,6 +207,8 @@ class CameraReader(threading.Thread):
                 cap.release()
             if self.stop_event.is_set():
                 return
+            if self.file and self.loop:
+                continue
             if self.file:
                 log.info("camera %s: end of %s", self.camera_name, self.shown)
                 self.ended = True

@@ -69,6 +69,46 @@ def test_light_install_counts_people_in_a_video(light_kface, onnx_model, aaf_dir
     assert not (tmp_path / "v" / "people.png").exists()  # no matplotlib: no chart
 
 
+def test_light_install_runs_a_shops_day(light_kface, aaf_dir, tmp_path):
+    """kface count on a clip standing in for a camera (the shipped model, ONNX Runtime),
+    kface counts from its SQLite store, and the dashboard's page and script from the
+    installed package."""
+    import re
+    import time
+    import urllib.request
+    from datetime import date
+
+    from conftest import stop_process
+
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, aaf_dir)
+    res = run_light(light_kface, "count", str(clip), "--store", "shop.db", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 visitors written" in res.stderr, res.stderr
+    res = run_light(light_kface, "counts", "--store", "shop.db", "--json",
+                    "--day", date.today().isoformat(), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["total"]["visitors"] == 2
+    kface, env = light_kface
+    log = tmp_path / "dash.log"
+    proc = subprocess.Popen([str(kface), "dashboard", "--store", "shop.db", "--port", "0"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        for _ in range(300):
+            found = re.search(r"on (http://\S+) ", log.read_text())
+            if found or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert found, log.read_text()
+        for page, holds in (("", b"<title>kface: visitors</title>"),
+                            ("static/dashboard.js", b"api/counts?")):
+            with urllib.request.urlopen(found.group(1) + page, timeout=30) as answer:
+                assert answer.status == 200 and holds in answer.read()
+    finally:
+        stop_process(proc)
+
+
 def test_light_install_says_which_commands_need_the_full_install(light_kface, tmp_path):
     """Every command the light install cannot run is marked in --help and refused in one
     line that names the install it needs (no traceback)."""
