@@ -43,8 +43,16 @@ AAF = SHARED / "faces" / "aaf"
 
 
 def make_store(url: str, visitors: int) -> float:
-    from inference.store import BAND_COLUMNS, GENDER_COLUMNS, Store
+    """A fresh store of ``visitors`` (the tables of an earlier run dropped first)."""
+    from sqlalchemy import create_engine, text
 
+    from inference.store import BAND_COLUMNS, GENDER_COLUMNS, Store, store_url
+
+    engine = create_engine(store_url(url))
+    with engine.begin() as conn:
+        for table in ("visitors", "downtime", "kface_schema"):
+            conn.execute(text(f"drop table if exists {table}"))
+    engine.dispose()
     store = Store(url)
     rng = np.random.default_rng(0)
     first = datetime(2026, 9, 1).timestamp()

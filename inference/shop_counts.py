@@ -139,6 +139,7 @@ def shop_counts(store: Store, day: date, period: str = "hour", camera: str | Non
     start, end = bounds[0][0], bounds[-1][1]
     visitors = store.visitors_between(start, end, camera)
     outages = store.downtime_between(start, end, camera, now)
+    cameras = store.cameras(start, end)
     queried = time.perf_counter() - clock
     edges = np.searchsorted(visitors["entered_at"], [b[0] for b in bounds] + [end])
     periods = []
@@ -153,7 +154,7 @@ def shop_counts(store: Store, day: date, period: str = "hour", camera: str | Non
     total["downtime"] = _down_seconds(outages, start, min(end, now))
     return {"day": day.isoformat(), "period": period, "view": PERIODS[period],
             "camera": camera, "timezone": tz or "local", "store": store.shown,
-            "cameras": store.cameras(),
+            "cameras": cameras,
             "reference": str(reference) if reference else None,
             "periods": periods, "total": total,
             "seconds": {"query": round(queried, 4),

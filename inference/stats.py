@@ -274,12 +274,21 @@ def _posterior(log_likelihood, k: int, rng: np.random.Generator, draws: int
     pi = rng.dirichlet(np.ones(k), per_round)
     log_lik = log_likelihood(pi)
     proposals: list[tuple[np.ndarray, np.ndarray]] = []
+    # per draw, the log density of the prior and every proposal so far, summed (logaddexp)
+    # in the proposals' order: each round adds the newest proposal to the earlier draws
+    # and all proposals to its new draws, instead of summing every pair anew
+    log_q = np.zeros(0)
     for round_ in range(MAX_ROUNDS):
         z = _log_ratios(pi)
         jacobian = np.log(np.clip(pi, 1e-300, None)).sum(1)  # log-ratios -> mixes
-        log_q = np.logaddexp.reduce(np.stack(
-            [np.full(len(pi), log_prior)] + [_log_t(z, c, chol) - jacobian
-                                             for c, chol in proposals]), 0)
+        have = len(log_q)
+        if proposals and have:
+            c, chol = proposals[-1]
+            log_q = np.logaddexp(log_q, _log_t(z[:have], c, chol) - jacobian[:have])
+        fresh = np.full(len(pi) - have, log_prior)
+        for c, chol in proposals:
+            fresh = np.logaddexp(fresh, _log_t(z[have:], c, chol) - jacobian[have:])
+        log_q = np.concatenate([log_q, fresh])
         log_w = log_lik + log_prior - (log_q - math.log(1 + len(proposals)))
         w = np.exp(log_w - log_w.max())
         w /= w.sum()

@@ -253,12 +253,17 @@ class Store:
                      "ended_at": r[2], "until": r[2] if r[2] is not None else now,
                      "reason": r[3]} for r in conn.execute(query.order_by(d.c.started_at))]
 
-    def cameras(self) -> list[str]:
-        from sqlalchemy import select, union
+    def cameras(self, start: float, end: float) -> list[str]:
+        """The cameras with a visitor who entered, or an outage, in [start, end) (through
+        the time indexes: not a scan of every visitor ever stored)."""
+        from sqlalchemy import or_, select, union
 
+        v, d = self.visitors, self.downtime
         with self.engine.connect() as conn:
-            names = conn.execute(union(select(self.visitors.c.camera),
-                                       select(self.downtime.c.camera))).scalars()
+            names = conn.execute(union(
+                select(v.c.camera).where(v.c.entered_at >= start, v.c.entered_at < end),
+                select(d.c.camera).where(d.c.started_at < end, or_(
+                    d.c.ended_at.is_(None), d.c.ended_at > start)))).scalars()
             return sorted(set(names))
 
     def count_visitors(self) -> int:
