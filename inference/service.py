@@ -397,7 +397,9 @@ def run_service(analyzer, cfg: CountConfig, seconds: float | None = None,
                 if frame is None:
                     continue
                 cam.last_sequence = frame.sequence
-                cam.next_due = max(now, cam.next_due) + 1 / cam.detect_fps
+                period = 1 / cam.detect_fps  # keep the phase, unless a period behind
+                cam.next_due = (cam.next_due + period if now - cam.next_due < period
+                                else now + period)
                 found = analyzer.crops(frame.image)
                 preds = analyzer.predictions([found])[0]
                 cam.times[cam.frame_index] = frame.at
