@@ -14,7 +14,8 @@ its memory over a long run.
     its own rate: a camera's stream) counted by one service with the shipped model at 10
     analysed frames/s each: the frames analysed against the frames due, per camera (the
     share dropped). Beside it, today's one-shot path on the same clip (``kface video``'s
-    ``analyze_video``, every frame): its frames/s, and the 10 fps cameras that makes.
+    ``analyze_video``, every frame): its frames/s, the 10 fps cameras that makes, and
+    the visitors it counts against the service's on the same clip played once.
 
 ``python bench/bench_shop.py memory [--minutes 20]``
     One 720p camera for ``--minutes``: the service's resident memory after the first
@@ -149,7 +150,12 @@ def bench_live(args) -> dict:
     summary = analyze_video(analyzer, str(clip), work / "video")
     video_fps = summary["frames"] / (time.perf_counter() - t)
     results = {"kface_video_fps": round(video_fps, 1),
-               "kface_video_cameras_at_10fps": round(video_fps / 10, 2), "service": {}}
+               "kface_video_cameras_at_10fps": round(video_fps / 10, 2),
+               "kface_video_visitors": summary["visitors"], "service": {}}
+    once = run_service(analyzer, CountConfig(  # the same clip once, as a camera
+        cameras={"cam": CameraConfig(source=str(clip))}, store=str(work / "once.db"),
+        retention_days=None))
+    results["service_visitors_same_clip"] = once["cameras"]["cam"]["visitors"]
     print(json.dumps(results), flush=True)
     for n in args.cameras:
         cfg = CountConfig(cameras={f"cam{i}": CameraConfig(source=str(clip), loop=True)

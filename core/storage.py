@@ -204,32 +204,59 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+WRITTEN = ".kface-written"  # in an output folder: per command, the names it last wrote
+
+
 @contextmanager
-def staged_outputs(out: Path) -> Iterator[Path]:
+def staged_outputs(out: Path, command: str | None = None) -> Iterator[Path]:
     """A command's outputs, replaced only by a complete, successful result.
 
     Yields a staging folder inside ``out`` (``.staging-XXXX``) for the command to write
     everything into. When the block ends without an error, each staged file replaces the
     file of the same name in ``out`` (a rename each) and each staged folder replaces the
     folder of that name whole (``replace_folder``: no annotated image of an earlier run
-    is left among the new ones); other files in ``out`` are left alone. On any error, or
-    a kill, ``out`` is as it was: the staging folder is deleted (a killed command's is
-    removed by the next one)."""
+    is left among the new ones). With ``command``, what the previous run of that command
+    wrote in ``out`` and this one did not (a ``predictions.csv``, an ``annotated/``
+    folder; listed per command in ``.kface-written``) is removed, so the folder holds
+    one run of it; other commands' files and files kface did not write are left alone.
+    On any error, or a kill, ``out`` is as it was: the staging folder is deleted (a
+    killed command's is removed by the next one), and an ``out`` this command created is
+    removed again."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(".staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     os.chmod(stage, 0o777 & ~_current_umask())
+    done = False
     try:
         yield stage
-        for item in sorted(stage.iterdir()):
+        names = sorted(item.name for item in stage.iterdir())
+        try:
+            written = dict(json.loads((out / WRITTEN).read_text()))
+        except (OSError, ValueError, TypeError):
+            written = {}
+        before = set(written.get(command, [])) if command else set()
+        for name in names:
+            item = stage / name
             if item.is_dir():
-                replace_folder(item, out / item.name)
+                replace_folder(item, out / name)
             else:
-                os.replace(item, out / item.name)
+                os.replace(item, out / name)
+        for name in sorted(before - set(names)):  # the previous run's, not rewritten
+            old = out / Path(name).name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        if command:
+            write_json_atomic(out / WRITTEN, {**written, command: names})
+        done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not done and created and not any(out.iterdir()):
+            out.rmdir()
 
 
 class FolderBusyError(RuntimeError):

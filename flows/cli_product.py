@@ -10,6 +10,7 @@ import typer
 
 from flows import terminal
 from flows.options import (
+    FULL_INSTALL,
     AllowOtherModelOpt,
     DaskOpt,
     DetectorKindOpt,
@@ -59,7 +60,7 @@ def predict(
     flow = workers > 1 or dask_address is not None
     if flow and importlib.util.find_spec("prefect") is None:
         fail("--workers > 1 runs the kface-predict Prefect flow, which needs the full "
-             "install (pip install kface-pipeline); without --workers the light install "
+             f"install ({FULL_INSTALL}); without --workers the light install "
              "predicts in one process")
     try:  # before the model loads (seconds): one line for a wrong path or no readable photo
         check_photos(paths)
@@ -87,7 +88,7 @@ def predict(
     from inference.predict import predict_images
 
     analyzer = load_analyzer(model, threshold, detector)
-    with staged_outputs(out) as stage:  # earlier outputs stay unless this run succeeds
+    with staged_outputs(out, "predict") as stage:  # earlier outputs stay unless it succeeds
         entries = predict_images(analyzer, paths, stage, csv, annotated, batch,
                                  threads or READERS)
         if all(e["error"] for e in entries):
@@ -145,7 +146,7 @@ def video(
         fail(str(exc))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as bar, staged_outputs(out) as stage:
+                  transient=True) as bar, staged_outputs(out, "video") as stage:
         frames = bar.add_task("frames", total=None)
         try:
             summary = analyze_video(
@@ -204,7 +205,7 @@ def evaluate_cmd(
         metrics, confusion = evaluate_folder(analyzer, data)
     except DatasetError as exc:
         fail(str(exc))
-    with staged_outputs(out) as stage:
+    with staged_outputs(out, "evaluate") as stage:
         write_folder_evaluation(analyzer, metrics, confusion, stage)
     terminal.print_evaluation(metrics, out, out / REFERENCE_FILE)
 
@@ -230,7 +231,7 @@ def stats_cmd(
         stats = visitor_stats(source, reference, allow_other_model, summed)
     except StatsError as exc:
         fail(str(exc))
-    with staged_outputs(out) as stage:
+    with staged_outputs(out, "stats") as stage:
         write_stats_json(stats, stage)
     terminal.print_counts(stats)
     console.print(f"{stats['visitors']} visitors -> {out / 'stats.json'}")
@@ -250,7 +251,7 @@ def export(
     try:
         check_format(format)  # before TensorFlow loads (seconds)
         folder = model_dir(model)
-        with staged_outputs(out) as stage:
+        with staged_outputs(out, "export") as stage:
             path = export_model(folder, stage, format)  # type: ignore[arg-type]
     except ExportError as exc:
         fail(str(exc))

@@ -26,6 +26,12 @@ PIPELINE = ("prefect", "pandas", "pyarrow", "yaml")
 RUNS = Path("artifacts")  # where the README's commands and the demo put run folders
 
 
+# what a light install's user runs for the full one (kface is installed from its
+# repository or a wheel built from it: no package index serves it)
+FULL_INSTALL = ("pip install -e . in the kface repository, or its wheel "
+                "(docs/operations.md)")
+
+
 def command(name: str | None = None, needs: tuple[str, ...] = ()):
     """Register a command. Where a module it ``needs`` is not installed (the light
     inference install), its help says so and running it is one line naming the install
@@ -38,8 +44,7 @@ def command(name: str | None = None, needs: tuple[str, ...] = ()):
         @functools.wraps(function)
         def refuse(*args, **kwargs):
             fail(f"kface {name or function.__name__} needs the full install ({', '.join(missing)}"
-                 " not installed here, as in the light inference install): pip install "
-                 "kface-pipeline (docs/operations.md)")
+                 f" not installed here, as in the light inference install): {FULL_INSTALL}")
 
         return app.command(name, help="[needs the full install] "
                                       + (inspect.getdoc(function) or ""))(refuse)

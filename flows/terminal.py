@@ -143,9 +143,11 @@ def report_left_out(entries: list[dict], out: Path, examples: int = 3) -> None:
     """How many photos had no face or could not be read, with a few examples (all are in
     predictions.json, with their error)."""
     for what, chosen in (("could not be read", [e for e in entries if e["error"]]),
-                         ("have no face", [e for e in entries
-                                           if not e["error"] and not e["faces"]])):
+                         ("no face", [e for e in entries
+                                      if not e["error"] and not e["faces"]])):
         if chosen:
+            if what == "no face":
+                what = "has no face" if len(chosen) == 1 else "have no face"
             shown = "; ".join(e["path"] + (f" ({e['error']})" if e["error"] else "")
                               for e in chosen[:examples])
             say("note:", "yellow", f"{plural(len(chosen), 'image')} {what}, e.g. {shown}"

@@ -102,7 +102,11 @@ def visitor_probabilities(path: Path
             visitors = [f for e in entries for f in e["faces"]]
             model_id = made_by.get("model", {}).get("id")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StatsError(f"{path} is not a kface predictions or tracks file ({exc})") from None
+        why = (f"not JSON: {str(exc).splitlines()[0]}" if isinstance(exc, ValueError)
+               else "not the fields kface writes")
+        raise StatsError(f"{path} is not a kface predictions or tracks file ({why}): give "
+                         "a predictions.json (kface predict) or a tracks.jsonl (kface "
+                         "video)") from None
     if any("age_band_probs" not in v or "gender_probs" not in v for v in visitors):
         raise StatsError(f"{path} has no probabilities per visitor (a tracks file of an "
                          "older kface): run kface video again")

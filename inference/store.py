@@ -167,8 +167,8 @@ class Store:
                     if version > SCHEMA_VERSION:
                         raise StoreError(
                             f"store {self.shown} has schema version {version}, newer than "
-                            f"this kface's {SCHEMA_VERSION}: upgrade kface (pip install -U "
-                            "kface-pipeline) or give another --store")
+                            f"this kface's {SCHEMA_VERSION}: upgrade kface (a newer "
+                            "checkout or wheel of it) or give another --store")
                     while version < SCHEMA_VERSION:
                         UPGRADES[version](conn)  # type: ignore[operator]
                         version += 1

@@ -361,12 +361,25 @@ def is_camera(source: str) -> bool:
 
 
 def check_video(source: str) -> None:
-    """Before a model loads: a video file exists and OpenCV decodes a frame of it (a
-    camera index is opened by the analysis itself). VideoError with one line otherwise."""
+    """Before a model loads: a video file exists, is no still photo and OpenCV decodes a
+    frame of it; a camera index opens. VideoError with one line otherwise."""
     if is_camera(source):
+        cap = cv2.VideoCapture(int(source))
+        try:
+            if not cap.isOpened():
+                raise VideoError(f"camera {source} cannot be opened (no camera at that index, "
+                                 "or another program holds it): give a video file, or "
+                                 "another index")
+        finally:
+            cap.release()
         return
     if not Path(source).is_file():
         raise VideoError(f"video {source} not found")
+    from core.images import IMAGE_SUFFIXES
+
+    if Path(source).suffix.lower() in IMAGE_SUFFIXES:
+        raise VideoError(f"{source} is a still photo, not a video: kface predict {source} "
+                         "analyses a photo")
     cap = cv2.VideoCapture(str(source))
     try:
         ok = cap.isOpened() and cap.read()[0]
@@ -496,17 +509,37 @@ def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None
     with atomic_path(out / "timeline.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     counts = visitor_stats(out / "tracks.jsonl", reference, allow_other_model, summed)
+    counts["input"] = "tracks.jsonl"  # beside stats.json (out may be a staging folder)
     people = {c: counts["joint"][c] for c in classes}
+    chart = importlib.util.find_spec("matplotlib") is not None
+    if not chart:
+        counts["warnings"].append("people.png left out: matplotlib is not installed (the "
+                                  "light install); stats.json holds the same figures")
     write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes,
                                            **({"made_by": made_by} if made_by else {}),
                                            **counts})
-    if importlib.util.find_spec("matplotlib") is not None:
-        write_chart(people, out / "people.png")
+    if chart:
+        write_chart(people, out / "people.png", chart_note(counts))
     return people, counts
 
 
-def write_chart(people: dict[str, dict], path: Path) -> None:
-    """A bar chart of the estimated people per class, with their 95% intervals."""
+def chart_note(counts: dict) -> str:
+    """What a chart of ``counts`` must say under its title: the estimator and its
+    reference, and whether the visitors are too few to split by band."""
+    if "reference" in counts:
+        source = counts.get("reference_source", "given")
+        how = (f"mix-corrected with {'the given' if source == 'given' else source} "
+               f"reference ({Path(counts['reference']).name})")
+    else:
+        how = "summed calibrated probabilities (no reference)"
+    thin = (f"; too few visitors ({counts['visitors']}) to split by age band"
+            if counts.get("thin") else "")
+    return f"{counts['visitors']} visitors, {how}{thin}"
+
+
+def write_chart(people: dict[str, dict], path: Path, note: str = "") -> None:
+    """A bar chart of the estimated people per class, with their 95% intervals, and
+    ``note`` (``chart_note``: the estimator, the reference, thin counts) under its title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,7 +553,8 @@ def write_chart(people: dict[str, dict], path: Path) -> None:
     ax.bar(classes, estimate, color="tab:blue",
            yerr=np.vstack([estimate - low, high - estimate]), capsize=3)
     ax.set_ylabel("visitors (estimate, 95% interval)")
-    ax.set_title("Visitors by age band x gender")
+    ax.set_title("Visitors by age band x gender" + (f"\n{note}" if note else ""),
+                 fontsize=10)
     ax.tick_params(axis="x", rotation=45)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")

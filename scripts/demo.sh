@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: build a K-Face-layout sample, run the whole pipeline (select -> detect ->
 # merge -> split -> crops -> train -> evaluate) with the embedded Prefect server and a
-# CPU-sized config, analyse one photo with the trained model, and print the report's path.
+# CPU-sized config, analyse one photo with the trained model and with the shipped one, and
+# print the report's path.
 # With ../shared/data: real AAF faces and their labels. Without it: scikit-image's
 # public-domain astronaut photo with SYNTHETIC labels (it runs end to end, learns nothing).
 set -euo pipefail
@@ -26,6 +27,9 @@ if [ -z "$PHOTO" ]; then  # a photo of a test subject: the model never trained o
   echo "sample prediction on $PHOTO (a test subject, not trained on)"
 fi
 .venv/bin/kface predict "$PHOTO" --model "$OUT/experiments/default/model" --out "$OUT/predictions" --annotated
+echo
+echo "the same photo with the model shipped with kface (trained on thousands of people):"
+.venv/bin/kface predict "$PHOTO" --out "$OUT/predictions-shipped" --annotated
 echo
 echo "Next: 'source .venv/bin/activate' puts kface on your PATH (or call .venv/bin/kface), then"
 echo "  kface status --out $OUT       kface experiments --out $OUT       kface --help"

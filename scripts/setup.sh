@@ -26,10 +26,17 @@ if [ -f "$STAMP" ] && [ -x .venv/bin/kface ]; then
   fi
 fi
 ALL="$(echo "$HAVE,$EXTRAS" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)"
-# pip's and setuptools' chatter (the editable-install notice) goes to a log, shown on failure
+# pip's and setuptools' chatter (the editable-install notice) goes to a log, shown on failure;
+# a line per step here, and pip's own lines of what it collects and installs, shortened
+LOG=.venv/pip-install.log
+echo "setup: installing kface-pipeline[$ALL] into .venv (TensorFlow: a few minutes the first time; log: $LOG)"
+START=$SECONDS
 if ! { .venv/bin/python -m pip install -q --upgrade pip \
-       && .venv/bin/python -m pip install -q -e ".[$ALL]"; } > .venv/pip-install.log 2>&1; then
-  cat .venv/pip-install.log >&2
+       && .venv/bin/python -m pip install --progress-bar off -e ".[$ALL]"; } > "$LOG" 2>&1; then
+  cat "$LOG" >&2
   exit 1
 fi
+echo "setup: $(grep -c '^Collecting\|^Requirement already satisfied' "$LOG") packages resolved;" \
+     "$(grep '^Successfully installed' "$LOG" | wc -w | awk '{print ($1 > 2 ? $1 - 2 : 0)}')" \
+     "installed or upgraded in $((SECONDS - START)) s"
 echo "$WANT $ALL" > "$STAMP"

@@ -345,3 +345,22 @@ def postgres():
         subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(work / "data"), "-m", "fast",
                         "stop"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The last lines say how many tests were skipped and why, grouped by reason (a green
+    run without ../shared skips every test of real faces: it must not pass unnoticed)."""
+    from collections import Counter
+
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = Counter()
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    n = len(skipped)
+    terminalreporter.write_sep("=", f"{n} test{'' if n == 1 else 's'} skipped", yellow=True)
+    for reason, n in reasons.most_common():
+        terminalreporter.write_line(f"{n:5d} skipped: {reason}")

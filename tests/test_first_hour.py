@@ -43,6 +43,13 @@ def test_demo_runs_quietly_and_writes_readable_files(demo):
     assert "the labels of this dataset are SYNTHETIC" in head  # the public-photo sample
     assert "Scored on **test**" in report
     assert (out / "predictions" / "predictions.json").is_file()
+    import json
+
+    from models.analyzer import DEFAULT_MODEL
+
+    shipped = json.loads((DEFAULT_MODEL / "labels.json").read_text())["model_id"]
+    made = json.loads((out / "predictions-shipped" / "predictions.json").read_text())
+    assert made["model"]["id"] == shipped  # the demo shows the shipped model too
     modes = {}
     for path in out.rglob("*"):
         if path.is_file() and path.name != ".lock":
@@ -156,3 +163,44 @@ def test_a_folder_of_unusable_photos_says_why(tmp_path, prefect_env):
     last = [x for x in res.stderr.splitlines() if x.strip()][-1]
     assert last.startswith("error: no faces to split: of 2 photos") and "empty 1" in last
     assert "Traceback" not in output
+
+
+def test_the_fourth_pass_one_run_per_folder_and_clear_lines(scenes_dir, tmp_path):
+    """The first hour's fourth pass, with the shipped model: an output folder holds one
+    run of a command (a second predict without --csv --annotated removes the first's CSV
+    and annotated images, and leaves another command's files); a failed run leaves no
+    empty folder; a still photo is no video; a file that is no predictions or tracks
+    file, and a camera index with no camera, are one line, with nothing said before."""
+    import cv2
+    import numpy as np
+
+    out = tmp_path / "keep"
+    group = str(scenes_dir / "insightface_t1.jpg")
+    res = run_kface("predict", group, str(scenes_dir), "--csv", "--annotated", "--out",
+                    str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "predictions.csv").is_file() and any((out / "annotated").iterdir())
+    res = run_kface("stats", str(out / "predictions.json"), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_kface("predict", group, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "predictions.json", "stats.json"]  # stats' file stays: another command's
+
+    blank = tmp_path / "wall.jpg"
+    cv2.imwrite(str(blank), np.full((200, 300, 3), 128, np.uint8))
+    res = run_kface("predict", str(blank), "--out", str(tmp_path / "p"))
+    assert res.returncode == 0 and "1 image has no face" in res.stderr, res.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    fresh = tmp_path / "fresh"
+    res = run_kface("predict", str(broken), "--out", str(fresh))
+    assert res.returncode == 2 and not fresh.exists(), res.stderr
+
+    (tmp_path / "notes.txt").write_text("a shopping list\n")
+    for args, words in ((("stats", str(tmp_path / "notes.txt")), ("notes.txt", "tracks.jsonl")),
+                        (("video", group), ("still photo", "kface predict")),
+                        (("video", "7"), ("camera 7 cannot be opened",))):
+        res, seconds = _timed(*args, "--out", str(tmp_path / "x"))
+        _refused(res, seconds, *words)
+        assert "('images')" not in res.stderr and "note:" not in res.stderr

@@ -65,8 +65,10 @@ def test_light_install_counts_people_in_a_video(light_kface, onnx_model, aaf_dir
     res = run_light(light_kface, "video", str(clip), "--model", str(onnx_model), "--out",
                     str(tmp_path / "v"), "--stats", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((tmp_path / "v" / "stats.json").read_text())["visitors"] == 2
-    assert not (tmp_path / "v" / "people.png").exists()  # no matplotlib: no chart
+    stats = json.loads((tmp_path / "v" / "stats.json").read_text())
+    assert stats["visitors"] == 2 and stats["input"] == "tracks.jsonl"  # not the staging
+    assert not (tmp_path / "v" / "people.png").exists()  # no matplotlib: no chart, and
+    assert "people.png left out" in res.stderr  # it says so
 
 
 def test_light_install_runs_a_shops_day(light_kface, aaf_dir, tmp_path):
@@ -124,7 +126,9 @@ def test_light_install_says_which_commands_need_the_full_install(light_kface, tm
         res = run_light(light_kface, *args, cwd=tmp_path)
         lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()]
         assert res.returncode == 2 and len(lines) == 1, (args, lines)
-        assert "full install" in lines[0] and "pip install kface-pipeline" in lines[0], lines
+        assert "full install" in lines[0] and "pip install -e . in the kface repository" \
+            in lines[0], lines
+        assert "pip install kface-pipeline" not in lines[0]  # no index serves that name
 
 
 def test_light_install_says_a_keras_model_needs_the_full_install(light_kface, tiny_run,

@@ -247,3 +247,23 @@ def test_stats_of_a_file_without_probabilities_is_one_line(tmp_path):
     res = run_kface("stats", str(tmp_path / "missing.json"), "--out", str(tmp_path / "s"))
     assert res.returncode == 2 and "not found" in res.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_counts_too_few_to_split_by_band_say_so():
+    """The one thin-counts rule (kface stats, video --stats, the counts per period): three
+    visitors, even confident ones, are too few to split by band with the shipped
+    reference; 400 like them are not. Summed probabilities follow the same rule."""
+    from core.labels import AGE_BANDS, GENDERS
+    from inference.stats import probability_stats
+    from models.analyzer import DEFAULT_MODEL
+
+    model_id = json.loads((DEFAULT_MODEL / "labels.json").read_text())["model_id"]
+    names = {"gender": list(GENDERS), "age_band": list(AGE_BANDS)}
+    rng = np.random.default_rng(5)
+    for n, thin in ((3, True), (400, False)):
+        band = rng.dirichlet([9, 1, 1, 1], n)
+        gender = rng.dirichlet([1, 9], n)
+        for summed in (False, True):
+            stats = probability_stats(names, gender, band, model_id, summed=summed)
+            assert stats["thin"] is thin, (n, summed, stats["age_band"])
+            assert any("too few visitors" in w for w in stats["warnings"]) is thin
