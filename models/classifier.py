@@ -46,7 +46,8 @@ class ModelConfig(BaseModel):
     weights: str = Field(
         "none", description="'none' (random init, as the original), 'imagenet' (downloads: "
         "needs the internet), a path to a local Keras no-top weights file, or for "
-        "mobilefacenet the folder of its MXNet files (symbol + params, sha256 checked)."
+        "mobilefacenet 'builtin' (its MXNet files, which ship with kface) or their folder "
+        "(symbol + params, sha256 checked)."
     )
     alpha: float = Field(0.25, gt=0, le=1.0, description="Width multiplier for mobilenet "
                          "and mobilenet_v2 (pretrained files exist for v1 0.25/0.5/0.75/1 "
@@ -139,10 +140,16 @@ def _backbone(cfg: ModelConfig, size: int):
         return builders[cfg.backbone]()
     except Exception as exc:  # keras raises several types for downloads and bad files
         if weights == "imagenet":
+            import re
+
+            url = re.search(r"https?://\S+?\.h5", str(exc))
+            fetch = (f"fetch {url.group(0)} on a machine with the internet and put it in "
+                     f"~/.keras/models/ (Keras then loads it offline) or set model.weights "
+                     f"to its path" if url else "download the Keras no-top file elsewhere "
+                     "and set model.weights to its path")
             raise WeightsError(
                 "model.weights=imagenet downloads the weights from the internet, which "
-                f"failed ({type(exc).__name__}: {exc}). Download the Keras no-top file "
-                "elsewhere and set model.weights to its path, or use model.weights=none"
+                f"failed ({type(exc).__name__}): {fetch}; or use model.weights=none"
             ) from exc
         if weights is not None:
             raise WeightsError(f"model.weights: {weights} does not fit backbone "
@@ -158,8 +165,8 @@ def _mobilefacenet(weights: str | None, size: int, **part):
                            f"{INPUT_SIZE} (got {size})")
     if weights is None or weights == "imagenet":
         raise WeightsError("mobilefacenet is built from InsightFace's MXNet files: set "
-                           "model.weights to their folder, e.g. "
-                           "../shared/data/weights/mobilefacenet")
+                           "model.weights to builtin (they ship with kface) or to their "
+                           "folder")
     try:
         return build_mobilefacenet(weights, **part)
     except MobileFaceNetError as exc:
@@ -257,7 +264,16 @@ def model_key_settings(cfg: ModelConfig) -> dict:
     settings = cfg.model_dump(mode="json", exclude={
         k for k, off in MODEL_OFF.items() if getattr(cfg, k) == off})
     weights = Path(cfg.weights)
-    if cfg.weights not in ("none", "imagenet") and weights.is_file():
+    if cfg.backbone == "mobilefacenet" and cfg.weights not in ("none", "imagenet"):
+        from models.mobilefacenet import MobileFaceNetError, weight_files
+
+        # the files the network is built from, wherever they are ('builtin' or a folder;
+        # before 2026-12-07 every file of the folder, a TFLite copy beside them included)
+        try:
+            settings["weights"] = [file_sha256(f) for f in sorted(weight_files(cfg.weights))]
+        except MobileFaceNetError:  # missing: the run's checks say so in one line
+            pass
+    elif cfg.weights not in ("none", "imagenet") and weights.is_file():
         settings["weights"] = file_sha256(weights)
     elif cfg.weights not in ("none", "imagenet") and weights.is_dir():
         settings["weights"] = [file_sha256(f) for f in sorted(weights.iterdir())

@@ -50,18 +50,30 @@ class MobileFaceNetError(ValueError):
     """The MobileFaceNet files are missing, changed, or not what this module reads."""
 
 
+# the two files ship with kface (models/data/mobilefacenet, its README: source, sha256,
+# licence): ``model.weights: builtin`` names them
+BUILTIN = Path(__file__).resolve().parent / "data" / "mobilefacenet"
+
+
+def weights_folder(weights: str | Path) -> Path:
+    """The folder ``weights`` names: ``builtin`` (the files that ship with kface), a
+    folder, or either file in it."""
+    path = BUILTIN if str(weights) == "builtin" else Path(weights)
+    return path if path.is_dir() or not path.suffix else path.parent
+
+
 def weight_files(weights: str | Path) -> tuple[Path, Path]:
-    """The symbol and params files of ``weights`` (their folder, or either file), checked
-    by sha256; one line naming the file when one is missing or different."""
-    path = Path(weights)
-    folder = path if path.is_dir() else path.parent
-    files = (folder / SYMBOL, folder / PARAMS)
+    """The symbol and params files of ``weights`` (``builtin``, their folder, or either
+    file), checked by sha256; one line naming the file when one is missing or
+    different."""
+    path = weights_folder(weights)
+    files = (path / SYMBOL, path / PARAMS)
     for file in files:
         if not file.is_file():
             raise MobileFaceNetError(
-                f"model.weights: {file} not found: give the folder with InsightFace's "
-                f"MobileFaceNet files ({SYMBOL}, {PARAMS}), e.g. "
-                "../shared/data/weights/mobilefacenet")
+                f"model.weights: {file} not found: set model.weights to builtin (the "
+                f"MobileFaceNet files that ship with kface) or to a folder with {SYMBOL} "
+                f"and {PARAMS}")
         digest = file_sha256(file)
         if digest != KNOWN_SHA256[file.name]:
             raise MobileFaceNetError(

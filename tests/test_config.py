@@ -92,3 +92,30 @@ def test_shard_workers_stay_lean():
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (
+    Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_config_finds_its_weights_in_the_package(name):
+    """Each shipped config loads and its weight files are there on a fresh clone: none
+    names ../shared (the quality recipe's MobileFaceNet ships with kface: builtin)."""
+    from models.classifier import check_weights, model_key_settings
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    assert "../shared" not in "\n".join(line for line in path.read_text().splitlines()
+                                        if not line.lstrip().startswith("#"))
+    cfg = load_config(path)
+    check_weights(cfg.model)
+    settings = model_key_settings(cfg.model)
+    if cfg.model.backbone == "mobilefacenet":  # keyed on the files' content, not a path
+        assert len(settings["weights"]) == 2 and all(len(d) == 64 for d in settings["weights"])
+
+
+def test_a_missing_mobilefacenet_folder_is_named_whole(tmp_path):
+    from models.classifier import ModelConfig, check_weights
+    from models.mobilefacenet import MobileFaceNetError
+
+    with pytest.raises(MobileFaceNetError, match="mobilefacenet/model-y1-test2-symbol.json"
+                                                 " not found: set model.weights to builtin"):
+        check_weights(ModelConfig(backbone="mobilefacenet",
+                                  weights=str(tmp_path / "mobilefacenet")))

@@ -59,6 +59,27 @@ def test_demo_runs_quietly_and_writes_readable_files(demo):
     assert not unreadable
 
 
+@pytest.mark.slow
+def test_the_quality_recipe_trains_from_the_package_alone(demo, tmp_path):
+    """configs/aaf-pretrained.yaml on a fresh machine: no ../shared, the demo's sample of
+    a public photo, one epoch; MobileFaceNet's files come from the package."""
+    import json
+
+    work = demo[0].parent
+    env = {"KFACE_SHARED_DATA": str(work / "no-shared-data"),
+           "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": ""}
+    out = tmp_path / "quality"
+    res = run_kface("run", "-c", str(REPO / "configs" / "aaf-pretrained.yaml"),
+                    "--data-root", str(work / "sample"), "--metadata",
+                    str(work / "sample" / "KFace_metadata.csv"), "--set", "data.layout=kface",
+                    "--set", "train.epochs=1", "--out", str(out), env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = out / "experiments" / "default" / "model"
+    labels = json.loads((model / "labels.json").read_text())
+    assert labels["backbone"] == "mobilefacenet" and (model / "model.keras").is_file()
+    assert "../shared" not in res.stdout + res.stderr
+
+
 def _refused(res: subprocess.CompletedProcess, seconds: float, *words: str) -> None:
     lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()]
     assert res.returncode == 2, res.stdout + res.stderr
