@@ -98,7 +98,9 @@ class DetectorConfig(BaseModel):
         "keep", description="'keep' scales the photo so its long side is input_size and "
         "keeps its aspect ratio (an 864x576 K-Face photo -> 300x204: faces are not "
         "squashed, more are found, 1.4x faster); 'square' squashes it to "
-        "input_size x input_size as the original notebook did.")
+        "input_size x input_size as the original notebook did (predict and video do, "
+        "for frames' short sides; a photo wider or taller than 2:1, a strip of "
+        "portraits, keeps its aspect instead, its short side input_size).")
     nms_threshold: float = Field(
         0.3, ge=0, le=1, description="IoU above which a lower-scored box is suppressed."
     )

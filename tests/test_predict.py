@@ -516,3 +516,33 @@ def test_batch_predict_keys_shards_on_content_as_the_pipeline_does(onnx_model, s
     adopted = plan()
     assert adopted.stored[0] is not None and [s.name for s in adopted.todo] == ["00001"]
     assert read_cache_key(files[0]) == pq.read_table(out / "plan.parquet").column("key")[0].as_py()
+
+
+def test_a_strip_of_three_portraits_gives_each_face_as_alone(aaf_dir):
+    """A 1460x512 strip of three portraits: squashed square (as photos of usual shapes
+    are), its faces were flattened and two were lost; it keeps its aspect now, and each
+    face gets the box shape and the answers it gets alone (the shipped model)."""
+    from models.analyzer import FaceAnalyzer
+    from models.detector import box_iou
+
+    analyzer = FaceAnalyzer(None)
+    files = sorted(aaf_dir.glob("*.jpg"))
+    portraits = []
+    for f in (files[10], files[2000], files[3000]):
+        image = cv2.imread(str(f))
+        portraits.append(cv2.resize(image, (round(image.shape[1] * 512 / image.shape[0]),
+                                            512)))
+    pad = np.full((512, 1460 - sum(p.shape[1] for p in portraits), 3), 200, np.uint8)
+    strip = np.hstack([*portraits, pad])
+    found = sorted(analyzer.analyze(strip), key=lambda f: f.box[0])
+    assert len(found) == 3
+    left = 0
+    for portrait, face in zip(portraits, found, strict=True):
+        alone = analyzer.analyze(portrait)
+        assert len(alone) == 1
+        a, s = alone[0], face
+        shifted = (s.box[0] - left, s.box[1], s.box[2] - left, s.box[3])
+        assert box_iou(a.box, shifted) > 0.85, (a.box, shifted)
+        assert (a.gender, a.age_band) == (s.gender, s.age_band)
+        assert abs(a.age - s.age) <= 2.5
+        left += portrait.shape[1]

@@ -18,6 +18,22 @@ import numpy as np
 DetectorConfig = Any
 
 
+MAX_SQUASH = 2.0  # the square input squashes a photo at most this much (its aspect ratio)
+STRIP_LONG = 3  # a wider strip's long side, at most this many times input_size
+
+
+def strip_scale(width: int, height: int, input_size: int) -> float | None:
+    """For the square input (``input_aspect: square``): None for a photo whose aspect
+    ratio is at most ``MAX_SQUASH`` (it is squashed square, as before); for a wider or
+    taller one (a strip of portraits, a panorama: squashed square, its faces would be
+    flattened and missed) the scale that keeps its aspect with the short side
+    ``input_size``, the long side at most ``STRIP_LONG`` times that."""
+    short, long = min(width, height), max(width, height)
+    if long <= MAX_SQUASH * short:
+        return None
+    return min(input_size / short, STRIP_LONG * input_size / long)
+
+
 class DetectorError(RuntimeError):
     """The detector's files are missing, corrupt or of an unknown format."""
 

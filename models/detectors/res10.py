@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from models.detectors.base import DetectorConfig, DetectorError, DetectorKind, register
+from models.detectors.base import (
+    DetectorConfig,
+    DetectorError,
+    DetectorKind,
+    register,
+    strip_scale,
+)
 
 if TYPE_CHECKING:  # (cv2 is imported where a network runs: the CLI lists the kinds)
     import cv2
@@ -161,16 +167,26 @@ def blob_size(width: int, height: int, input_size: int = INPUT_SIZE,
               aspect: Literal["keep", "square"] = "keep") -> tuple[int, int]:
     """Network input ``(width, height)`` for a ``width`` x ``height`` photo.
 
-    ``square`` is the original's ``input_size`` x ``input_size``. ``keep`` makes the long
+    ``square`` is the original's ``input_size`` x ``input_size`` (a strip wider than 2:1
+    keeps its aspect, its short side ``input_size``: ``strip_scale``). ``keep`` makes the long
     side ``input_size`` and keeps the aspect ratio, with the short side rounded to the
     nearest size that is congruent to ``input_size`` modulo 8: the network's stride-2
     layers then pad as they do at ``input_size``, so its prior boxes stay where the
     weights expect them (measured: at 300x200 the TensorFlow graph's boxes move up by 20
     px on the group photo, at 300x204 they agree with the Caffe graph's, IoU 0.99).
     """
-    if aspect == "square" or width == height:
-        return input_size, input_size
-    exact = min(width, height) * input_size / max(width, height)
     residue = input_size % 8
-    short = max(8 + residue, 8 * int((exact - residue) / 8 + 0.5) + residue)
+
+    def fit(exact: float) -> int:
+        return max(8 + residue, 8 * int((exact - residue) / 8 + 0.5) + residue)
+
+    if aspect == "square":
+        strip = strip_scale(width, height, input_size)  # (a strip wider than 2:1)
+        if strip is None:
+            return input_size, input_size
+        long = fit(max(width, height) * strip)
+        return (long, input_size) if width > height else (input_size, long)
+    if width == height:
+        return input_size, input_size
+    short = fit(min(width, height) * input_size / max(width, height))
     return (input_size, short) if width > height else (short, input_size)

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from models.detectors.base import DetectorConfig, DetectorKind, missing_file, register
+from models.detectors.base import (
+    DetectorConfig,
+    DetectorKind,
+    missing_file,
+    register,
+    strip_scale,
+)
 
 if TYPE_CHECKING:  # (cv2 is imported where a network runs: the CLI lists the kinds)
     import cv2
@@ -66,8 +72,12 @@ class YuNet(DetectorKind):
 def input_size(width: int, height: int, long_side: int,
                aspect: Literal["keep", "square"]) -> tuple[int, int]:
     """YuNet's input ``(width, height)``: the long side ``long_side``, the aspect kept
-    (the network takes any size: it pads to a multiple of 32 itself), or squashed square."""
-    if aspect == "square":
-        return long_side, long_side
+    (the network takes any size: it pads to a multiple of 32 itself), or squashed square
+    (a strip wider than 2:1 keeps its aspect instead: ``strip_scale``)."""
     scale = long_side / max(width, height)
+    if aspect == "square":
+        strip = strip_scale(width, height, long_side)
+        if strip is None:
+            return long_side, long_side
+        scale = strip
     return max(1, round(width * scale)), max(1, round(height * scale))
