@@ -483,6 +483,21 @@ def thin_counts(stats: dict) -> dict:
     return stats
 
 
+def visitors_made_by(path: Path, model_id: str | None) -> dict:
+    """What made the visitors of ``path`` (for ``kface stats``' ``stats.json``): a
+    predictions file's ``model`` and ``detector``; a tracks file's model id."""
+    if Path(path).suffix != ".jsonl":
+        from inference.predict import read_predictions
+
+        try:
+            made_by = read_predictions(path)[0]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            made_by = {}
+        if made_by:
+            return made_by
+    return {"model": {"id": model_id}}
+
+
 def write_stats_json(stats: dict, out: Path) -> Path:
     path = Path(out) / "stats.json"
     write_json_atomic(path, stats)

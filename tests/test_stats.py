@@ -182,6 +182,10 @@ def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path
     assert res.returncode == 0, res.stderr[-2000:]
     stats = json.loads((tmp_path / "s" / "stats.json").read_text())
     assert stats["visitors"] == 6
+    assert stats["made_by"] == {k: v for k, v in json.loads(
+        (tmp_path / "p" / "predictions.json").read_text()).items() if k != "images"}
+    assert stats["made_by"]["model"]["id"] == stats["model_id"] and "detector" in \
+        stats["made_by"]
     for head in ("age_band", "gender", "joint"):
         total = sum(c["estimate"] for c in stats[head].values())
         assert abs(total - 6) < 0.2, head  # the probabilities of six people
@@ -195,7 +199,8 @@ def test_stats_of_predictions_and_tracks(analyzer, scenes_dir, aaf_dir, tmp_path
     res = run_kface("stats", str(tmp_path / "v" / "tracks.jsonl"), "--out",
                     str(tmp_path / "t"))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((tmp_path / "t" / "stats.json").read_text())["visitors"] == 1
+    counted = json.loads((tmp_path / "t" / "stats.json").read_text())
+    assert counted["visitors"] == 1 and counted["made_by"]["model"]["id"] == stats["model_id"]
 
 
 def test_video_stats_with_a_reference(tiny_run, aaf_dir, tmp_path):
