@@ -61,22 +61,34 @@ def test_demo_runs_quietly_and_writes_readable_files(demo):
 
 @pytest.mark.slow
 def test_the_quality_recipe_trains_from_the_package_alone(demo, tmp_path):
-    """configs/aaf-pretrained.yaml on a fresh machine: no ../shared, the demo's sample of
-    a public photo, one epoch; MobileFaceNet's files come from the package."""
+    """The README's "Train on your data" on a fresh machine: configs/aaf-pretrained.yaml
+    on a labelled folder (a labels.csv over the demo's sample of a public photo), no
+    ../shared, one epoch; MobileFaceNet's files come from the package."""
+    import csv
     import json
 
     work = demo[0].parent
+    sample = work / "sample"
+    with open(sample / "KFace_metadata.csv", encoding="cp949") as f:
+        people = {row["ID"]: row for row in csv.DictReader(f)}
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "gender", "age_band", "subject_id"])
+        for photo in sorted(sample.glob("High_Resolution/*/S001/L1/E01/C*.jpg")):
+            person = people[photo.parts[-5]]
+            writer.writerow([photo.relative_to(sample).as_posix(), person["성별"],
+                             person["연령대"], photo.parts[-5]])
     env = {"KFACE_SHARED_DATA": str(work / "no-shared-data"),
            "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": ""}
     out = tmp_path / "quality"
     res = run_kface("run", "-c", str(REPO / "configs" / "aaf-pretrained.yaml"),
-                    "--data-root", str(work / "sample"), "--metadata",
-                    str(work / "sample" / "KFace_metadata.csv"), "--set", "data.layout=kface",
+                    "--data-root", str(sample), "--labels", str(labels),
                     "--set", "train.epochs=1", "--out", str(out), env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     model = out / "experiments" / "default" / "model"
-    labels = json.loads((model / "labels.json").read_text())
-    assert labels["backbone"] == "mobilefacenet" and (model / "model.keras").is_file()
+    made = json.loads((model / "labels.json").read_text())
+    assert made["backbone"] == "mobilefacenet" and (model / "model.keras").is_file()
     assert "../shared" not in res.stdout + res.stderr
 
 
