@@ -364,3 +364,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_sep("=", f"{n} test{'' if n == 1 else 's'} skipped", yellow=True)
     for reason, n in reasons.most_common():
         terminalreporter.write_line(f"{n:5d} skipped: {reason}")
+
+
+def chromium_and_playwright():
+    """Debian's chromium and Playwright's ``sync_playwright`` (a browser test's real
+    browser); the test fails in CI without them (.ci/run installs both), else skips."""
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if not chromium or sync_playwright is None:
+        message = "needs Debian's chromium and playwright (.ci/run installs both)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return chromium, sync_playwright

@@ -5,9 +5,7 @@ filter and the CSV; a token when served beyond 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO, run_kface, stop_process
+from conftest import REPO, chromium_and_playwright, run_kface, stop_process
 from test_shop_day import DAY, TZ, synthetic_store
 
 
@@ -35,22 +33,8 @@ def _dashboard(*args: str, log) -> tuple[subprocess.Popen, str]:
     raise AssertionError(log.read_text())
 
 
-def _chromium():
-    chromium = shutil.which("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if not chromium or sync_playwright is None:
-        message = "needs Debian's chromium and playwright (.ci/run installs both)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return chromium, sync_playwright
-
-
 def test_the_dashboard_shows_what_the_store_holds(tmp_path):
-    chromium, sync_playwright = _chromium()
+    chromium, sync_playwright = chromium_and_playwright()
     db = tmp_path / "shop.db"
     synthetic_store(db)
     res = run_kface("counts", "--store", str(db), "--day", DAY, "--tz", TZ, "--json")

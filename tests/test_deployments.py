@@ -5,7 +5,6 @@ process worker."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from conftest import (
     REPO,
     api,
+    chromium_and_playwright,
     start_prefect_server,
     stop_process,
     tiny_config,
@@ -91,16 +91,7 @@ def test_serve_then_run_from_the_ui(served_run):
 
 def test_ui_shows_the_deployments_and_the_completed_run(served_run, tmp_path):
     """Headless Chromium (Debian's chromium, driven by Playwright) on the real UI."""
-    chromium = shutil.which("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if not chromium or sync_playwright is None:
-        message = "needs Debian's chromium and playwright (.ci/run installs both)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    chromium, sync_playwright = chromium_and_playwright()
     ui = served_run["url"].removesuffix("/api")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
