@@ -50,10 +50,17 @@ TRACK_SIMILARITY = 0.6  # a face less alike than this never continues a track
 THUMB = 12
 
 
+EDGE = 2  # px: a box this close to the frame's border is a face cut by it
+
+
 def face_thumbnail(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
     """The face's appearance for re-identification: a grey ``THUMB`` x ``THUMB``
-    histogram-equalised thumbnail, zero mean, unit length (None for an empty box)."""
+    histogram-equalised thumbnail, zero mean, unit length. None for an empty box, and for
+    a face cut by the frame's edge (entering or leaving): its part does not look like the
+    whole face, so it neither vetoes the track it continues nor joins its looks."""
     h, w = frame.shape[:2]
+    if box[0] <= EDGE or box[1] <= EDGE or box[2] >= w - EDGE or box[3] >= h - EDGE:
+        return None
     dx, dy = (box[2] - box[0]) // 8, (box[3] - box[1]) // 8  # the face, not the background
     left, top, right, bottom = (max(0, box[0] + dx), max(0, box[1] + dy),
                                 min(w, box[2] - dx), min(h, box[3] - dy))
@@ -87,6 +94,21 @@ class Track:
 
     def __post_init__(self) -> None:
         self.first_box = self.box
+        self.twin: Track | None = None  # the track this one's looks split it from
+        self.absorbed: list[int] = []  # ids of tracks merged into this one
+
+    def absorb(self, other: Track) -> None:
+        """Take ``other``'s frames in (one person whose track split; ``IoUTracker``)."""
+        self.gender_sum = self.gender_sum + other.gender_sum
+        self.age_sum = self.age_sum + other.age_sum
+        self.years_sum += other.years_sum
+        self.years_frames += other.years_frames
+        self.frames += other.frames
+        self.minutes |= other.minutes
+        self.first_frame = min(self.first_frame, other.first_frame)
+        if other.looks is not None:
+            self.add_looks(other.looks)
+        self.absorbed += [other.track_id, *other.absorbed]
 
     def add(self, face: FacePrediction, frame: int, thumbnail: np.ndarray | None = None
             ) -> None:
@@ -147,11 +169,13 @@ class IoUTracker:
                         for fi, f in enumerate(faces)), reverse=True)
         assigned: dict[int, Track] = {}
         used = set()
+        vetoed: dict[int, Track] = {}  # face -> the track its looks kept it from
         for iou, ti, fi in pairs:
             if iou < self.iou_threshold or ti in used or fi in assigned:
                 continue
             alike = similarity(self.live[ti].looks, thumbnails[fi])
             if alike is not None and alike < TRACK_SIMILARITY:
+                vetoed.setdefault(fi, self.live[ti])
                 continue
             used.add(ti)
             self.live[ti].add(faces[fi], frame, thumbnails[fi])
@@ -162,9 +186,27 @@ class IoUTracker:
                 track = Track(self.started, face.box, frame, frame, *_probs(face))
                 track.add_years(face)
                 track.add_looks(thumbnails[fi])
+                track.twin = vetoed.get(fi)
                 self.live.append(track)
                 assigned[fi] = track
+        self._rejoin_twins(set(map(id, assigned.values())))
         return [assigned[i] for i in range(len(faces))]
+
+    def _rejoin_twins(self, seen: set[int]) -> None:
+        """A track started because a face looked unlike the track in its place (its
+        ``twin``) was one noisy thumbnail, not another person, when the face goes back
+        to the twin while the new track is not seen: it is merged into the twin (two
+        tracks taking turns on one box counted one person twice). Seen together in one
+        frame, they are two people, and stay apart."""
+        for track in list(self.live):
+            twin = track.twin
+            if twin is None:
+                continue
+            if id(track) in seen and id(twin) in seen:
+                track.twin = None
+            elif id(twin) in seen and any(t is twin for t in self.live):
+                twin.absorb(track)
+                self.live = [t for t in self.live if t is not track]
 
     def close_ended(self, frame: int | None = None) -> list[Track]:
         """Remove and return the tracks that ended before ``frame`` (all when None)."""
@@ -307,7 +349,7 @@ def visitor_record(visitor: Visitor, g_names: list[str], a_names: list[str], fps
     gender_p, age_p = visitor.gender_sum / frames, visitor.age_sum / frames
     g, a = g_names[int(np.argmax(gender_p))], a_names[int(np.argmax(age_p))]
     return {"track_id": visitor.tracks[0].track_id,
-            "track_ids": [t.track_id for t in visitor.tracks],
+            "track_ids": [i for t in visitor.tracks for i in (t.track_id, *t.absorbed)],
             "returns": len(visitor.tracks) - 1, "first_frame": visitor.first_frame,
             "last_frame": visitor.last_frame, "frames": frames,
             "first_s": round(first, 2), "last_s": round(last, 2),

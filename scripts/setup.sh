@@ -36,7 +36,6 @@ if ! { .venv/bin/python -m pip install -q --upgrade pip \
   cat "$LOG" >&2
   exit 1
 fi
-echo "setup: $(grep -c '^Collecting\|^Requirement already satisfied' "$LOG") packages resolved;" \
-     "$(grep '^Successfully installed' "$LOG" | wc -w | awk '{print ($1 > 2 ? $1 - 2 : 0)}')" \
-     "installed or upgraded in $((SECONDS - START)) s"
+echo "setup: $(grep '^Successfully installed' "$LOG" | wc -w | awk '{print ($1 > 2 ? $1 - 2 : 0)}')" \
+     "packages installed or upgraded in $((SECONDS - START)) s"
 echo "$WANT $ALL" > "$STAMP"

@@ -546,3 +546,48 @@ def test_a_strip_of_three_portraits_gives_each_face_as_alone(aaf_dir):
         assert (a.gender, a.age_band) == (s.gender, s.age_band)
         assert abs(a.age - s.age) <= 2.5
         left += portrait.shape[1]
+
+
+def _walk_clip(path, faces, frames, size=(960, 540), face=(150, 170)):
+    """A 10 fps clip of ``faces``: each (image, x of frame 0, x step a frame, y offset)
+    walking across a grey wall, cut by the frame's edges as it enters or leaves; later
+    ones in front."""
+    width, height = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, size)
+    top = (height - face[1]) // 2
+    for i in range(frames):
+        frame = np.full((height, width, 3), 110, np.uint8)
+        for image, x0, step, dy in faces:
+            x = x0 + i * step
+            a, b = max(0, x), min(width, x + face[0])
+            if b > a:
+                frame[top + dy:top + dy + face[1], a:b] = cv2.resize(image, face)[:, a - x:b - x]
+        writer.write(frame)
+    writer.release()
+
+
+def test_tracks_do_not_split_a_face_entering_at_the_edge_or_two_crossing(aaf_dir, tmp_path):
+    """One visitor per person (the shipped model): a face walking in slowly from the
+    right edge (its cut thumbnails looked unlike the whole face, and split it in two
+    visitors), and two faces crossing (one noisy thumbnail started a second track that
+    took turns with the first on one box: three visitors for two); each crossing visitor
+    keeps its own person's gender."""
+    from inference.video import analyze_video
+    from models.analyzer import FaceAnalyzer
+
+    analyzer = FaceAnalyzer(None)
+    files = sorted(aaf_dir.glob("*.jpg"))
+    image = {k: cv2.imread(str(files[k])) for k in (2000, 3000, 11)}
+    _walk_clip(tmp_path / "edge.mp4", [(image[2000], 960, -3, 0)], 90)
+    summary = analyze_video(analyzer, str(tmp_path / "edge.mp4"), tmp_path / "e")
+    assert summary["visitors"] == 1, summary
+
+    _walk_clip(tmp_path / "cross.mp4", [(image[3000], 60, 10, -20),
+                                        (image[11], 960 - 210, -10, 20)], 70)
+    summary = analyze_video(analyzer, str(tmp_path / "cross.mp4"), tmp_path / "c")
+    assert summary["visitors"] == 2, summary
+    visitors = [json.loads(x) for x in (tmp_path / "c" / "tracks.jsonl").open()]
+    counted = sorted((v for v in visitors if v["counted"]), key=lambda v: v["first_frame"])
+    alone = {k: analyzer.analyze(image[k])[0].gender
+             for k in (3000, 11)}
+    assert sorted(v["gender"] for v in counted) == sorted(alone.values())
