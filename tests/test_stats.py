@@ -260,6 +260,7 @@ def test_counts_too_few_to_split_by_band_say_so():
     reference; 400 like them are not. Summed probabilities follow the same rule."""
     from core.labels import AGE_BANDS, GENDERS
     from inference.stats import probability_stats
+    from inference.video import chart_note
     from models.analyzer import DEFAULT_MODEL
 
     model_id = json.loads((DEFAULT_MODEL / "labels.json").read_text())["model_id"]
@@ -272,3 +273,7 @@ def test_counts_too_few_to_split_by_band_say_so():
             stats = probability_stats(names, gender, band, model_id, summed=summed)
             assert stats["thin"] is thin, (n, summed, stats["age_band"])
             assert any("too few visitors" in w for w in stats["warnings"]) is thin
+            note = chart_note(stats)  # what people.png says under its title
+            assert ("too few visitors" in note) is thin
+            assert note.startswith(f"{n} visitors, " + ("summed" if summed else
+                                   "mix-corrected with the shipped model's own reference"))
