@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,24 +204,20 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-WRITTEN = ".kface-written"  # in an output folder: per command, the names it last wrote
-
-
 @contextmanager
-def staged_outputs(out: Path, command: str | None = None) -> Iterator[Path]:
+def staged_outputs(out: Path, owns: Collection[str] = ()) -> Iterator[Path]:
     """A command's outputs, replaced only by a complete, successful result.
 
     Yields a staging folder inside ``out`` (``.staging-XXXX``) for the command to write
     everything into. When the block ends without an error, each staged file replaces the
     file of the same name in ``out`` (a rename each) and each staged folder replaces the
     folder of that name whole (``replace_folder``: no annotated image of an earlier run
-    is left among the new ones). With ``command``, what the previous run of that command
-    wrote in ``out`` and this one did not (a ``predictions.csv``, an ``annotated/``
-    folder; listed per command in ``.kface-written``) is removed, so the folder holds
-    one run of it; other commands' files and files kface did not write are left alone.
-    On any error, or a kill, ``out`` is as it was: the staging folder is deleted (a
-    killed command's is removed by the next one), and an ``out`` this command created is
-    removed again."""
+    is left among the new ones). Of the names the command ``owns`` (every file and folder
+    it can write), those this run did not write (a ``predictions.csv``, an ``annotated/``
+    of an earlier run with those options) are removed, so the folder holds one run of
+    the command; other commands' files and yours are left alone. On any error, or a
+    kill, ``out`` is as it was: the staging folder is deleted (a killed command's is
+    removed by the next one), and an ``out`` this command created is removed again."""
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -233,25 +229,18 @@ def staged_outputs(out: Path, command: str | None = None) -> Iterator[Path]:
     try:
         yield stage
         names = sorted(item.name for item in stage.iterdir())
-        try:
-            written = dict(json.loads((out / WRITTEN).read_text()))
-        except (OSError, ValueError, TypeError):
-            written = {}
-        before = set(written.get(command, [])) if command else set()
         for name in names:
             item = stage / name
             if item.is_dir():
                 replace_folder(item, out / name)
             else:
                 os.replace(item, out / name)
-        for name in sorted(before - set(names)):  # the previous run's, not rewritten
-            old = out / Path(name).name
+        for name in sorted(set(owns) - set(names)):  # an earlier run's, not rewritten
+            old = out / name
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
-        if command:
-            write_json_atomic(out / WRITTEN, {**written, command: names})
         done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -218,7 +218,7 @@ def sample_data(
     console.print(sample_summary(SAMPLE_SPEC, len(table), out))
 
 
-@command("config", needs=("yaml",))
+@command("config", needs=("yaml", "pyarrow"))  # (the stages' config sections)
 def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Print the resolved configuration as YAML (defaults + file + overrides)."""
     from flows.config import ConfigError, dump_config, load_config

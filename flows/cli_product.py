@@ -88,7 +88,9 @@ def predict(
     from inference.predict import predict_images
 
     analyzer = load_analyzer(model, threshold, detector)
-    with staged_outputs(out, "predict") as stage:  # earlier outputs stay unless it succeeds
+    from inference.predict import PREDICT_OUTPUTS
+
+    with staged_outputs(out, PREDICT_OUTPUTS) as stage:  # earlier ones stay unless it works
         entries = predict_images(analyzer, paths, stage, csv, annotated, batch,
                                  threads or READERS)
         if all(e["error"] for e in entries):
@@ -131,7 +133,7 @@ def video(
 
     from core.storage import staged_outputs
     from inference.stats import StatsError, check_reference_for_model
-    from inference.video import VideoError, analyze_video, check_video
+    from inference.video import VIDEO_OUTPUTS, VideoError, analyze_video, check_video
 
     if (reference is not None or summed) and not stats:
         fail(f"{'--reference' if reference else '--summed'} chooses how --stats counts: "
@@ -146,7 +148,7 @@ def video(
         fail(str(exc))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as bar, staged_outputs(out, "video") as stage:
+                  transient=True) as bar, staged_outputs(out, VIDEO_OUTPUTS) as stage:
         frames = bar.add_task("frames", total=None)
         try:
             summary = analyze_video(
@@ -205,7 +207,7 @@ def evaluate_cmd(
         metrics, confusion = evaluate_folder(analyzer, data)
     except DatasetError as exc:
         fail(str(exc))
-    with staged_outputs(out, "evaluate") as stage:
+    with staged_outputs(out) as stage:
         write_folder_evaluation(analyzer, metrics, confusion, stage)
     terminal.print_evaluation(metrics, out, out / REFERENCE_FILE)
 
@@ -237,7 +239,7 @@ def stats_cmd(
     except StatsError as exc:
         fail(str(exc))
     stats["made_by"] = visitors_made_by(source, stats["model_id"])
-    with staged_outputs(out, "stats") as stage:
+    with staged_outputs(out) as stage:
         write_stats_json(stats, stage)
     terminal.print_counts(stats)
     console.print(f"{stats['visitors']} visitors -> {out / 'stats.json'}")
@@ -257,7 +259,7 @@ def export(
     try:
         check_format(format)  # before TensorFlow loads (seconds)
         folder = model_dir(model)
-        with staged_outputs(out, "export") as stage:
+        with staged_outputs(out) as stage:
             path = export_model(folder, stage, format)  # type: ignore[arg-type]
     except ExportError as exc:
         fail(str(exc))

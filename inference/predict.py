@@ -36,6 +36,9 @@ class PhotoInputError(ValueError):
     """The paths given hold no photo to analyse; the message says which and why."""
 
 
+# every file and folder kface predict may write in --out (core.storage.staged_outputs)
+PREDICT_OUTPUTS = ("predictions.json", "predictions.csv", "annotated")
+
 def check_photos(inputs: Iterable[Path]) -> list[Path]:
     """The image files of ``inputs`` (files, and image files below folders), checked
     before any model is loaded: every path exists, there is at least one image, and at

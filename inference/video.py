@@ -48,6 +48,9 @@ RETURN_SECONDS = 10.0  # a person back in view within this long is the same visi
 MIN_SIMILARITY = 0.85  # thumbnails at least this alike (cosine) are the same person
 TRACK_SIMILARITY = 0.6  # a face less alike than this never continues a track
 THUMB = 12
+# every file kface video may write in --out (core.storage.staged_outputs)
+VIDEO_OUTPUTS = ("annotated.mp4", "frames.jsonl", "tracks.jsonl", "summary.json",
+                 "stats.json", "timeline.csv", "people.png")
 
 
 EDGE = 2  # px: a box this close to the frame's border is a face cut by it

@@ -69,7 +69,7 @@ def test_the_parts_compose_to_the_whole(weights):
 
 
 def test_missing_or_changed_files_are_one_line(weights, tmp_path):
-    with pytest.raises(MobileFaceNetError, match="not found: give the folder"):
+    with pytest.raises(MobileFaceNetError, match="not found: set model.weights to builtin"):
         weight_files(tmp_path)
     for name in ("model-y1-test2-symbol.json", PARAMS):
         (tmp_path / name).write_bytes((weights / name).read_bytes())
@@ -91,5 +91,5 @@ def test_classifier_on_the_face_backbone(weights):
     np.testing.assert_allclose(out["age_band"].sum(1), 1, atol=1e-5)  # ages 15-69 folded
     with pytest.raises(WeightsError, match="crops.size: 112"):
         build_classifier(cfg, 160)
-    with pytest.raises(WeightsError, match="set model.weights to their folder"):
+    with pytest.raises(WeightsError, match="set model.weights to builtin"):
         build_classifier(cfg.model_copy(update={"weights": "none"}), INPUT_SIZE)
