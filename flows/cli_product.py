@@ -226,19 +226,13 @@ def stats_cmd(
     reference (the shipped model's own for its visitors; see docs: what the interval
     covers)."""
     from core.storage import staged_outputs
-    from inference.stats import (
-        StatsError,
-        visitor_stats,
-        visitors_made_by,
-        write_stats_json,
-    )
+    from inference.stats import StatsError, visitor_stats, write_stats_json
 
     check_count_options(reference, summed)
     try:
         stats = visitor_stats(source, reference, allow_other_model, summed)
     except StatsError as exc:
         fail(str(exc))
-    stats["made_by"] = visitors_made_by(source, stats["model_id"])
     with staged_outputs(out) as stage:
         write_stats_json(stats, stage)
     terminal.print_counts(stats)

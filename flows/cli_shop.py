@@ -63,11 +63,10 @@ def count(
         CameraError,
         check_source,
         configure_logging,
-        expand_source,
         load_count_config,
         run_service,
     )
-    from inference.store import Store, StoreError
+    from inference.store import Store, StoreError, expand_env
 
     if not sources and config is None:
         fail("name a camera (kface count 0, kface count rtsp://..., kface count shop.mp4) "
@@ -79,7 +78,7 @@ def count(
             for camera in cfg.cameras.values():
                 camera.detect_fps = detect_fps
         for name, camera in cfg.cameras.items():
-            check_source(name, expand_source(camera.source))
+            check_source(name, expand_env(camera.source))
         Store(cfg.store).close()  # before the model loads: the store opens, its schema fits
     except (CameraError, StoreError) as exc:
         fail(str(exc))

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from inference.shop_counts import CountsError, counts_csv, shop_counts
-from inference.store import Store
+from inference.store import Store, short_error
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("kface.dashboard")
@@ -123,9 +123,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
             return
         except SQLAlchemyError as exc:
-            from inference.store import _short
-
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"store: {_short(exc)}")
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"store: {short_error(exc)}")
             return
         if csv:
             name = f"kface-{day.isoformat()}-{period}{'-' + camera if camera else ''}.csv"

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from inference.store import Store, StoreError, redact, visitor_row
+from inference.store import Store, StoreError, expand_env, redact, short_error, visitor_row
 from inference.video import (
     GAP_SECONDS,
     MIN_SECONDS,
@@ -92,14 +92,6 @@ class CountConfig(BaseModel):
         return cameras
 
 
-def expand_source(source: str) -> str:
-    """``${NAME}`` in a camera source replaced from the environment (a password kept out
-    of the config file)."""
-    from inference.store import _expand
-
-    return _expand(source)
-
-
 def is_stream(source: str) -> bool:
     return "://" in source
 
@@ -137,7 +129,7 @@ class CameraReader(threading.Thread):
                  on_up: Callable[[str, float, float], None]):
         super().__init__(name=f"kface-camera-{name}", daemon=True)
         self.camera_name, self.cfg, self.stop_event = name, cfg, stop
-        self.source = expand_source(camera.source)
+        self.source = expand_env(camera.source)
         self.loop = camera.loop
         self.shown = redact(self.source)
         self.file = not (is_stream(self.source) or is_camera(self.source))
@@ -172,11 +164,10 @@ class CameraReader(threading.Thread):
             cap = self._open()
             if not cap.isOpened():
                 cap.release()
+                self._went_down(f"cannot open {self.shown}")
                 if self.file:  # checked before start: it went away
-                    self._went_down(f"cannot open {self.shown}")
                     self.ended = True
                     return
-                self._went_down(f"cannot open {self.shown}")
                 log.warning("camera %s: cannot open %s; retrying in %.0f s",
                             self.camera_name, self.shown, wait)
                 self.stop_event.wait(wait)
@@ -279,11 +270,9 @@ class StoreWriter(threading.Thread):
                     break
                 except SQLAlchemyError as exc:
                     if not self.failing:
-                        from inference.store import _short
-
                         log.error("store %s refused a write (%s); retrying each second, "
                                   "nothing is lost while the service runs", self.store.shown,
-                                  _short(exc))
+                                  short_error(exc))
                     self.failing = True
                     time.sleep(1.0)
 

@@ -83,9 +83,10 @@ class StatsError(ValueError):
 
 
 def visitor_probabilities(path: Path
-                          ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray, str | None]:
-    """The class names, per visitor the gender and age-band probabilities, and the id of
-    the model that made them (None in a file of a kface before 2026-12)."""
+                          ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray, dict]:
+    """The class names, per visitor the gender and age-band probabilities, and what made
+    them: a predictions file's ``model`` and ``detector``, a tracks file's model id
+    (``{"model": {"id": ...}}``; the id None in a file of a kface before 2026-12)."""
     path = Path(path)
     if not path.is_file():
         raise StatsError(f"{path} not found: give a predictions.json (kface predict) or a "
@@ -94,13 +95,13 @@ def visitor_probabilities(path: Path
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in path.read_text().splitlines() if line]
             visitors = [r for r in rows if r.get("counted", True)]
-            model_id = next((r.get("model_id") for r in rows), None)
+            made_by = {"model": {"id": next((r.get("model_id") for r in rows), None)}}
         else:
             from inference.predict import read_predictions
 
             made_by, entries = read_predictions(path)
             visitors = [f for e in entries for f in e["faces"]]
-            model_id = made_by.get("model", {}).get("id")
+            made_by = made_by or {"model": {"id": None}}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         why = (f"not JSON: {str(exc).splitlines()[0]}" if isinstance(exc, ValueError)
                else "not the fields kface writes")
@@ -111,12 +112,12 @@ def visitor_probabilities(path: Path
         raise StatsError(f"{path} has no probabilities per visitor (a tracks file of an "
                          "older kface): run kface video again")
     if not visitors:
-        return {"gender": [], "age_band": []}, np.zeros((0, 2)), np.zeros((0, 4)), model_id
+        return {"gender": [], "age_band": []}, np.zeros((0, 2)), np.zeros((0, 4)), made_by
     names = {"gender": list(visitors[0]["gender_probs"]),
              "age_band": list(visitors[0]["age_band_probs"])}
     gender = np.array([[v["gender_probs"][n] for n in names["gender"]] for v in visitors])
     band = np.array([[v["age_band_probs"][n] for n in names["age_band"]] for v in visitors])
-    return names, gender, band, model_id
+    return names, gender, band, made_by
 
 
 def counts_with_intervals(probs: np.ndarray, names: list[str]) -> dict[str, dict]:
@@ -414,10 +415,11 @@ def visitor_stats(path: Path, reference_path: Path | None = None,
     for visitors of the shipped model is its own (``shipped_reference``) unless another
     is given; by summed probabilities with ``summed`` or where there is none. The
     counts by each visitor's most likely class are beside, as a diagnostic
-    (``diagnostic_most_likely_class``)."""
-    stats = probability_stats(*visitor_probabilities(path), reference_path,
-                              allow_other_model, summed)
-    return {"input": str(path), **stats}
+    (``diagnostic_most_likely_class``), and what made the visitors (``made_by``)."""
+    names, gender, band, made_by = visitor_probabilities(path)
+    stats = probability_stats(names, gender, band, made_by.get("model", {}).get("id"),
+                              reference_path, allow_other_model, summed)
+    return {"input": str(path), **stats, "made_by": made_by}
 
 
 def probability_stats(names: dict[str, list[str]], gender: np.ndarray, band: np.ndarray,
@@ -481,21 +483,6 @@ def thin_counts(stats: dict) -> dict:
             f"too few visitors ({n}) to split by age band: a band's 95% interval spans "
             f"more than {THIN_SHARE:.0%} of them; read the totals, or a longer period")
     return stats
-
-
-def visitors_made_by(path: Path, model_id: str | None) -> dict:
-    """What made the visitors of ``path`` (for ``kface stats``' ``stats.json``): a
-    predictions file's ``model`` and ``detector``; a tracks file's model id."""
-    if Path(path).suffix != ".jsonl":
-        from inference.predict import read_predictions
-
-        try:
-            made_by = read_predictions(path)[0]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            made_by = {}
-        if made_by:
-            return made_by
-    return {"model": {"id": model_id}}
 
 
 def write_stats_json(stats: dict, out: Path) -> Path:

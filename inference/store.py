@@ -38,7 +38,7 @@ class StoreError(ValueError):
     """The store cannot be opened or written (one line: which store, and what to do)."""
 
 
-def _expand(value: str) -> str:
+def expand_env(value: str) -> str:
     """``${NAME}`` replaced by the environment variable NAME (a password kept out of
     config files and command lines); a missing one is a StoreError."""
     def sub(match: re.Match) -> str:
@@ -55,7 +55,7 @@ def store_url(value: str | Path | None) -> str:
     (``${NAME}`` parts read from the environment); None: ``$KFACE_STORE_URL``, else
     ``visitors.db`` here."""
     value = str(value) if value is not None else os.environ.get(STORE_ENV, "visitors.db")
-    value = _expand(value)
+    value = expand_env(value)
     if value.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + value.split("://", 1)[1]
     if "://" in value:
@@ -146,7 +146,7 @@ class Store:
             self._open_schema()
         except SQLAlchemyError as exc:
             raise StoreError(f"store {self.shown} cannot be opened: "
-                             f"{_short(exc)}") from None
+                             f"{short_error(exc)}") from None
 
     def _open_schema(self) -> None:
         from sqlalchemy import inspect, select
@@ -179,30 +179,29 @@ class Store:
                     raise
                 time.sleep(0.2)
 
+    def _insert_new(self, table, key: str):
+        """An INSERT of ``table`` that skips a row whose unique ``key`` is stored already
+        (SQLite's and PostgreSQL's ON CONFLICT DO NOTHING)."""
+        if self.sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(table).on_conflict_do_nothing(index_elements=[key])
+
     def add_visitors(self, rows: Iterable[dict]) -> int:
         """Insert visitor rows (``visitor_row``); a row whose ``visitor_key`` is already
         stored is left as it is. Returns how many were new. One transaction."""
         rows = list(rows)
         if not rows:
             return 0
-        if self.sqlite:
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
-        statement = insert(self.visitors).on_conflict_do_nothing(
-            index_elements=["visitor_key"])
+        statement = self._insert_new(self.visitors, "visitor_key")
         with self.engine.begin() as conn:
             return max(0, conn.execute(statement, rows).rowcount or 0)
 
     def start_downtime(self, camera: str, key: str, started_at: float, reason: str) -> None:
         """Record that ``camera`` went down at ``started_at`` (``key``: unique per outage)."""
-        if self.sqlite:
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
         with self.engine.begin() as conn:
-            conn.execute(insert(self.downtime).on_conflict_do_nothing(
-                index_elements=["downtime_key"]).values(
+            conn.execute(self._insert_new(self.downtime, "downtime_key").values(
                 downtime_key=key, camera=camera, started_at=started_at,
                 reason=reason[:300]))
 
@@ -286,7 +285,7 @@ class Store:
         self.engine.dispose()
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """The database's own message, first line, without SQLAlchemy's statement dump."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return redact(text[0] if text else type(exc).__name__)

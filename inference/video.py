@@ -333,8 +333,8 @@ class PeopleCounter:
                                 self.min_seconds, self.model_id)
         if record["counted"]:
             self.people[record["class"]] += 1
-            gender_p = np.array(list(record["gender_probs"].values()))
-            age_p = np.array(list(record["age_band_probs"].values()))
+            gender_p = visitor.gender_sum / visitor.frames
+            age_p = visitor.age_sum / visitor.frames
             joint = (age_p[:, None] * gender_p[None, :]).ravel()  # (stats' joint order)
             for minute in visitor.minutes:
                 self.per_minute[minute] = self.per_minute.get(minute, 0) + joint
@@ -560,9 +560,9 @@ def write_stats(counter: PeopleCounter, out: Path, reference: Path | None = None
     if not chart:
         counts["warnings"].append("people.png left out: matplotlib is not installed (the "
                                   "light install); stats.json holds the same figures")
-    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes,
-                                           **({"made_by": made_by} if made_by else {}),
-                                           **counts})
+    if made_by:
+        counts["made_by"] = made_by  # the analyser's: model and detector
+    write_json_atomic(out / "stats.json", {"people": people, "minutes": minutes, **counts})
     if chart:
         write_chart(people, out / "people.png", chart_note(counts))
     return people, counts
