@@ -14,6 +14,7 @@ from flows.options import (
     AllowOtherModelOpt,
     DaskOpt,
     DetectorKindOpt,
+    MirrorOpt,
     ModelOpt,
     ReferenceOpt,
     ShardSizeOpt,
@@ -39,6 +40,7 @@ def predict(
     annotated: bool = typer.Option(False, "--annotated", help="Also write annotated images."),
     threshold: float | None = ThresholdOpt,
     detector: str | None = DetectorKindOpt,
+    mirror: bool | None = MirrorOpt,
     workers: int = WorkersOpt,
     shard_size: int = ShardSizeOpt,
     batch: int = typer.Option(16, min=1, help="Photos whose faces are classified in one "
@@ -68,13 +70,14 @@ def predict(
         fail(str(exc))
     if flow:  # the workers load the model; checked here up front
         # a bad model folder: one line, no server; its folder and notes said once
-        checked = load_analyzer(model, threshold, detector)
+        checked = load_analyzer(model, threshold, detector, mirror)
         from flows.predict import run_batch_predict
         from flows.server import ServerStartError
 
         try:
             s = run_batch_predict(checked.model_dir, paths, out, shard_size, threshold, csv,
-                                  annotated, workers, detector, merged_json, dask_address)
+                                  annotated, workers, detector, merged_json, dask_address,
+                                  mirror)
         except ServerStartError as exc:
             fail(str(exc))
         terminal.print_batch(s, out, [out / n for n, on in (
@@ -87,7 +90,7 @@ def predict(
     from core.threads import READERS
     from inference.predict import predict_images
 
-    analyzer = load_analyzer(model, threshold, detector)
+    analyzer = load_analyzer(model, threshold, detector, mirror)
     from inference.predict import PREDICT_OUTPUTS
 
     with staged_outputs(out, PREDICT_OUTPUTS) as stage:  # earlier ones stay unless it works
@@ -125,6 +128,7 @@ def video(
     reference: Path | None = ReferenceOpt,
     summed: bool = SummedOpt,
     allow_other_model: bool = AllowOtherModelOpt,
+    mirror: bool | None = MirrorOpt,
 ) -> None:
     """Annotate a video (or camera) with tracked, smoothed predictions; one line per
     visitor in tracks.jsonl (seconds in view, averaged probabilities and age). A camera
@@ -141,7 +145,7 @@ def video(
     check_count_options(reference, summed)
     try:  # before the model loads: a missing file or one that is no video is one line,
         check_video(source)  # and a bad reference before minutes of video, not after
-        analyzer = load_analyzer(model, threshold, detector)
+        analyzer = load_analyzer(model, threshold, detector, mirror)
         check_reference_for_model(reference, analyzer.provenance()["model"]["id"],
                                   allow_other_model)
     except (VideoError, StatsError) as exc:
@@ -191,6 +195,7 @@ def evaluate_cmd(
     out: Path = out_option("evaluate", "Report folder"),
     threshold: float | None = ThresholdOpt,
     detector: str | None = DetectorKindOpt,
+    mirror: bool | None = MirrorOpt,
 ) -> None:
     """Score a model (or an exported ONNX model) on any labelled photo folder: the same
     report as the pipeline's evaluate stage (intervals by person, baselines, confusion,
@@ -203,7 +208,7 @@ def evaluate_cmd(
     data = DataConfig(root=data_root, layout="labelled", labels=labels)
     try:  # before the model loads: the folder and its labels CSV
         check_dataset(data)
-        analyzer = load_analyzer(model, threshold, detector)
+        analyzer = load_analyzer(model, threshold, detector, mirror)
         metrics, confusion = evaluate_folder(analyzer, data)
     except DatasetError as exc:
         fail(str(exc))

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import typer
 
-from flows.options import DetectorKindOpt, ModelOpt, ThresholdOpt, app, load_analyzer
+from flows.options import (
+    DetectorKindOpt,
+    MirrorOpt,
+    ModelOpt,
+    ThresholdOpt,
+    app,
+    load_analyzer,
+)
 from flows.terminal import console, fail
 
 StoreOpt = typer.Option(None, "--store", help="Visitors store: an SQLite file or a "
@@ -55,6 +62,7 @@ def count(
     model: Path | None = ModelOpt,
     threshold: float | None = ThresholdOpt,
     detector: str | None = DetectorKindOpt,
+    mirror: bool | None = MirrorOpt,
 ) -> None:
     """The counting service: count each camera's visitors into the visitors store as they
     leave, all day; a dropped stream is retried and recorded as downtime. SIGTERM or
@@ -82,7 +90,7 @@ def count(
         Store(cfg.store).close()  # before the model loads: the store opens, its schema fits
     except (CameraError, StoreError) as exc:
         fail(str(exc))
-    analyzer = load_analyzer(model, threshold, detector)
+    analyzer = load_analyzer(model, threshold, detector, mirror)
     configure_logging()
     try:
         summary = run_service(analyzer, cfg, seconds)

@@ -87,6 +87,11 @@ ThresholdOpt = typer.Option(
 DetectorKindOpt = typer.Option(
     None, "--detector", help=f"Face detector: {' or '.join(KIND)} (default: the one the "
     "model was trained on, recorded in its labels.json).")
+MirrorOpt = typer.Option(
+    None, "--mirror/--no-mirror", help="Average each face's answers with its mirror "
+    "image's (twice the classifier's work). Default: as the model says (labels.json "
+    "'mirror', else its recipe's flip_average); the shipped model answers without it "
+    "(docs/model.md: the same scores on held-out people at twice the speed).")
 AllowOtherModelOpt = typer.Option(
     False, "--allow-other-model", help="Use a --reference made with another model than "
     "the one counting (refused by default: the correction assumes the same model).")
@@ -223,14 +228,16 @@ def check_count_options(reference: Path | None, summed: bool) -> None:
              "probabilities), not both")
 
 
-def load_analyzer(model: Path | None, threshold: float | None, detector: str | None = None):
-    """The FaceAnalyzer for ``--model``/``--threshold``/``--detector``, its notes said;
-    one error line for a bad model folder or detector."""
+def load_analyzer(model: Path | None, threshold: float | None, detector: str | None = None,
+                  mirror: bool | None = None):
+    """The FaceAnalyzer for ``--model``/``--threshold``/``--detector``/``--mirror``, its
+    notes said; one error line for a bad model folder or detector."""
     from models.analyzer import FaceAnalyzer, ModelFolderError
 
     check_detector_kind(detector)
     try:
-        analyzer = FaceAnalyzer(model, confidence=threshold, detector_kind=detector)
+        analyzer = FaceAnalyzer(model, confidence=threshold, detector_kind=detector,
+                                mirror=mirror)
     except ModelFolderError as exc:
         fail(str(exc))
     for note in analyzer.notes:

@@ -139,7 +139,8 @@ def provenance(model_dir: Path, labels: dict, network: Path, detector: DetectorC
     """What made a set of answers, as every output file records it: ``model`` (its name:
     the shipped model's, else its folder; its id: labels.json's ``model_id``, one for a
     model and its ONNX export, or for a model trained before ids existed its labels.json's
-    sha256; the network file and that file's sha256) and ``detector`` (kind, threshold)."""
+    sha256; the network file and that file's sha256; the analyser adds ``mirror``,
+    whether the answers average the mirror image's) and ``detector`` (kind, threshold)."""
     return {"model": {"name": labels.get("card", {}).get("name", str(model_dir)),
                       "id": labels.get("model_id") or file_sha256(Path(model_dir) /
                                                                   "labels.json"),
@@ -170,11 +171,13 @@ class FaceAnalyzer:
 
     def __init__(self, model_dir: Path | None, confidence: float | None = None,
                  detector: DetectorConfig | None = None, detector_kind: str | None = None,
-                 threads: int = 0):
+                 threads: int = 0, mirror: bool | None = None):
         model_dir, note = resolve_model_dir(model_dir)
-        # the shipped model holds both forms: ONNX Runtime where it is installed (faster)
+        # the shipped model holds both forms: ONNX Runtime where it is installed (faster);
+        # mirror: the mirror pass (None: as labels.json says, models.backends)
         self.model, self.labels = load_backend(model_dir, threads,
-                                               prefer_onnx=model_dir == DEFAULT_MODEL)
+                                               prefer_onnx=model_dir == DEFAULT_MODEL,
+                                               mirror=mirror)
         self.model_dir = model_dir
         # models trained before calibration have none: their probabilities as they come
         self.calibration = model_calibration(self.labels)
@@ -200,7 +203,10 @@ class FaceAnalyzer:
 
     @functools.cached_property
     def _provenance(self) -> dict:
-        return provenance(self.model_dir, self.labels, Path(self.model.path), self.detector_cfg)
+        made_by = provenance(self.model_dir, self.labels, Path(self.model.path),
+                             self.detector_cfg)
+        made_by["model"]["mirror"] = self.model.mirror
+        return made_by
 
     def provenance(self) -> dict:
         """What made the answers (``provenance``), for every output file."""

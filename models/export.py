@@ -5,8 +5,11 @@ ONNX: Keras 3 exports through ``model.export(format="onnx")`` (tf2onnx and onnx:
 file. Keras refuses a loaded model that has never been called ("The model provided has
 never called"), so the model is called once on a blank batch first. The export is
 checked before it is kept: ONNX Runtime's outputs must equal Keras' within
-``ONNX_TOLERANCE`` on every head (the flip averaging and the exact-age head are part of
-the saved model, so they are exported too). The ONNX folder (``model.onnx`` +
+``ONNX_TOLERANCE`` on every head, after ``models.onnx_graph`` has rewritten its PReLUs
+for ONNX Runtime's fast layout. The exact-age head is exported; of a flip-averaged model
+the single-view network is, and the mirror pass runs outside it where the analyser asks
+for it (``models.backends``; the folder's labels.json says ``onnx_mirror: runtime``),
+checked against Keras' averaged answers. The ONNX folder (``model.onnx`` +
 ``labels.json``) is a model folder that every inference path takes without TensorFlow.
 Every export folder gets a copy of ``labels.json``.
 """
@@ -14,6 +17,7 @@ Every export folder gets a copy of ``labels.json``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -24,9 +28,11 @@ from typing import Literal
 import numpy as np
 
 from core.labels import AGE_BANDS, AGES, GENDERS
-from core.storage import FILE_MODE, write_bytes_atomic
+from core.storage import FILE_MODE, write_bytes_atomic, write_json_atomic
+from models.backends import MIRROR_AT_RUN_TIME
 from models.classifier import load_classifier
-from models.runtime import load_tensorflow, verbose
+from models.onnx_graph import optimise_onnx_file
+from models.runtime import load_keras, load_tensorflow, verbose
 
 Format = Literal["savedmodel", "tflite", "onnx"]
 
@@ -86,25 +92,47 @@ def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
         # tf2onnx logs a traceback when one of its optional graph optimisations does not
         # apply (MobileNetV3's transposes); the export still passes check_onnx
         logging.getLogger("tf2onnx").setLevel(logging.DEBUG if verbose() else logging.ERROR)
+        single = single_view(model)  # a flip-averaged model: the mirror pass runs outside
         with tempfile.TemporaryDirectory(dir=out, prefix=".onnx.") as tmp:
             try:
-                model.export(str(Path(tmp) / "model.onnx"), format="onnx", verbose=False)
+                single.export(str(Path(tmp) / "model.onnx"), format="onnx", verbose=False)
             except Exception as exc:  # the converter's own error types
                 raise ExportError(f"ONNX conversion of {model_dir / 'model.keras'} failed: "
                                   f"{str(exc).splitlines()[0][:300]}") from None
-            check_onnx(Path(tmp) / "model.onnx", probe, expected)
+            optimise_onnx_file(Path(tmp) / "model.onnx")  # same answers, faster on CPU
+            check_onnx(Path(tmp) / "model.onnx", probe, expected, mirror=single is not model)
             os.chmod(Path(tmp) / "model.onnx", FILE_MODE)
             (Path(tmp) / "model.onnx").replace(target)
+        if single is not model:
+            labels = json.loads((model_dir / "labels.json").read_text())
+            write_json_atomic(out / "labels.json", {**labels,
+                                                    "onnx_mirror": MIRROR_AT_RUN_TIME})
+            return target
     write_bytes_atomic(out / "labels.json", (model_dir / "labels.json").read_bytes())
     return target
 
 
-def check_onnx(path: Path, images: np.ndarray, expected: dict) -> None:
+def single_view(model):
+    """The single-view network of a flip-averaged classifier (its inner model, called
+    once so that Keras exports it), else ``model`` itself."""
+    inner = [layer for layer in model.layers if layer.name == "kface_classifier"]
+    if model.name != "kface_classifier_flip_averaged" or len(inner) != 1:
+        return model
+    keras = load_keras()
+    image = keras.Input(model.input_shape[1:], name="image")
+    single = keras.Model(image, inner[0](image), name="kface_classifier")
+    single.predict_on_batch(np.zeros((1, *model.input_shape[1:]), "float32"))
+    return single
+
+
+def check_onnx(path: Path, images: np.ndarray, expected: dict, mirror: bool = False
+               ) -> None:
     """Raise ExportError unless ONNX Runtime gives ``expected`` (Keras' outputs) on
-    ``images``, within ``ONNX_TOLERANCE``, on every head."""
+    ``images``, within ``ONNX_TOLERANCE``, on every head (``mirror``: with the mirror pass
+    run outside the file, as the analyser runs it)."""
     from models.backends import OnnxClassifier
 
-    got = OnnxClassifier(path)(images)
+    got = OnnxClassifier(path, mirror=mirror)(images)
     for head, want in expected.items():
         if head not in got:
             raise ExportError(f"the ONNX export lacks the {head!r} output")

@@ -202,6 +202,24 @@ def test_flip_averaged_model_averages_the_mirror_and_reloads(tiny_run, tmp_path)
         np.testing.assert_allclose(got[head], (direct[head] + mirrored[head]) / 2, atol=1e-5)
         assert not np.allclose(direct[head], mirrored[head], atol=1e-4)  # a real second view
 
+    # its ONNX export is the single-view network; the mirror pass runs outside it, as asked
+    import json
+
+    from models.backends import load_backend
+    from models.export import export_model
+
+    labels = json.loads((tiny_run["model_dir"] / "labels.json").read_text())
+    (tmp_path / "labels.json").write_text(json.dumps({**labels, "flip_average": True}))
+    export_model(tmp_path, tmp_path / "onnx", "onnx")
+    exported = json.loads((tmp_path / "onnx" / "labels.json").read_text())
+    assert exported["onnx_mirror"] == "runtime"
+    averaging, _ = load_backend(tmp_path / "onnx")  # flip_average: mirrored by default
+    single, _ = load_backend(tmp_path / "onnx", mirror=False)
+    assert averaging.mirror and not single.mirror
+    for head in ("gender", "age_band"):
+        np.testing.assert_allclose(averaging(images)[head], got[head], atol=1e-4)
+        np.testing.assert_allclose(single(images)[head], direct[head], atol=1e-4)
+
 
 def test_a_degenerate_model_is_flagged_at_the_top_and_the_heads_are_explained():
     """A model that always answers one gender and one age band gets warnings (recall 0,

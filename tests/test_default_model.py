@@ -41,6 +41,15 @@ def test_predict_without_a_model_uses_the_shipped_one(scenes_dir, tmp_path):
     assert made["model"]["id"] == labels["model_id"] and made["detector"]["kind"] == "yunet"
     faces = made["images"][0]["faces"]
     assert len(faces) == 6 and all(15 <= f["age"] <= 69 and f["landmarks"] for f in faces)
+    assert made["model"]["mirror"] is False  # the shipped model's choice (docs/model.md)
+    res = run_kface("predict", str(scenes_dir / "insightface_t1.jpg"), "--out",
+                    str(tmp_path / "m"), "--mirror")  # the mirror pass, asked for
+    assert res.returncode == 0, res.stderr[-2000:]
+    mirrored = json.loads((tmp_path / "m" / "predictions.json").read_text())
+    assert mirrored["model"]["mirror"] is True
+    assert [f["box"] for f in mirrored["images"][0]["faces"]] == [f["box"] for f in faces]
+    assert [f["age_band_probs"] for f in mirrored["images"][0]["faces"]] != [
+        f["age_band_probs"] for f in faces]
     res = run_kface("stats", str(tmp_path / "p" / "predictions.json"), "--out",
                     str(tmp_path / "s"), "--reference",
                     str(DEFAULT_MODEL / "soft_confusion.json"))
@@ -74,12 +83,25 @@ def test_keras_and_onnx_forms_answer_the_same(scenes_dir):
     from models.backends import KerasClassifier, OnnxClassifier
 
     analyzer = FaceAnalyzer(None)
+    assert not analyzer.model.mirror  # the shipped model answers without the mirror pass
     _, crops = analyzer.crops(cv2.imread(str(scenes_dir / "insightface_t1.jpg")))
-    keras = KerasClassifier(DEFAULT_MODEL / "model.keras")(crops)
-    onnx = OnnxClassifier(DEFAULT_MODEL / "model.onnx")(crops)
-    assert set(keras) == set(onnx) == {"gender", "age_band", "age"}
-    for head in keras:
-        np.testing.assert_allclose(keras[head], onnx[head], atol=1e-4)
+    for mirror in (False, True):  # without it and with it (--mirror), both forms agree
+        keras = KerasClassifier(DEFAULT_MODEL / "model.keras", mirror)(crops)
+        onnx = OnnxClassifier(DEFAULT_MODEL / "model.onnx", mirror=mirror)(crops)
+        assert set(keras) == set(onnx) == {"gender", "age_band", "age"}
+        for head in keras:
+            np.testing.assert_allclose(keras[head], onnx[head], atol=1e-4)
+    assert not np.allclose(keras["age_band"], analyzer.model(crops)["age_band"], atol=1e-4)
+
+
+def test_the_shipped_onnx_file_keeps_the_fast_graph():
+    """``models.onnx_graph`` has rewritten its PReLUs (no Neg left: ONNX Runtime keeps
+    its blocked layout, bench/bench_shipped.py) and it holds the single-view network."""
+    import onnx
+
+    graph = onnx.load(str(DEFAULT_MODEL / "model.onnx")).graph
+    kinds = {node.op_type for node in graph.node}
+    assert "Neg" not in kinds and "ReverseSequence" not in kinds and "Conv" in kinds
 
 
 def test_a_training_can_start_from_the_shipped_model(shared_data):
