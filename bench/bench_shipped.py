@@ -4,10 +4,11 @@ today's path against the one before 2026-12-07, on the same inputs in the same r
 ``python bench/bench_shipped.py [--photos 1200] [--frames 0] [--skip-video]``
 
 - **before**: the shipped ``model.keras`` exported as ``kface export`` did until then
-  (the mirror pass inside the graph, tf2onnx's five-node PReLUs), with its labels.json:
-  what ``kface predict`` and ``kface video`` ran.
+  (the mirror pass inside the graph, tf2onnx's five-node PReLUs), with its labels.json,
+  and YuNet on OpenCV (``KFACE_YUNET_RUNTIME=opencv``): what ``kface predict`` and
+  ``kface video`` ran.
 - **now**: the shipped folder as it is (PReLUs rewritten by ``models.onnx_graph``, no
-  mirror pass: ``mirror: false``).
+  mirror pass: ``mirror: false``), YuNet on ONNX Runtime.
 - **now --mirror**: the same with the mirror pass asked for.
 
 ``predict``: ``kface predict`` on the first 200 and the first ``--photos`` All-Age-Faces
@@ -55,10 +56,13 @@ def before_folder(folder: Path) -> Path:
     return folder
 
 
-def kface(*args: str) -> float:
+def kface(*args: str, before: bool = False) -> float:
+    """Seconds ``kface ARGS`` takes as a command; ``before``: YuNet on OpenCV's
+    FaceDetectorYN, as it ran before (``KFACE_YUNET_RUNTIME=opencv``)."""
     start = time.perf_counter()
+    env = {**os.environ, **({"KFACE_YUNET_RUNTIME": "opencv"} if before else {})}
     res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if res.returncode:
         raise SystemExit(f"kface {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -83,8 +87,11 @@ def main() -> None:
     results: dict = {"photos": args.photos, "cpus": os.cpu_count(), "predict": {},
                      "video": {}}
     for name, extra in variants.items():
-        t_small = kface("predict", str(small), "--out", str(work / "o"), *extra)
-        t_large = kface("predict", str(large), "--out", str(work / "o"), *extra)
+        before = name == "before"
+        t_small = kface("predict", str(small), "--out", str(work / "o"), *extra,
+                        before=before)
+        t_large = kface("predict", str(large), "--out", str(work / "o"), *extra,
+                        before=before)
         results["predict"][name] = {
             "seconds_200": round(t_small, 1), f"seconds_{args.photos}": round(t_large, 1),
             "marginal_photos_per_s": round((args.photos - 200) / (t_large - t_small), 1)}
@@ -93,9 +100,11 @@ def main() -> None:
 
         clip = clip_720p(work / "shop720.mp4")
         for name, extra in variants.items():
+            before = name == "before"
             start = kface("video", str(clip), "--max-frames", "10", "--out",
-                          str(work / "v"), *extra)
-            seconds = kface("video", str(clip), "--out", str(work / "v"), *extra)
+                          str(work / "v"), *extra, before=before)
+            seconds = kface("video", str(clip), "--out", str(work / "v"), *extra,
+                            before=before)
             summary = json.loads((work / "v" / "summary.json").read_text())
             results["video"][name] = {
                 "frames": summary["frames"], "seconds": round(seconds, 1),

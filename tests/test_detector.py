@@ -123,3 +123,50 @@ def test_reduced_decode_agrees_with_full_decode(tmp_path, aaf_dir, detector):
         b = detector.detect(small, w2, h2)[0]
         ious.append(box_iou(a.box, b.box))
     assert min(ious) > 0.95
+
+
+def test_yunet_on_onnx_runtime_gives_opencvs_rows(shared_data, scenes_dir):
+    """``OrtYuNet`` (where ONNX Runtime is installed) and OpenCV's FaceDetectorYN give the
+    same raw rows on real faces: portraits at the square input, a group photo, a 720p-size
+    frame with the aspect kept; and its any-size file is the shipped one with open input
+    sizes, the nodes and weights the same."""
+    import cv2
+    import pytest
+
+    onnx = pytest.importorskip("onnx")
+    from models.detectors.yunet import (
+        NMS,
+        PACKAGE_DATA,
+        RAW_SCORE,
+        TOP_K,
+        YUNET_ANY_SIZE,
+        YUNET_MODEL,
+        OrtYuNet,
+        any_size,
+        input_size,
+    )
+
+    original = onnx.load(str(PACKAGE_DATA / YUNET_MODEL))
+    any_size(original)
+    assert original.SerializeToString() == onnx.load(
+        str(PACKAGE_DATA / YUNET_ANY_SIZE)).SerializeToString()
+    ours = OrtYuNet(PACKAGE_DATA / YUNET_ANY_SIZE)
+    theirs = cv2.FaceDetectorYN.create(str(PACKAGE_DATA / YUNET_MODEL), "", (300, 300),
+                                       RAW_SCORE, NMS, TOP_K)
+    photos = sorted((shared_data / "faces" / "aaf").glob("*.jpg"))[:40]
+    images = [(cv2.imread(str(p)), (300, 300)) for p in photos]
+    group = cv2.imread(str(scenes_dir / "insightface_t1.jpg"))
+    images += [(group, input_size(group.shape[1], group.shape[0], 640, "keep")),
+               (cv2.resize(group, (1280, 720)), (533, 300))]
+    found = 0
+    for image, size in images:
+        resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        ours.setInputSize(size)
+        theirs.setInputSize(size)
+        a, b = ours.detect(resized)[1], theirs.detect(resized)[1]
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=1e-3)
+            found += len(a)
+    assert found >= 40 + 6  # a face in each portrait, the group's six at least
