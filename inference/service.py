@@ -53,6 +53,11 @@ from inference.video import (
 log = logging.getLogger("kface.count")
 MAX_PENDING = 100_000  # store rows held in memory while the store refuses writes
 RETENTION_EVERY = 3600.0  # seconds between retention sweeps
+BEAT_EVERY = 30.0  # seconds between heartbeats (the store's sign that the service runs)
+# a service gone for longer than this (since its last heartbeat) is recorded as downtime
+# when it starts again: what a stopped or killed service did not see
+OFF_AFTER = 2 * BEAT_EVERY
+OFF_REASON = "kface count was not running"
 
 
 class CameraConfig(BaseModel):
@@ -247,6 +252,8 @@ class StoreWriter(threading.Thread):
             self.store.start_downtime(*args)
         elif kind == "up":
             self.store.end_downtime(*args)
+        elif kind == "beat":
+            self.store.beat(*args)
         elif kind == "forget":
             gone = self.store.forget_before(args[0])
             if gone:
@@ -307,6 +314,8 @@ def run_service(analyzer, cfg: CountConfig, seconds: float | None = None,
     """Count the cameras of ``cfg`` into its store until ``stop`` is set, SIGTERM or
     SIGINT arrives, ``seconds`` have passed, or every file source has ended. Returns the
     run's figures per camera (frames read and analysed, visitors written, downtime)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     store = Store(cfg.store)
     stop = stop or threading.Event()
     writer = StoreWriter(store)
@@ -337,6 +346,21 @@ def run_service(analyzer, cfg: CountConfig, seconds: float | None = None,
                                            cfg.return_seconds), run_id))
     handlers = _stop_on_signals(stop)
     started = time.time()
+    names = [cam.name for cam in cams]
+    for name in names:  # the time no service counted this camera: downtime
+        try:
+            last = store.heartbeat(name)
+        except SQLAlchemyError as exc:  # (the store went away since it was opened)
+            log.error("store %s: cannot read camera %s's last heartbeat (%s); its time "
+                      "off is not recorded", store.shown, name, short_error(exc))
+            last = None
+        if last is not None and started - last["seen_at"] > OFF_AFTER:
+            key = f"{name}/off/{last['run_id']}"
+            writer.put(("down", name, key, last["seen_at"], OFF_REASON))
+            writer.put(("up", key, started))
+            log.info("camera %s: not counted for %.0f s before this start (recorded as "
+                     "downtime)", name, started - last["seen_at"])
+    writer.put(("beat", names, run_id, started, started))
     for cam in cams:
         log.info("camera %s: %s at %g frames/s -> %s", cam.name, cam.reader.shown,
                  cam.detect_fps, store.shown)
@@ -365,12 +389,15 @@ def run_service(analyzer, cfg: CountConfig, seconds: float | None = None,
             if index < cam.frame_index - 1:
                 del cam.times[index]
 
-    next_retention = 0.0
+    next_retention, next_beat = 0.0, started + BEAT_EVERY
     try:
         while not stop.is_set():
             now = time.time()
             if seconds is not None and now - started >= seconds:
                 break
+            if now >= next_beat:
+                writer.put(("beat", names, run_id, started, now))
+                next_beat = now + BEAT_EVERY
             if cfg.retention_days and now >= next_retention:
                 writer.put(("forget", now - cfg.retention_days * 86400))
                 next_retention = now + RETENTION_EVERY
@@ -408,6 +435,7 @@ def run_service(analyzer, cfg: CountConfig, seconds: float | None = None,
         end = time.time()
         for key in list(outages.values()):  # a camera still down when the service ends
             writer.put(("up", key, end))
+        writer.put(("beat", names, run_id, started, end))
         complete = writer.close(timeout=30)
         _restore_signals(handlers)
         if not complete:

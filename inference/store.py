@@ -27,7 +27,7 @@ import numpy as np
 
 from core.labels import AGE_BANDS, GENDERS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: heartbeats (when each camera's service was last running)
 GENDER_COLUMNS = tuple(f"p_{g.lower()}" for g in GENDERS)
 BAND_COLUMNS = tuple(f"p_{b}" for b in AGE_BANDS)
 STORE_ENV = "KFACE_STORE_URL"
@@ -105,12 +105,21 @@ def _tables():
           Column("ended_at", Float),  # None while the camera is still down
           Column("reason", String(300), nullable=False),
           Index("downtime_by_camera_time", "camera", "started_at"))
+    Table("heartbeats", metadata,  # one row per camera: its service's latest sign of life
+          Column("camera", String(100), primary_key=True),
+          Column("run_id", String(64), nullable=False),
+          Column("started_at", Float, nullable=False),
+          Column("seen_at", Float, nullable=False))
     return metadata
 
 
+def _add_heartbeats(conn) -> None:
+    _tables().tables["heartbeats"].create(conn)
+
+
 # version -> the function that upgrades a store of that version to the next (a
-# connection in a transaction); version 1 is the first, so none yet
-UPGRADES: dict[int, object] = {}
+# connection in a transaction)
+UPGRADES: dict[int, object] = {1: _add_heartbeats}
 
 
 class Store:
@@ -142,6 +151,7 @@ class Store:
         self.metadata = _tables()
         self.visitors = self.metadata.tables["visitors"]
         self.downtime = self.metadata.tables["downtime"]
+        self.heartbeats = self.metadata.tables["heartbeats"]
         try:
             self._open_schema()
         except SQLAlchemyError as exc:
@@ -205,6 +215,38 @@ class Store:
                 downtime_key=key, camera=camera, started_at=started_at,
                 reason=reason[:300]))
 
+    def beat(self, cameras: Iterable[str], run_id: str, started_at: float,
+             at: float) -> None:
+        """The service of run ``run_id`` (started at ``started_at``) is counting
+        ``cameras`` at ``at``: each camera's heartbeat row, replaced."""
+        if self.sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        rows = [{"camera": c, "run_id": run_id, "started_at": started_at, "seen_at": at}
+                for c in cameras]
+        if not rows:
+            return
+        statement = insert(self.heartbeats)
+        statement = statement.on_conflict_do_update(
+            index_elements=["camera"], set_={"run_id": statement.excluded.run_id,
+                                             "started_at": statement.excluded.started_at,
+                                             "seen_at": statement.excluded.seen_at})
+        with self.engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def heartbeat(self, camera: str) -> dict | None:
+        """``camera``'s latest heartbeat (``run_id``, ``started_at``, ``seen_at``), or
+        None when no service has counted it into this store since heartbeats exist."""
+        from sqlalchemy import select
+
+        h = self.heartbeats
+        with self.engine.connect() as conn:
+            row = conn.execute(select(h.c.run_id, h.c.started_at, h.c.seen_at).where(
+                h.c.camera == camera)).first()
+        return None if row is None else {"run_id": row[0], "started_at": row[1],
+                                         "seen_at": row[2]}
+
     def end_downtime(self, key: str, ended_at: float) -> None:
         with self.engine.begin() as conn:
             conn.execute(self.downtime.update().where(
@@ -228,7 +270,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         g = len(GENDER_COLUMNS)
-        probs = np.array([r[5:] for r in rows], np.float64).reshape(len(rows), -1)
+        probs = np.array([r[5:] for r in rows], np.float64).reshape(
+            len(rows), g + len(BAND_COLUMNS))  # (an empty store, or period, too)
         return {"id": np.array([r[0] for r in rows], np.int64),
                 "camera": np.array([r[1] for r in rows], object),
                 "entered_at": np.array([r[2] for r in rows], np.float64),

@@ -197,8 +197,9 @@ def test_serve_exits_on_sigterm_when_its_server_is_gone(kface_tree, tmp_path):
     start = time.time()
     os.killpg(serve.pid, signal.SIGTERM)
     try:
-        serve.wait(SHUTDOWN_GRACE_S + 20)
+        serve.wait(SHUTDOWN_GRACE_S + 120)  # a hang guard, not the check
     except subprocess.TimeoutExpired:
         stop_process(serve)
         pytest.fail("kface serve did not exit after SIGTERM with its server gone")
-    assert time.time() - start < SHUTDOWN_GRACE_S + 20
+    took = time.time() - start  # within its grace (and the process's own exit)
+    assert took < SHUTDOWN_GRACE_S + 5, f"kface serve took {took:.1f} s to exit"

@@ -354,23 +354,41 @@ def test_reader_threads_give_the_answers_of_one_thread(analyzer, scenes_dir, tmp
             assert fa["age_band_probs"] == pytest.approx(fb["age_band_probs"], abs=2e-4)
 
 
-def test_ordered_map_keeps_order_and_raises_at_its_item():
-    import time
+def _waiting_squares(items: int):
+    """``x -> x * x`` (raising at 7) where each item of a group of three waits until the
+    next one has finished: with three threads the items of a group finish in reverse.
+    Returns the function and the list of items in the order they finished."""
+    import threading
 
+    done = [threading.Event() for _ in range(items)]
+    finished: list[int] = []
+
+    def square(x: int) -> int:
+        try:
+            if x % 3 != 2 and x + 1 < items:
+                assert done[x + 1].wait(10), "the next item never finished"
+            if x == 7:
+                raise ValueError("seven")
+            return x * x
+        finally:
+            finished.append(x)
+            done[x].set()
+
+    return square, finished
+
+
+def test_ordered_map_keeps_order_and_raises_at_its_item():
     from core.threads import ordered_map
 
-    def slow_square(x: int) -> int:
-        time.sleep(0.01 * (x % 3))  # later items often finish first
-        if x == 7:
-            raise ValueError("seven")
-        return x * x
-
-    assert list(ordered_map(slow_square, range(7), threads=3)) == [x * x for x in range(7)]
+    square, finished = _waiting_squares(7)
+    assert list(ordered_map(square, range(7), threads=3)) == [x * x for x in range(7)]
+    assert finished[:3] == [2, 1, 0]  # they did finish out of order
+    square, _ = _waiting_squares(20)
     got = []
     with pytest.raises(ValueError, match="seven"):
-        for value in ordered_map(slow_square, range(20), threads=3):
+        for value in ordered_map(square, range(20), threads=3):
             got.append(value)
-    assert got == [x * x for x in range(7)]
+    assert got == [x * x for x in range(7)]  # the answers before the failed item
 
 
 def test_onnx_model_folder_problems_are_one_line(onnx_model, scenes_dir, tmp_path):

@@ -148,9 +148,21 @@ def test_a_killed_service_keeps_what_it_wrote_and_a_restart_writes_nothing_twice
     kept = _visitors(db)
     with sqlite3.connect(db) as conn:
         assert conn.execute("pragma integrity_check").fetchone() == ("ok",)
-    assert 1 <= len(kept) < 4
+        # its heartbeat says when it last counted; say it died 10 minutes ago
+        (run, seen), = conn.execute("select run_id, seen_at from heartbeats "
+                                    "where camera = 'till'").fetchall()
+        conn.execute("update heartbeats set seen_at = seen_at - 600")
+    assert 1 <= len(kept) < 4 and run in kept[0][0]
+    restarted = time.time()
     res = run_kface("count", "-c", str(tmp_path / "fast.yaml"), "--store", str(db))
     assert res.returncode == 0, res.stderr[-2000:]
+    with sqlite3.connect(db) as conn:  # the time it did not run is the camera's downtime
+        (start, end, reason), = conn.execute(
+            "select started_at, ended_at, reason from downtime").fetchall()
+        beat = conn.execute("select run_id, seen_at from heartbeats").fetchall()
+    assert start == pytest.approx(seen - 600) and restarted <= end <= time.time()
+    assert reason == "kface count was not running" and "not counted for" in res.stderr
+    assert len(beat) == 1 and beat[0][0] != run and beat[0][1] >= end  # the new run's
     assert "4 visitors written" in res.stderr, res.stderr
     rows = _visitors(db)
     assert len(rows) == len(kept) + 4 and len({r[0] for r in rows}) == len(rows)
@@ -179,6 +191,18 @@ def test_bad_input_is_one_line_and_an_unreachable_camera_is_downtime(tmp_path):
     """Each refused before the model loads, in one line; an unreachable stream is not
     an error: it is retried, logged and recorded as downtime."""
     (tmp_path / "notvideo.mp4").write_text("this is no video")
+    from inference.store import Store
+
+    older = tmp_path / "older.db"  # a store of schema version 1 (before heartbeats)
+    Store(older).close()
+    with sqlite3.connect(older) as conn:
+        conn.execute("drop table heartbeats")
+        conn.execute("update kface_schema set version = 1")
+    res = run_kface("counts", "--store", str(older), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    with sqlite3.connect(older) as conn:  # upgraded in place
+        assert conn.execute("select version from kface_schema").fetchall() == [(2,)]
+        assert conn.execute("select count(*) from heartbeats").fetchone() == (0,)
     newer = tmp_path / "newer.db"
     with sqlite3.connect(newer) as conn:
         conn.execute("create table kface_schema (version integer not null)")
@@ -353,6 +377,11 @@ def test_the_store_on_postgresql(postgres, tmp_path):
         _writers(url, env)
         store = Store(url)
         assert store.count_visitors() == 300 and "***" in store.shown
+        store.beat(["door", "till"], "run1", 100.0, 130.0)  # heartbeats: replaced in place
+        store.beat(["door"], "run2", 200.0, 230.0)
+        assert store.heartbeat("door") == {"run_id": "run2", "started_at": 200.0,
+                                           "seen_at": 230.0}
+        assert store.heartbeat("till")["seen_at"] == 130.0 and not store.heartbeat("x")
         store.close()
         res = run_kface("counts", "--store", url, "--day", "2001-09-09", "--tz", "UTC",
                         "--json", env={"KFACE_PG_PW": env["KFACE_PG_PW"]})

@@ -90,8 +90,9 @@ def test_experiments_backends_and_a_killed_retraining(kface_tree, tmp_path, pref
     # reported best epoch and accuracy are that model's (measured again here)
     best = train["val_age_band_accuracy"]
     assert best >= max(history["val_age_band_accuracy"]) - 1e-9
+    # (whether the best epoch came before the kill or after it)
     assert best == pytest.approx(history["val_age_band_accuracy"][train["best_epoch"] - 1],
-                                 abs=1e-6) or train["best_epoch"] - 1 < killed_after
+                                 abs=1e-6)
     assert not list((out / "experiments" / "default").glob(".training-*"))
     assert _val_age_accuracy(out) == pytest.approx(best, abs=1e-6)
 
