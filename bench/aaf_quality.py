@@ -131,8 +131,9 @@ def dev_test_aaf(out: Path, experiment: str) -> dict:
     from flows.config import load_config
     from models.calibration import calibrate_heads, model_calibration
     from models.classifier import load_classifier
+    from models.scoring import compute_metrics
     from tasks.crop_stream import load_index
-    from tasks.evaluate import compute_metrics, predict_frame
+    from tasks.evaluate import predict_frame
 
     cfg = load_config(out / "experiments" / experiment / "config.yaml")
     folder = cfg.folder
@@ -182,7 +183,7 @@ def held_out_metrics(found, probs: dict, labels: dict) -> dict:
     import numpy as np
 
     from core.labels import AGE_BANDS, AGES, GENDERS, age_to_band, expected_age
-    from tasks.evaluate import compute_metrics, subject_bootstrap
+    from models.scoring import compute_metrics, subject_bootstrap
 
     frame = found.assign(
         subject_id=found.file, age_band=found.age.map(age_to_band),

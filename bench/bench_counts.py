@@ -76,7 +76,6 @@ def predictions(model: Path, work: Path, people: str = "held-out", keep=held_out
     from core.storage import file_sha256
     from inference.evaluate_folder import folder_predictions
     from models.analyzer import FaceAnalyzer, resolve_model_dir
-    from tasks.select import DataConfig
 
     model_dir, _ = resolve_model_dir(model)
     network = next(p for p in (model_dir / "model.onnx", model_dir / "model.keras")
@@ -85,8 +84,7 @@ def predictions(model: Path, work: Path, people: str = "held-out", keep=held_out
     cache = work / f"{people}-{file_sha256(network)[:16]}-2.npz"
     if not cache.exists():
         analyzer = FaceAnalyzer(model_dir)
-        frame, probs, _ = folder_predictions(analyzer, DataConfig(
-            root=aaf_links(work / people, keep), layout="labelled"))
+        frame, probs, _ = folder_predictions(analyzer, aaf_links(work / people, keep))
         np.savez(cache, files=frame.path.to_numpy(str), band_truth=frame.age_idx.to_numpy(),
                  gender_truth=frame.gender_idx.to_numpy(), band=probs["age_band"],
                  gender=probs["gender"])

@@ -52,7 +52,6 @@ def main() -> None:
         fit_temperature_bias,
         remove_calibration,
     )
-    from tasks.select import DataConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a model folder of a run")
@@ -63,8 +62,7 @@ def main() -> None:
     t_saved, bias_saved = analyzer.calibration["age_band"]
     seen = {}
     for part in ("val", "test"):
-        frame, probs, _ = folder_predictions(analyzer, DataConfig(
-            root=aaf_people(run, part, args.work), layout="labelled"))
+        frame, probs, _ = folder_predictions(analyzer, aaf_people(run, part, args.work))
         seen[part] = (frame, remove_calibration(probs["age_band"], t_saved, bias_saved),
                       probs["age_years"])
     (val, raw_val, _), (test, raw_test, age_test) = seen["val"], seen["test"]

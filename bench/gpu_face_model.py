@@ -126,7 +126,8 @@ def train(cache: Path, lr: float, seed: int, out: Path, workers: int,
 
     from core.labels import expected_age
     from models.classifier import ModelConfig, load_classifier
-    from tasks.evaluate import compute_metrics, predict_frame
+    from models.scoring import compute_metrics
+    from tasks.evaluate import predict_frame
     from tasks.train import TrainConfig, train_model
 
     crops = _index(cache)

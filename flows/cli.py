@@ -69,9 +69,9 @@ def run(
 
     from prefect.settings import get_current_settings
 
+    from core.labelled import DatasetError
     from flows.server import prefect_api
     from models.detector import DetectorError
-    from tasks.select import DatasetError
 
     temporary = not get_current_settings().api.url
     user_errors = (DatasetError, DetectorError, ValueError, RuntimeError)
@@ -99,8 +99,8 @@ def status(
 ) -> None:
     """Per stage, what 'kface run' with the same options would do: done / cached (up to
     date), stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
+    from core.labelled import DatasetError
     from flows.stages import pipeline_status
-    from tasks.select import DatasetError
 
     flags.find_run_folder()  # without -c: the run folder's own config
     cfg = flags.load()

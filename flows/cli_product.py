@@ -200,16 +200,16 @@ def evaluate_cmd(
     """Score a model (or an exported ONNX model) on any labelled photo folder: the same
     report as the pipeline's evaluate stage (intervals by person, baselines, confusion,
     age error, calibration), for people the model never saw."""
+    from core.labelled import DatasetError, check_root, labels_file, read_labels_file
     from core.storage import staged_outputs
     from inference.evaluate_folder import evaluate_folder, write_folder_evaluation
     from inference.stats import REFERENCE_FILE
-    from tasks.select import DataConfig, DatasetError, check_dataset
 
-    data = DataConfig(root=data_root, layout="labelled", labels=labels)
     try:  # before the model loads: the folder and its labels CSV
-        check_dataset(data)
+        check_root(data_root)
+        read_labels_file(labels_file(data_root, labels))
         analyzer = load_analyzer(model, threshold, detector, mirror)
-        metrics, confusion = evaluate_folder(analyzer, data)
+        metrics, confusion = evaluate_folder(analyzer, data_root, labels)
     except DatasetError as exc:
         fail(str(exc))
     with staged_outputs(out) as stage:

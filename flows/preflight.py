@@ -59,11 +59,11 @@ def parse_stages(text: str | None) -> list[str] | None:
 def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
     """Raise InputError unless a run of ``stages`` (default: all) can start: each requested
     stage's own check (its row's ``check``), its inputs, and the run folder."""
+    from core.labelled import DatasetError
     from models.classifier import WeightsError
     from models.detector import DetectorError
     from models.mobilefacenet import MobileFaceNetError
     from tasks.labels import LabelsError
-    from tasks.select import DatasetError
 
     stages = check_stage_names(stages or list(STAGES))
     for name in stages:
@@ -84,8 +84,8 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
 def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
     """Raise InputError when a requested stage would read an output of a stage that is not
     requested and is not up to date (``kface status`` says stale)."""
+    from core.labelled import DatasetError
     from flows.stages import pipeline_status
-    from tasks.select import DatasetError
 
     wanted = set(stages)
     needed = {producer for stage in stages for _, producer in stage_inputs(stage)}

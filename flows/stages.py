@@ -51,6 +51,7 @@ from flows import cache
 from flows.config import PipelineConfig, dump_config
 from models.calibration import model_calibration
 from models.detector import LANDMARK_KINDS, gives_landmarks
+from models.scoring import write_report
 from tasks import crops, detect, evaluate, labels, select, split, train
 
 
@@ -675,7 +676,7 @@ def _evaluate_run(c: StageConfig, key: str) -> dict:
                                           calibration=model_calibration(model_labels),
                                           ages=tuple(model_labels.get("ages", AGES)),
                                           age_line=model_labels.get("age_calibration"))
-    report_path = evaluate.write_report(metrics, train.load_history(folder.model),
+    report_path = write_report(metrics, train.load_history(folder.model),
                                         c.upstream_summary("split"),
                                         c.upstream_summary("faces"), folder.reports)
     scored = metrics["scored_split"]

@@ -22,35 +22,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.labels import AGE_BANDS, GENDERS
+from core.labelled import DatasetError, ScanReport, labels_file, read_labels_file, scan_folder
+from core.labels import AGE_BANDS, BAND_AGES, GENDERS
 from core.storage import write_json_atomic
 from core.threads import READERS
 from inference.predict import predict_entries
 from inference.stats import REFERENCE_FILE, reference
 from models.analyzer import FaceAnalyzer
 from models.calibration import uncalibrate_heads
-from tasks.evaluate import (
+from models.scoring import (
     FEW_SUBJECTS,
     calibration_metrics,
     degenerate_warnings,
     score_split,
     write_report,
 )
-from tasks.select import DataConfig, DatasetError, labels_path, read_labels_csv, scan_labelled
 
 
-def folder_predictions(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
-                       ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict]:
-    """The labelled photos with a face (their labels and indices), the calibrated
+def folder_predictions(analyzer: FaceAnalyzer, root: Path, labels: Path | None = None,
+                       batch: int = 16) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict]:
+    """The labelled photos of the folder ``root`` (its ``labels`` CSV, default
+    ``root/labels.csv``) with a face (their labels and indices), the calibrated
     probabilities of each one's best face, and counts of what was left out."""
-    manifest, scan = scan_labelled(data)
-    csv = labels_path(data)
+    scan = ScanReport()
+    csv = labels_file(root, labels)
+    manifest = scan_folder(root, labels, BAND_AGES, None, scan).sort_values(
+        "path", kind="stable").reset_index(drop=True)
     if manifest.empty:
-        missing = f" ({scan.unrecognised} listed files not found under {data.root}, e.g. " \
+        missing = f" ({scan.unrecognised} listed files not found under {root}, e.g. " \
                   f"{scan.unrecognised_examples[0]})" if scan.unrecognised else ""
         raise DatasetError(f"{csv}: no usable labelled photo{missing}: the 'file' column "
-                           f"holds paths relative to {data.root}")
-    entries = predict_entries(analyzer, [Path(data.root) / p for p in manifest.path],
+                           f"holds paths relative to {root}")
+    entries = predict_entries(analyzer, [Path(root) / p for p in manifest.path],
                               batch=batch, readers=READERS)
     best = [e["faces"][0] if e["faces"] else None for e in entries]
     found = np.array([f is not None for f in best])
@@ -59,7 +62,7 @@ def folder_predictions(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
                 "excluded_labels": scan.excluded_labels, "not_found": scan.unrecognised}
     if not found.any():
         raise DatasetError(f"no face found in any of the {len(manifest)} labelled photos "
-                           f"under {data.root} ({left_out['unreadable']} unreadable)")
+                           f"under {root} ({left_out['unreadable']} unreadable)")
     faces = [f for f in best if f is not None]
     frame = manifest[found].reset_index(drop=True)
     frame = frame.assign(gender_idx=frame.gender.map(GENDERS.index).astype("int32"),
@@ -86,12 +89,12 @@ def age_metrics(frame: pd.DataFrame, years: np.ndarray) -> dict:
                                      for b in AGE_BANDS if (bands == b).any()}}
 
 
-def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
-                    ) -> tuple[dict, dict]:
-    """The report's metrics for the labelled folder ``data`` (see the module docstring),
-    and the soft confusion of its people (``inference.stats.reference``: what ``kface stats
-    --reference`` corrects a shop's counts with)."""
-    frame, probs, left_out = folder_predictions(analyzer, data, batch)
+def evaluate_folder(analyzer: FaceAnalyzer, root: Path, labels: Path | None = None,
+                    batch: int = 16) -> tuple[dict, dict]:
+    """The report's metrics for the labelled folder ``root`` (its ``labels`` CSV; see the
+    module docstring), and the soft confusion of its people (``inference.stats.reference``:
+    what ``kface stats --reference`` corrects a shop's counts with)."""
+    frame, probs, left_out = folder_predictions(analyzer, root, labels, batch)
     counts = {"gender": np.bincount(frame.gender_idx, minlength=len(GENDERS)),
               "age_band": np.bincount(frame.age_idx, minlength=len(AGE_BANDS))}
     metrics = score_split(frame, probs, counts)
@@ -104,7 +107,7 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
     if analyzer.calibration:  # the probabilities came calibrated: undone for "before"
         metrics["calibration"] = calibration_metrics(
             frame, uncalibrate_heads(probs, analyzer.calibration), analyzer.calibration)
-    has_subjects = "subject_id" in read_labels_csv(data).columns
+    has_subjects = "subject_id" in read_labels_file(labels_file(root, labels)).columns
     if not has_subjects:
         metrics["subjects_are"] = "photos (the labels have no subject_id)"
     warnings = degenerate_warnings(metrics)
@@ -127,7 +130,7 @@ def evaluate_folder(analyzer: FaceAnalyzer, data: DataConfig, batch: int = 16
 
 def write_folder_evaluation(analyzer: FaceAnalyzer, metrics: dict, confusion: dict,
                             out: Path) -> Path:
-    """``out/report.md`` with its metrics and plots (``tasks.evaluate.write_report``) and
+    """``out/report.md`` with its metrics and plots (``models.scoring.write_report``) and
     ``out/soft_confusion.json``: the reference ``kface stats`` corrects counts with, with
     the model and detector that made it (``FaceAnalyzer.provenance``; counts must come
     from the same model). Returns the report's path."""

@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from core.labelled import normalise_age_band, normalise_gender
 from models.detector import LANDMARK_COLUMNS
-from tasks.select import normalise_age_band, normalise_gender
 
 CODE_VERSION = "merge-2"  # the merge stage's; 2: exact ages kept
 

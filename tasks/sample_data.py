@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from core.boxes import write_box_file
+from core.labelled import normalise_age_band, normalise_gender
 from core.labels import AGE_BANDS, GENDERS, age_to_band
 from core.storage import atomic_path
-from tasks.select import normalise_age_band, normalise_gender
 
 HIGH_SIZE = (864, 576)  # width, height of K-Face High_Resolution photos
 # beside labels that are made up; the evaluation report then says so in its first lines

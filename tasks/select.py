@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +41,16 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.images import ImageRoots
-from core.labels import AGE_BANDS, BAND_AGES, in_bands, nearest_band
+from core.labelled import (
+    MANIFEST_SCHEMA,
+    DatasetError,
+    ScanReport,
+    check_root,
+    labels_file,
+    read_labels_file,
+    scan_folder,
+)
+from core.labels import BAND_AGES
 
 CODE_VERSION = "select-2"  # 2: exact ages kept
 
@@ -57,22 +64,6 @@ _KFACE_PARTS = {
 _CAMERA_FILE = re.compile(r"(C\d{1,2})\.jpg", re.IGNORECASE)
 _ANNOTATION_FILE = re.compile(r"C\d{1,2}\.txt", re.IGNORECASE)
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("subject_id", pa.string()),
-        ("resolution", pa.string()),
-        ("accessory", pa.string()),
-        ("light", pa.string()),
-        ("expression", pa.string()),
-        ("camera", pa.string()),
-        ("age_band", pa.string()),
-        ("gender", pa.string()),
-        ("age", pa.float32()),
-        ("file_size", pa.int64()),
-        ("mtime_ns", pa.int64()),
-    ]
-)
 
 
 SOURCE_FIELD = pa.field("source", pa.string())  # the manifest's column with data.folders
@@ -179,33 +170,6 @@ class SelectionConfig(BaseModel):
         if not value:
             raise ValueError("must list at least one value")
         return value
-
-
-@dataclass
-class ScanReport:
-    """What a scan saw besides the images it kept."""
-
-    images: int = 0
-    selected: int = 0
-    annotations: int = 0
-    unrecognised: int = 0
-    unrecognised_examples: list[str] = field(default_factory=list)
-    excluded_labels: int = 0
-    excluded_label_examples: list[str] = field(default_factory=list)
-    files_hashed: int = 0  # photos read for their sha256 (``core.content``)
-    listing_digest: str | None = None  # K-Face: the names the walk saw (``listing_digest``)
-
-    def note_unrecognised(self, rel: str) -> None:
-        self.unrecognised += 1
-        if len(self.unrecognised_examples) < 10:
-            self.unrecognised_examples.append(rel)
-
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
-
-
-class DatasetError(ValueError):
-    """The dataset root, layout or labels file cannot be used; the message says why."""
 
 
 def parse_kface_path(parts: tuple[str, ...]) -> dict[str, str] | None:
@@ -346,7 +310,7 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
     """Scan a K-Face tree and return the selected rows (manifest columns) and a report.
     Only the selected accessory/light/expression folders are listed (except with
     ``legacy_substring_match``), so ``report.images`` counts the photos in those."""
-    _check_root(Path(data.root))
+    check_root(Path(data.root))
     report = ScanReport()
     rows: list[tuple] = []
     prefix = f"{data.resolution}_Resolution/"
@@ -374,35 +338,6 @@ def scan_kface(data: DataConfig, sel: SelectionConfig) -> tuple[pd.DataFrame, Sc
     return _frame(rows), report
 
 
-def exact_age(value: str | None) -> float | None:
-    """An age in years from a labels CSV cell; None when empty or not a number."""
-    if value in (None, ""):
-        return None
-    try:
-        age = float(value)
-    except ValueError:
-        return None
-    return None if math.isnan(age) else age
-
-
-def normalise_age_band(value: str) -> str | None:
-    """Accept '30s', '30대', '30' and return '30s'; None if not one of the four bands."""
-    text = str(value).strip().replace("대", "s")
-    if text.isdigit():
-        text += "s"
-    return text if text in AGE_BANDS else None
-
-
-def normalise_gender(value: str) -> str | None:
-    """Accept M/F, male/female, 남/여 (any case) and return 'M' or 'F'; None otherwise."""
-    text = str(value).strip().lower()
-    if text in ("m", "male", "남", "남자", "man"):
-        return "M"
-    if text in ("f", "female", "여", "여자", "woman"):
-        return "F"
-    return None
-
-
 def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
     """Read the labelled folder (or each of ``data.folders``) into manifest rows and a
     report."""
@@ -410,63 +345,16 @@ def scan_labelled(data: DataConfig) -> tuple[pd.DataFrame, ScanReport]:
     frames = []
     for folder in data.labelled_folders():
         named = folder.name if data.folders else None
-        frame = _scan_folder(folder.root, folder.labels, data.ages, named, report)
+        frame = scan_folder(folder.root, folder.labels, data.ages, named, report)
         frames.append(frame.assign(source=named) if named else frame)
     report.selected = sum(len(f) for f in frames)
     return pd.concat(frames, ignore_index=True).sort_values("path", kind="stable"
                                                            ).reset_index(drop=True), report
 
 
-def _scan_folder(root: Path, labels_file: Path | None, ages: tuple[int, int],
-                 name: str | None, report: ScanReport) -> pd.DataFrame:
-    """One labelled folder's manifest rows; ``name`` prefixes paths and subject IDs."""
-    root = Path(root)
-    _check_root(root)
-    csv = Path(labels_file) if labels_file else root / "labels.csv"
-    labels = read_labels_file(csv)
-    prefix = f"{name}/" if name else ""
-    rows: list[tuple] = []
-    for line_no, rec in enumerate(labels.to_dict("records"), start=2):
-        rel = rec["file"].replace("\\", "/")
-        age = exact_age(rec.get("age"))
-        if age is not None and not ages[0] <= age < ages[1] + 1:
-            age = None  # outside the ages kept: the band decides, if the CSV gives one
-        if "age_band" in rec and rec["age_band"]:
-            band = normalise_age_band(rec["age_band"])
-            if age is not None and nearest_band(age) != band:
-                age = None  # an age that contradicts the given band is not used
-            if age is not None and not in_bands(age):
-                band = None  # a band given for an age outside the bands: not trusted
-        else:
-            band = None if age is None else nearest_band(age)
-        gender = normalise_gender(rec["gender"])
-        report.images += 1
-        if band is None or gender is None:
-            report.excluded_labels += 1
-            if len(report.excluded_label_examples) < 10:
-                what = "age" if band is None else "gender"
-                value = rec.get("age_band") or rec.get("age") if band is None else rec["gender"]
-                report.excluded_label_examples.append(
-                    f"{csv.name} line {line_no}: {rel}: {what} {value!r} outside "
-                    f"{'the ages kept (data.ages) and ' if band is None else ''}"
-                    "the bands 20s-50s / M,F")
-            continue
-        path = root / rel
-        try:
-            st = path.stat()
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:
-            report.note_unrecognised(prefix + rel)  # listed in the CSV but not on disk
-            continue
-        subject = prefix + (rec.get("subject_id") or Path(rel).stem)
-        rows.append((prefix + rel, subject, None, None, None, None, None, band, gender, age,
-                     size, mtime))
-    return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
-
-
 def labels_path(data: DataConfig) -> Path:
     """The labelled layout's CSV: ``data.labels``, else ``<root>/labels.csv``."""
-    return Path(data.labels) if data.labels else Path(data.root) / "labels.csv"
+    return labels_file(data.root, data.labels)
 
 
 def read_labels_csv(data: DataConfig) -> pd.DataFrame:
@@ -474,32 +362,15 @@ def read_labels_csv(data: DataConfig) -> pd.DataFrame:
     return read_labels_file(labels_path(data))
 
 
-def read_labels_file(path: Path) -> pd.DataFrame:
-    """Read a labels CSV (all text), checking that it has the columns needed."""
-    if not path.is_file():
-        raise DatasetError(f"labels CSV {path} not found (set data.labels or --labels)")
-    try:
-        labels = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot parse as CSV: {exc}") from exc
-    missing = {"file", "gender"} - set(labels.columns)
-    if missing or not ({"age", "age_band"} & set(labels.columns)):
-        raise DatasetError(
-            f"{path}: needs columns 'file', 'gender' and 'age' or 'age_band'; "
-            f"found {list(labels.columns)}"
-        )
-    return labels
-
-
 def check_dataset(data: DataConfig) -> None:
     """Cheap checks of the dataset before a run (no scan): the root, the K-Face
     resolution folder or the labels CSV. Raises DatasetError."""
     if data.layout == "kface":
-        _check_root(Path(data.root))
+        check_root(Path(data.root))
         _check_resolution_folder(data)
         return
     for folder in data.labelled_folders():
-        _check_root(Path(folder.root))
+        check_root(Path(folder.root))
         read_labels_file(Path(folder.labels) if folder.labels
                          else Path(folder.root) / "labels.csv")
 
@@ -513,13 +384,6 @@ def _check_resolution_folder(data: DataConfig) -> Path:
             "(set data.resolution, or --layout labelled for an image folder with a CSV)"
         )
     return res_dir
-
-
-def _check_root(root: Path) -> None:
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder (--data-root)")
-    if not any(root.iterdir()):
-        raise DatasetError(f"dataset root {root} is empty")
 
 
 def _frame(rows: list[tuple]) -> pd.DataFrame:

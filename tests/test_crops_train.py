@@ -9,9 +9,10 @@ import pytest
 
 from models.classifier import load_classifier
 from models.detector import DetectorConfig
+from models.scoring import write_report
 from tasks.crops import CropConfig, crop_images
 from tasks.detect import detect_images
-from tasks.evaluate import evaluation_metrics, predict_frame, write_report
+from tasks.evaluate import evaluation_metrics, predict_frame
 from tasks.select import DataConfig, SelectionConfig, select_images
 from tasks.train import load_history
 
@@ -113,7 +114,7 @@ def test_age_targets_and_labelled_ages(tmp_path, aaf_dir):
 def test_intervals_resample_people_not_photos():
     """20 people x 50 photos: 10 always right, 10 always wrong. Photos are not
     independent draws: the interval must be about as wide as 20 coin flips allow."""
-    from tasks.evaluate import subject_bootstrap
+    from models.scoring import subject_bootstrap
 
     subjects = np.repeat(np.arange(20), 50)
     true = np.zeros(1000, int)
@@ -126,7 +127,7 @@ def test_intervals_resample_people_not_photos():
 
 
 def test_baselines_are_what_ignoring_the_face_scores():
-    from tasks.evaluate import baselines
+    from models.scoring import baselines
 
     gender = baselines(np.array([30, 70]), np.array([0] * 5 + [1] * 5), "gender")
     assert gender["majority_class"]["accuracy"] == 0.5 and gender["majority_class"]["class"] == 1
@@ -150,7 +151,7 @@ def test_metrics_from_the_confusion_matrix_match_scikit_learn():
     runs where scikit-learn is missing, and the bootstrap reuses them): same numbers."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-    from tasks.evaluate import head_metrics
+    from models.scoring import head_metrics
 
     rng = np.random.default_rng(0)
     for k, trial in [(k, t) for k in (2, 4) for t in range(20)]:
@@ -227,7 +228,7 @@ def test_a_degenerate_model_is_flagged_at_the_top_and_the_heads_are_explained():
     there is no exact-age head."""
     import pandas as pd
 
-    from tasks.evaluate import degenerate_warnings, heads_sentence, score_split
+    from models.scoring import degenerate_warnings, heads_sentence, score_split
 
     rng = np.random.default_rng(0)
     n = 200

@@ -1,8 +1,10 @@
-"""The layers: ``core`` (storage, images, sharding, labels) < ``models`` < ``tasks`` (the
-pipeline's stages) < ``inference`` (the product that runs a model) < ``flows``. A module
-imports only from its own layer and the ones below, and no modules import each other in
-a circle. Read from the source (every import, also those inside
-functions), so the test fails the moment a line breaks it."""
+"""The layers: ``core`` (storage, images, sharding, labels, labelled folders) <
+``models`` (the networks, the analyser, scoring) < ``tasks`` (the pipeline's stages) and
+``inference`` (the product that runs a model), side by side: neither imports the other,
+what both use lives below them < ``flows`` (orchestration and the CLI). A module imports
+only from its own package and the layers below, and no modules import each other in a
+circle. Read from the source (every import, also those inside functions), so the test
+fails the moment a line breaks it."""
 
 import ast
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = ("core", "models", "tasks", "inference", "flows")
+RANK = {"core": 0, "models": 1, "tasks": 2, "inference": 2, "flows": 3}  # (same rank:
+# the product and the pipeline, which may not import each other)
 
 
 def imports() -> dict[str, set[str]]:
@@ -29,10 +33,15 @@ def imports() -> dict[str, set[str]]:
 
 
 def test_each_layer_imports_only_from_below():
+    def allowed(module: str, target: str) -> bool:
+        own, other = module.split(".")[0], target.split(".")[0]
+        return own == other or RANK[other] < RANK[own]
+
     wrong = [f"{module} imports {target}"
              for module, targets in imports().items() for target in targets
-             if LAYERS.index(target.split(".")[0]) > LAYERS.index(module.split(".")[0])]
+             if not allowed(module, target)]
     assert not wrong, wrong
+    assert not allowed("inference.evaluate_folder", "tasks.evaluate")  # the rule holds
 
 
 def test_no_import_cycles():
