@@ -69,12 +69,11 @@ def run(
 
     from prefect.settings import get_current_settings
 
-    from core.labelled import DatasetError
     from flows.server import prefect_api
-    from models.detector import DetectorError
+    from flows.stages import input_errors
 
     temporary = not get_current_settings().api.url
-    user_errors = (DatasetError, DetectorError, ValueError, RuntimeError)
+    user_errors = (*input_errors(), ValueError, RuntimeError)  # (the rows' own, first)
     terminal.quiet_user_errors(user_errors)
     try:  # the flow's imports (TensorFlow aside) overlap the temporary server's start
         with prefect_api(warm_up=lambda: importlib.import_module("flows.pipeline")) as url:
@@ -99,14 +98,13 @@ def status(
 ) -> None:
     """Per stage, what 'kface run' with the same options would do: done / cached (up to
     date), stale (inputs, settings or code changed: recomputed) or missing (not run yet)."""
-    from core.labelled import DatasetError
-    from flows.stages import pipeline_status
+    from flows.stages import input_errors, pipeline_status
 
     flags.find_run_folder()  # without -c: the run folder's own config
     cfg = flags.load()
     try:
         rows = pipeline_status(cfg)
-    except DatasetError as exc:
+    except input_errors() as exc:
         fail(str(exc))
     if not as_json:
         terminal.print_status(rows, cfg.out)

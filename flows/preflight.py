@@ -59,20 +59,13 @@ def parse_stages(text: str | None) -> list[str] | None:
 def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
     """Raise InputError unless a run of ``stages`` (default: all) can start: each requested
     stage's own check (its row's ``check``), its inputs, and the run folder."""
-    from core.labelled import DatasetError
-    from models.classifier import WeightsError
-    from models.detector import DetectorError
-    from models.mobilefacenet import MobileFaceNetError
-    from tasks.labels import LabelsError
-
     stages = check_stage_names(stages or list(STAGES))
     for name in stages:
         stage = STAGE[name]
         try:
             if stage.check:
                 stage.check(StageConfig(config, stage, writing=False))
-        except (DatasetError, LabelsError, DetectorError, WeightsError,
-                MobileFaceNetError) as exc:
+        except stage.errors as exc:  # (the row declares them)
             raise InputError(str(exc)) from None
     for stage in stages:
         problem = missing_input(config, stage, set(stages))
@@ -84,8 +77,7 @@ def check_run(config: PipelineConfig, stages: list[str] | None = None) -> None:
 def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
     """Raise InputError when a requested stage would read an output of a stage that is not
     requested and is not up to date (``kface status`` says stale)."""
-    from core.labelled import DatasetError
-    from flows.stages import pipeline_status
+    from flows.stages import input_errors, pipeline_status
 
     wanted = set(stages)
     needed = {producer for stage in stages for _, producer in stage_inputs(stage)}
@@ -93,7 +85,7 @@ def check_inputs_current(config: PipelineConfig, stages: list[str]) -> None:
         return
     try:
         states = {row.stage: row for row in pipeline_status(config)}
-    except DatasetError as exc:  # e.g. the rescan now selects no photo
+    except input_errors() as exc:  # e.g. the rescan now selects no photo
         raise InputError(str(exc)) from exc
     for stage in stages:
         for name, producer in stage_inputs(stage):

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from core.labelled import DatasetError
 from core.labels import AGES
 from core.run_folder import RunFolder
 from core.sharding import Shard, ShardPlan
@@ -50,7 +51,9 @@ from core.storage import (
 from flows import cache
 from flows.config import PipelineConfig, dump_config
 from models.calibration import model_calibration
-from models.detector import LANDMARK_KINDS, gives_landmarks
+from models.classifier import WeightsError
+from models.detector import LANDMARK_KINDS, DetectorError, gives_landmarks
+from models.mobilefacenet import MobileFaceNetError
 from models.scoring import write_report
 from tasks import crops, detect, evaluate, labels, select, split, train
 
@@ -91,6 +94,9 @@ class Stage:
     key_settings: tuple[str, ...] = ()
     stale_detail: str = "inputs or settings changed"
     check: Callable[[StageConfig], None] | None = None  # its inputs, before a run starts
+    # what its check (and its work, on bad input) raises that is the user's to fix: said
+    # in one line (``flows.preflight``), never a traceback
+    errors: tuple[type[Exception], ...] = ()
     # single-output stages: what it reads from outside the run folder (a digest), where
     # its stored key is (Parquet metadata or stages/<name>.json), and the work
     source: Callable[[StageConfig], str] | None = None
@@ -725,15 +731,18 @@ STAGE_TABLE: list[Stage] = [
           sections=("data", "selection"), code_version=select.CODE_VERSION, scope="data",
           key_settings=("data.layout", "data.resolution", "selection"),
           stale_detail="the dataset or selection changed", check=_select_check,
+          errors=(DatasetError,),
           source=_select_source, run=_select_run, readers_leave_out=("mtime_ns",),
           same_for_readers=_select_same_for_readers),
     Stage("detect", detect.detect_shard, reads=("manifest",), writes="detections",
           sections=("data", "detector", "sharding"), code_version=detect.CODE_VERSION,
-          scope="data", check=_detect_check, shards=_detect_shards, plan=_detect_plan,
+          scope="data", check=_detect_check, errors=(DetectorError,),
+          shards=_detect_shards, plan=_detect_plan,
           shard_call=_detect_call, finish=_detect_finish, problems=_detect_problems),
     Stage("merge", labels.merge_faces, reads=("manifest", "detections"), writes="faces",
           sections=("data",), code_version=labels.CODE_VERSION, scope="data",
-          key_settings=("data.metadata",), check=_merge_check, run=_merge_run),
+          key_settings=("data.metadata",), check=_merge_check,
+          errors=(labels.LabelsError,), run=_merge_run),
     Stage("split", split.split_faces, reads=("faces",), writes="split", sections=("split",),
           code_version=split.CODE_VERSION, scope="data", key_settings=("split",),
           run=_split_run),
@@ -746,6 +755,7 @@ STAGE_TABLE: list[Stage] = [
           code_version=train.CODE_VERSION, scope="experiment",
           key_settings=("crops", "model", "train"),
           stale_detail="inputs or model/train settings changed", check=_train_check,
+          errors=(WeightsError, MobileFaceNetError),
           key_in="summary", run=_train_run,
           partial_settings=tuple(f"train.{k}" for k in train.CALIBRATION_SETTINGS),
           partial_run=_train_recalibrate,
@@ -759,6 +769,12 @@ STAGE_TABLE: list[Stage] = [
           scope="experiment", stale_detail="the model or the test people changed",
           key_in="summary", run=_evaluate_run),
 ]
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Every row's ``errors``: what is said in one line wherever a stage runs or is
+    checked."""
+    return tuple({e: None for s in STAGE_TABLE for e in s.errors})
+
 
 STAGE: dict[str, Stage] = {}
 STAGES: list[str] = []  # the run order

@@ -40,6 +40,19 @@ __all__ = ["KINDS", "DetectorConfig", "DetectorError", "Face", "FaceDetector",
 
 KINDS: tuple[str, ...] = tuple(KIND)
 DEFAULT_KIND = next(name for name, kind in KIND.items() if kind.original)
+
+
+def _only(role: str) -> str:
+    """The one kind that declares ``role`` (a class attribute of ``DetectorKind``): never
+    the order the kinds' modules were found in."""
+    names = [name for name, kind in KIND.items() if getattr(kind, role)]
+    if len(names) != 1:
+        raise DetectorError(f"exactly one detector kind must declare {role}: "
+                            f"{names or 'none does'}")
+    return names[0]
+
+
+CHIP_KIND = _only("measures_chips")  # measures the landmarks of aligned face chips
 LANDMARK_KINDS: tuple[str, ...] = tuple(name for name, kind in KIND.items() if kind.landmarks)
 KNOWN_SHA256 = {file: digest for kind in KIND.values()
                 for file, digest in kind.known_sha256.items()}

@@ -51,8 +51,8 @@ from core.images import ImageError, ImageRoots, as_roots, load_image
 from core.sharding import Shard, ShardResult, holds_key
 from core.storage import fingerprint, write_parquet_atomic
 from models.detector import (
+    CHIP_KIND,
     LANDMARK_COLUMNS,
-    LANDMARK_KINDS,
     DetectorConfig,
     Face,
     get_detector,
@@ -113,14 +113,15 @@ def shard_cache_key(shard: Shard, detector: DetectorConfig,
 
 def measure_chip_landmarks(root: Path | ImageRoots, paths: Sequence[str],
                            sample: int = CHIP_SAMPLE) -> tuple[list[list[float]], int, int]:
-    """Where a folder of aligned face chips puts the five landmarks: YuNet (threshold
+    """Where a folder of aligned face chips puts the five landmarks: ``CHIP_KIND`` (YuNet,
+    the kind that declares ``measures_chips``; threshold
     0.5) on up to ``sample`` chips (evenly spaced in ``paths``), each enlarged
     ``CHIP_ENLARGE`` times and padded by ``CHIP_PAD`` of its side with its edge pixels
     (a detector needs context around a face); per point the median, as fractions of the
     chip's width and height. Returns the points, the chips where a face was found and
     the chips tried."""
     roots = as_roots(root)
-    detector = get_detector(DetectorConfig(kind=LANDMARK_KINDS[0], confidence=0.5))
+    detector = get_detector(DetectorConfig(kind=CHIP_KIND, confidence=0.5))
     picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1,
                                                      min(sample, len(paths))).astype(int))]
     found = []

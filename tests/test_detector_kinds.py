@@ -45,6 +45,8 @@ from models.detector import (KINDS, LANDMARK_KINDS, DetectorConfig, FaceDetector
 from models.analyzer import inference_detector_config
 cfg = DetectorConfig(kind="toy")
 assert "toy" in KINDS and "toy" in LANDMARK_KINDS and gives_landmarks("toy")
+from models.detector import CHIP_KIND
+assert CHIP_KIND == "yunet", CHIP_KIND  # a role the kind declares, not the first found
 assert cfg.confidence == 0.6, cfg.confidence  # its own training threshold
 assert inference_detector_config(kind="toy").confidence == 0.5
 settings = result_settings(cfg)

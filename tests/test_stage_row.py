@@ -130,3 +130,37 @@ def test_no_stage_name_is_spelled_outside_the_table():
                 if spelled.search(line):
                     found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_a_row_declares_the_errors_its_check_says_in_one_line(kface_tree, tmp_path):
+    """The preflight turns what a row's ``errors`` names into one line (InputError) and
+    keeps no list of its own: an error the row does not declare goes through as it is."""
+    import dataclasses
+
+    import pytest
+
+    from flows.config import load_config
+    from flows.preflight import InputError, check_run
+    from flows.stages import Stage, input_errors, register_stage, unregister_stage
+
+    class ToyInputError(ValueError):
+        pass
+
+    def check(c):
+        raise ToyInputError("toy: the toy file is missing (give --toy)")
+
+    row = Stage("toycheck", check, reads=("manifest",), writes="toy", sections=(),
+                code_version="toy-1", scope="data", check=check, errors=(ToyInputError,))
+    config = load_config(None, {"data.root": str(kface_tree), "out": str(tmp_path / "o")})
+    register_stage(row)
+    try:
+        assert ToyInputError in input_errors()
+        with pytest.raises(InputError, match="^toy: the toy file is missing"):
+            check_run(config, ["select", "toycheck"])
+        unregister_stage("toycheck")
+        register_stage(dataclasses.replace(row, errors=()))
+        with pytest.raises(ToyInputError):
+            check_run(config, ["select", "toycheck"])
+    finally:
+        unregister_stage("toycheck")
+    assert ToyInputError not in input_errors()

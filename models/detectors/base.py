@@ -45,6 +45,9 @@ class DetectorKind:
     description: ClassVar[str]  # one line for the config's help
     landmarks: ClassVar[bool] = False  # gives the five landmarks (crops.align needs them)
     original: ClassVar[bool] = False  # the original notebook's detector: the default kind
+    # the kind that measures where a folder of face chips puts the five landmarks
+    # (``tasks.detect.measure_chip_landmarks``: it enters the detect keys); one kind has it
+    measures_chips: ClassVar[bool] = False
     training_confidence: ClassVar[float]  # threshold for the training data
     inference_confidence: ClassVar[float]  # threshold for predict, video and camera
     own_settings: ClassVar[tuple[str, ...]] = ()  # settings only this kind reads

@@ -54,6 +54,7 @@ class YuNet(DetectorKind):
     description = ("OpenCV's YuNet, about 5x faster, with five landmarks per face (needed "
                    "by crops.align)")
     landmarks = True
+    measures_chips = True  # (the chip landmarks of data.folders' chips are YuNet's)
     # clear faces score 0.82-0.95, lower than res10's (docs/detection.md)
     training_confidence, inference_confidence = 0.8, 0.7
     known_sha256 = {
