@@ -34,10 +34,11 @@ import queue
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -304,41 +305,54 @@ def crop_batches(index: pd.DataFrame, files: list[Path], size: int, batch_size: 
     in ``index`` order, each once (what evaluation needs to line predictions up with
     rows). With ``decoder`` (made for ``batch_size`` crops of ``size``), its processes
     decode the batches; its owner closes it."""
-    keras = load_keras()
     chunk = index.file.to_numpy(np.int64) * 1_000_000 + index.rg.to_numpy(np.int64)
     targets = Targets(index, weights, age_sigma, age_classes)
     where = index[["file", "rg", "row"]].to_numpy(np.int64)
     cache = ChunkCache(files, 2 * buffer_chunks)
 
-    class CropBatches(keras.utils.PyDataset):
+    def order(epoch: int) -> np.ndarray:
+        rng = None if seed is None else np.random.default_rng([seed, epoch])
+        return epoch_order(chunk, rng, buffer_chunks)
+
+    def batch(order: np.ndarray, i: int, epoch: int):
+        rows = order[i * batch_size:(i + 1) * batch_size]
+        if seed is not None and len(rows) < batch_size:  # one shape: a full batch
+            rows = np.concatenate([rows, np.resize(order, batch_size - len(rows))])
+        jpegs = [cache.get(int(f), int(g))[r] for f, g, r in where[rows]]
+        stream = None if seed is None else (seed, epoch, i)
+        images = (decoder.decode(jpegs, augment_cfg, stream) if decoder is not None
+                  else decode_batch(jpegs, size, augment_cfg, stream))
+        if not labels:
+            return images
+        return (images, *targets(rows))
+
+    return epoch_batches(len(index), batch_size, order, batch, workers)
+
+
+def epoch_batches(rows: int, batch_size: int, order: Callable[[int], np.ndarray],
+                  batch: Callable[[np.ndarray, int, int], Any], workers: int = 2):
+    """The one ``keras.utils.PyDataset`` skeleton of the training inputs (crops and
+    cached features): ``ceil(rows / batch_size)`` batches an epoch, ``order(epoch)`` the
+    rows' order for that epoch, ``batch(order, i, epoch)`` batch ``i``; ``workers``
+    threads, each with a batch in flight."""
+    keras = load_keras()
+
+    class EpochBatches(keras.utils.PyDataset):
         def __init__(self):
             # every worker needs a batch in flight (Keras bounds the futures by the queue)
             super().__init__(workers=workers, use_multiprocessing=False,
                              max_queue_size=max(4, 2 * workers))
             self.epoch = 0
-            self.order = self._order()
-
-        def _order(self) -> np.ndarray:
-            rng = None if seed is None else np.random.default_rng([seed, self.epoch])
-            return epoch_order(chunk, rng, buffer_chunks)
+            self.order = order(0)
 
         def __len__(self) -> int:
-            return math.ceil(len(index) / batch_size)
+            return math.ceil(rows / batch_size)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
-            self.order = self._order()
+            self.order = order(self.epoch)
 
         def __getitem__(self, i: int):
-            rows = self.order[i * batch_size:(i + 1) * batch_size]
-            if seed is not None and len(rows) < batch_size:  # one shape: a full batch
-                rows = np.concatenate([rows, np.resize(self.order, batch_size - len(rows))])
-            jpegs = [cache.get(int(f), int(g))[r] for f, g, r in where[rows]]
-            stream = None if seed is None else (seed, self.epoch, i)
-            images = (decoder.decode(jpegs, augment_cfg, stream) if decoder is not None
-                      else decode_batch(jpegs, size, augment_cfg, stream))
-            if not labels:
-                return images
-            return (images, *targets(rows))
+            return batch(self.order, i, self.epoch)
 
-    return CropBatches()
+    return EpochBatches()

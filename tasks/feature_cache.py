@@ -22,7 +22,6 @@ change the frozen part's output, so they do not apply (the log says so).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -31,8 +30,7 @@ import pandas as pd
 
 from core.labels import AGES
 from core.storage import FILE_MODE
-from models.runtime import load_keras
-from tasks.crop_stream import Targets, crop_batches
+from tasks.crop_stream import Targets, crop_batches, epoch_batches
 
 log = logging.getLogger(__name__)
 VIEWS = 2  # the face and its mirror image
@@ -75,32 +73,17 @@ def feature_batches(features: np.ndarray, index: pd.DataFrame, batch_size: int, 
     over ``index``'s faces. With ``seed`` the faces are shuffled every epoch and each
     batch takes the face or its mirror at random; without, file order and the faces as
     they are (validation)."""
-    keras = load_keras()
     targets = Targets(index, weights, age_sigma, age_classes)
 
-    class FeatureBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=workers, use_multiprocessing=False,
-                             max_queue_size=max(4, 2 * workers))
-            self.epoch = 0
-            self.order = self._order()
+    def order(epoch: int) -> np.ndarray:
+        if seed is None:
+            return np.arange(len(index))
+        return np.random.default_rng([seed, epoch]).permutation(len(index))
 
-        def _order(self) -> np.ndarray:
-            if seed is None:
-                return np.arange(len(index))
-            return np.random.default_rng([seed, self.epoch]).permutation(len(index))
+    def batch(order: np.ndarray, i: int, epoch: int):
+        rows = np.sort(order[i * batch_size:(i + 1) * batch_size])  # (reads)
+        views = (np.random.default_rng([seed, epoch, i]).integers(0, VIEWS, len(rows))
+                 if seed is not None else np.zeros(len(rows), np.int64))
+        return (np.asarray(features[views, rows], np.float32), *targets(rows))
 
-        def __len__(self) -> int:
-            return math.ceil(len(index) / batch_size)
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self.order = self._order()
-
-        def __getitem__(self, i: int):
-            rows = np.sort(self.order[i * batch_size:(i + 1) * batch_size])  # (reads)
-            views = (np.random.default_rng([seed, self.epoch, i]).integers(0, VIEWS, len(rows))
-                     if seed is not None else np.zeros(len(rows), np.int64))
-            return (np.asarray(features[views, rows], np.float32), *targets(rows))
-
-    return FeatureBatches()
+    return epoch_batches(len(index), batch_size, order, batch, workers)
