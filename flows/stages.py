@@ -683,8 +683,8 @@ def _evaluate_run(c: StageConfig, key: str) -> dict:
                                           ages=tuple(model_labels.get("ages", AGES)),
                                           age_line=model_labels.get("age_calibration"))
     report_path = write_report(metrics, train.load_history(folder.model),
-                                        c.upstream_summary("split"),
-                                        c.upstream_summary("faces"), folder.reports)
+                               c.upstream_summary("split"), c.upstream_summary("faces"),
+                               folder.reports)
     scored = metrics["scored_split"]
     if _in_run():  # the report in the Prefect UI
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -769,6 +769,7 @@ STAGE_TABLE: list[Stage] = [
           scope="experiment", stale_detail="the model or the test people changed",
           key_in="summary", run=_evaluate_run),
 ]
+
 
 def input_errors() -> tuple[type[Exception], ...]:
     """Every row's ``errors``: what is said in one line wherever a stage runs or is

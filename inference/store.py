@@ -189,14 +189,19 @@ class Store:
                     raise
                 time.sleep(0.2)
 
-    def _insert_new(self, table, key: str):
-        """An INSERT of ``table`` that skips a row whose unique ``key`` is stored already
-        (SQLite's and PostgreSQL's ON CONFLICT DO NOTHING)."""
+    def _insert(self, table):
+        """An INSERT of ``table`` in this database's dialect (SQLite's or PostgreSQL's:
+        both take ON CONFLICT)."""
         if self.sqlite:
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert
-        return insert(table).on_conflict_do_nothing(index_elements=[key])
+        return insert(table)
+
+    def _insert_new(self, table, key: str):
+        """An INSERT of ``table`` that skips a row whose unique ``key`` is stored already
+        (ON CONFLICT DO NOTHING)."""
+        return self._insert(table).on_conflict_do_nothing(index_elements=[key])
 
     def add_visitors(self, rows: Iterable[dict]) -> int:
         """Insert visitor rows (``visitor_row``); a row whose ``visitor_key`` is already
@@ -219,15 +224,11 @@ class Store:
              at: float) -> None:
         """The service of run ``run_id`` (started at ``started_at``) is counting
         ``cameras`` at ``at``: each camera's heartbeat row, replaced."""
-        if self.sqlite:
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
         rows = [{"camera": c, "run_id": run_id, "started_at": started_at, "seen_at": at}
                 for c in cameras]
         if not rows:
             return
-        statement = insert(self.heartbeats)
+        statement = self._insert(self.heartbeats)
         statement = statement.on_conflict_do_update(
             index_elements=["camera"], set_={"run_id": statement.excluded.run_id,
                                              "started_at": statement.excluded.started_at,

@@ -113,15 +113,15 @@ class KerasClassifier:
                 f"{path} is a Keras model and Keras is not installed here (the light "
                 "install runs ONNX models): run kface export --format onnx where it was "
                 "trained and use that folder, or install the full kface-pipeline")
-        from models.classifier import load_classifier
+        from models.classifier import load_classifier, single_view_network
 
         self.path = Path(path)
         self.model = load_classifier(self.path)
-        inner = [layer for layer in self.model.layers if layer.name == "kface_classifier"]
-        averaging = self.model.name == "kface_classifier_flip_averaged" and len(inner) == 1
+        inner = single_view_network(self.model)
+        averaging = inner is not None
         self.mirror = averaging if mirror is None else mirror
         if averaging and not self.mirror:
-            self.run = inner[0].predict_on_batch
+            self.run = inner.predict_on_batch
         elif self.mirror and not averaging:
             self.run = mirrored(self.model.predict_on_batch)
         else:

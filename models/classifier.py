@@ -367,6 +367,15 @@ def flip_averaged(model):
     return keras.Model(inputs, outputs, name="kface_classifier_flip_averaged")
 
 
+def single_view_network(model):
+    """The trained network inside a ``flip_averaged`` model (what answers one view), or
+    None when ``model`` is not one."""
+    inner = [layer for layer in model.layers if layer.name == "kface_classifier"]
+    if model.name != "kface_classifier_flip_averaged" or len(inner) != 1:
+        return None
+    return inner[0]
+
+
 def load_classifier(path: Path, compile: bool = True):
     """Load a saved classifier in Keras safe mode (our custom layers are registered);
     ``compile=False`` leaves out its optimizer and losses (a model to save for serving)."""

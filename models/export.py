@@ -30,7 +30,7 @@ import numpy as np
 from core.labels import AGE_BANDS, AGES, GENDERS
 from core.storage import FILE_MODE, write_bytes_atomic, write_json_atomic
 from models.backends import MIRROR_AT_RUN_TIME
-from models.classifier import load_classifier
+from models.classifier import load_classifier, single_view_network
 from models.onnx_graph import optimise_onnx_file
 from models.runtime import load_keras, load_tensorflow, verbose
 
@@ -115,12 +115,12 @@ def export_model(model_dir: Path, out: Path, fmt: Format) -> Path:
 def single_view(model):
     """The single-view network of a flip-averaged classifier (its inner model, called
     once so that Keras exports it), else ``model`` itself."""
-    inner = [layer for layer in model.layers if layer.name == "kface_classifier"]
-    if model.name != "kface_classifier_flip_averaged" or len(inner) != 1:
+    inner = single_view_network(model)
+    if inner is None:
         return model
     keras = load_keras()
     image = keras.Input(model.input_shape[1:], name="image")
-    single = keras.Model(image, inner[0](image), name="kface_classifier")
+    single = keras.Model(image, inner(image), name="kface_classifier")
     single.predict_on_batch(np.zeros((1, *model.input_shape[1:]), "float32"))
     return single
 

@@ -10,8 +10,8 @@ against 40% for the convolutions. ONNX's own ``PRelu`` node is slower still ther
 NCHWc kernel; measured 21.5 against 13.5 ms a face). ``prelu_as_convs`` writes each as
 ``x + (1 - s) * relu(-x)`` with the two scalings as 1x1 depthwise convolutions, which
 ONNX Runtime fuses (the ReLU into the first, the addition into the second) and keeps in
-NCHWc: 13.5 -> 8.2 ms a face in batches of 16 on 2 cores, outputs within 4e-7
-(``bench/bench_model_speed.py``).
+NCHWc: 13.5 -> 8.2 ms a face in batches of 16 on 2 cores, outputs within 4e-7 (the
+shipped model's speed as a user runs it: ``bench/bench_shipped.py``).
 """
 
 from __future__ import annotations
