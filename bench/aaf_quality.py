@@ -127,8 +127,8 @@ def folders_overrides(work: Path) -> list[str]:
 def dev_test_aaf(out: Path, experiment: str) -> dict:
     """The run's own test split, AAF people only (the held-out fifth's kind of faces, but
     not held-out people): what recipes are compared and tuned on."""
-    from flows.cache import crop_files
     from flows.config import load_config
+    from flows.stages.crops import crop_files
     from models.calibration import calibrate_heads, model_calibration
     from models.classifier import load_classifier
     from models.scoring import compute_metrics
@@ -248,7 +248,7 @@ def main() -> None:
     from flows.config import load_config
 
     backbone = load_config(args.config).model.backbone
-    cmd = [sys.executable, "-m", "flows.cli", "run", "-c", str(args.config), "--layout",
+    cmd = [sys.executable, "-m", "cli", "run", "-c", str(args.config), "--layout",
            "labelled", "--out", str(out), "--experiment", args.experiment,
            *(["--set", f"model.weights={WEIGHTS[backbone]}"] if backbone in WEIGHTS else [])]
     if args.folders:

@@ -82,7 +82,7 @@ def ours(root: Path, paths: list[str], workers: int, work: Path, shard_size: int
     log = work / f"{out.name}.log"
     start = time.perf_counter()
     with open(log, "w") as sink:
-        proc = psutil.Popen([sys.executable, "-m", "flows.cli", "run", "--data-root",
+        proc = psutil.Popen([sys.executable, "-m", "cli", "run", "--data-root",
                              str(root), "--out", str(out), "--stages", "select,detect",
                              "--workers", str(workers), "--shard-size", str(shard_size),
                              "--set", f"detector.kind={detector}"], cwd=REPO, env=env,

@@ -136,7 +136,7 @@ def kface(args: list[str], kill_when=None) -> dict:
     """Run ``kface ARGS`` in its own session; with ``kill_when()`` true, SIGKILL the
     group. Returns seconds, exit code, peak RSS of the largest process, the output's end."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     rss = PeakRSS(proc.pid)
@@ -279,7 +279,7 @@ def status(work: Path) -> list[dict]:
     for _ in range(3):
         res = kface(["status", "--out", str(out)])
         now.append(res)
-    report = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--out", str(out),
+    report = subprocess.run([sys.executable, "-m", "cli", "status", "--out", str(out),
                              "--json"], cwd=REPO, env=ENV, capture_output=True, text=True)
     states = {s["stage"]: s["state"] for s in json.loads(report.stdout)["stages"]}
     select_file = out / "stages" / "select.json"

@@ -35,7 +35,7 @@ SHARED = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data
 RUNNER = ("import runpy, sys\n"
           "sys.argv = ['kface', *sys.argv[1:]]\n"
           "try:\n"
-          "    runpy.run_module('flows.cli', run_name='__main__')\n"
+          "    runpy.run_module('cli', run_name='__main__')\n"
           "finally:\n"
           "    hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')]\n"
           "    rss = int(hwm[0].split()[1]) / 1024  # (ru_maxrss survives exec)\n"

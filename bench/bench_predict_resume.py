@@ -48,7 +48,7 @@ def main() -> None:
 
     export_model(work / "keras", work / "model", "onnx")
     out = work / "out"
-    cli = [sys.executable, "-m", "flows.cli", "predict", str(folder), "--model",
+    cli = [sys.executable, "-m", "cli", "predict", str(folder), "--model",
            str(work / "model"), "--out", str(out), "--workers", str(args.workers),
            "--shard-size", str(args.shard_size), "--detector", args.detector]
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": ""}

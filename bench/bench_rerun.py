@@ -33,7 +33,7 @@ CAMERAS = ("C4", "C5", "C6", "C7", "C8", "C9", "C10", "C19", "C20")
 def kface(*args: str, env: dict, repo: Path = REPO
           ) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo,
+    res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=repo,
                          env={**env, "PYTHONPATH": str(repo)}, capture_output=True, text=True)
     if res.returncode:
         sys.exit(f"kface {args[0]} failed:\n{res.stderr[-3000:]}")

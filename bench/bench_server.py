@@ -58,7 +58,7 @@ def main() -> None:
     base = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": "",
             "PREFECT_HOME": str(work / "home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     shard = str(args.shard_size)
-    kface = [sys.executable, "-m", "flows.cli", "run", "--data-root", str(root), "--stages",
+    kface = [sys.executable, "-m", "cli", "run", "--data-root", str(root), "--stages",
              "select,detect", "--workers", "2", "--shard-size", shard, "--out"]
     results = {"images": n, "shards": -(-n // args.shard_size), "workers": 2}
     results["prefect_default_s"] = timed(

@@ -62,7 +62,7 @@ def kface(*args: str, before: bool = False) -> float:
     FaceDetectorYN, as it ran before (``KFACE_YUNET_RUNTIME=opencv``)."""
     start = time.perf_counter()
     env = {**os.environ, **({"KFACE_YUNET_RUNTIME": "opencv"} if before else {})}
-    res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO,
                          capture_output=True, text=True, env=env)
     if res.returncode:
         raise SystemExit(f"kface {' '.join(args)} failed:\n{res.stderr[-3000:]}")

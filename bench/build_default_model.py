@@ -43,7 +43,7 @@ SIZE_LIMIT = 10 * 2 ** 20
 
 
 def kface(*args: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO,
                          capture_output=True, text=True,
                          env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     if res.returncode:

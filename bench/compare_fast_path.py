@@ -35,7 +35,7 @@ WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 
 def run_pipeline(tree: Path, out: Path, aspect: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c",
+    subprocess.run([sys.executable, "-m", "cli", "run", "-c",
                     str(REPO / "configs" / "aaf-pretrained.yaml"), "--data-root", str(tree),
                     "--metadata", str(tree / "KFace_metadata.csv"), "--out", str(out),
                     "--set", "data.layout=kface", "--set", f"model.weights={WEIGHTS}",

@@ -57,8 +57,8 @@ def prepare(run: Path) -> None:
     import pandas as pd
     from aaf_quality import SHARED, held_out_crops
 
-    from flows.cache import crop_files
     from flows.config import load_config
+    from flows.stages.crops import crop_files
     from tasks.crop_stream import crop_jpegs, load_index
 
     cfg = load_config(run / "config.yaml")

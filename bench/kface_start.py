@@ -33,7 +33,7 @@ STARTS = {  # experiment: (config, settings)
 
 
 def kface(*args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, text=True,
+    res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, text=True,
                          capture_output=True,
                          env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     if res.returncode:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.run_folder import RunFolder
 from core.sharding import ShardingConfig
+from inference.recordings import RecordingsSettings
 from models.classifier import ModelConfig
 from models.detector import DetectorConfig
 from tasks.crops import CropConfig
@@ -59,6 +60,21 @@ class PipelineConfig(BaseModel):
     def _sections_agree(self) -> PipelineConfig:
         check_calibration_folder(self.train, [f.name for f in self.data.folders])
         return self
+
+
+class RecordingsConfig(BaseModel):
+    """Everything one recordings run (``kface recordings``) needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(Path("artifacts/recordings"), description="Run folder: what was "
+                      "counted of each video (the visitors go to the store).")
+    recordings: RecordingsSettings
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out)
 
 
 def _describe(exc: ValidationError, source: str) -> str:
@@ -122,6 +138,6 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         raise ConfigError(_describe(exc, source)) from None
 
 
-def dump_config(cfg: PipelineConfig) -> str:
+def dump_config(cfg: PipelineConfig | RecordingsConfig) -> str:
     """The config as YAML (what ``kface config`` prints and each run saves)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -6,6 +6,9 @@ for a work pool): what the Prefect UI's Run button and schedules start.
   re-scan that picks up new or changed photos; cached stages and shards are skipped, so
   an unchanged dataset costs one scan (optional ``--cron``).
 * ``kface-predict/batch``: sharded inference over folders with the run's model.
+* ``kface-recordings/nightly`` (with ``kface serve --recordings FOLDER``): the
+  recordings folder counted into the visitors store every night (``--recordings-cron``,
+  default 03:00); only new or changed videos are counted.
 
 Each carries the config it was served with as its default parameters (paths made
 absolute, so a run does not depend on the serving process's working directory); the UI
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, RecordingsConfig
 from flows.stages import DATA_STAGES, STAGES
 
 SHUTDOWN_GRACE_S = 10  # after SIGTERM, the most a served process takes to exit
@@ -63,19 +66,30 @@ def serve_deployments(deployments: list) -> None:
         pass
 
 
+NIGHTLY = "0 3 * * *"  # the recordings' default schedule: 03:00 every day
+
+
 def build_deployments(cfg: PipelineConfig, cron: str | None = None,
                       full_cron: str | None = None,
-                      reprocess_stages: list[str] | None = None) -> list:
+                      reprocess_stages: list[str] | None = None,
+                      recordings: RecordingsConfig | None = None,
+                      recordings_cron: str = NIGHTLY) -> list:
     """The RunnerDeployments for ``prefect.serve`` (module entrypoints: they load from any
     working directory where this package is installed)."""
     from prefect.deployments.runner import EntrypointType
 
-    from flows.pipeline import kface_pipeline
+    from flows.pipeline import kface_pipeline, kface_recordings
     from flows.predict import kface_predict
 
     cfg = absolute_paths(cfg)
     params = cfg.model_dump(mode="json")
     module = EntrypointType.MODULE_PATH
+    nightly = [] if recordings is None else [kface_recordings.to_deployment(
+        name="nightly", parameters={"config": recordings.model_copy(update={
+            "out": Path(recordings.out).resolve()}).model_dump(mode="json")},
+        cron=recordings_cron, description="Count the recordings folder's new or changed "
+        "videos into the visitors store.", tags=["kface"], entrypoint_type=module,
+        concurrency_limit=1)]
     return [
         kface_pipeline.to_deployment(
             name="full", parameters={"config": params, "stages": None}, cron=full_cron,
@@ -95,4 +109,5 @@ def build_deployments(cfg: PipelineConfig, cron: str | None = None,
                                       "workers": cfg.sharding.workers},
             description="Detect faces and predict gender + age band for image folders.",
             tags=["kface"], entrypoint_type=module),
+        *nightly,
     ]

@@ -1,6 +1,6 @@
-"""The ``kface-pipeline`` Prefect flow: wiring only. What the stages are lives in the
-stage table (``flows.stages``), where their outputs live in ``core.run_folder``, the
-work in ``tasks/``.
+"""The ``kface-pipeline`` Prefect flow: wiring only. What the stages are lives in their
+rows (``flows/stages/``, one module each, on ``flows.machinery``), where their outputs
+live in ``core.run_folder``, the work in ``tasks/``.
 
 Every stage goes through one of two wrappers: ``stage_task`` (one output: compare the
 stored key with the expected one, reuse or compute, record) and ``run_sharded_stage``
@@ -27,11 +27,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 
 from core.sharding import ShardPlan, batch_shards, shard_runner, tidy_shards
 from core.storage import folder_lock, write_bytes_atomic, write_json_atomic
-from flows.config import PipelineConfig, dump_config
+from flows.config import PipelineConfig, RecordingsConfig, dump_config
+from flows.machinery import (
+    BaseStage,
+    MissingInputError,
+    ShardedStage,
+    StageConfig,
+    pipeline_named,
+    work_seconds,
+)
 from flows.preflight import check_inputs_current, check_stage_names, missing_input
-from flows.stages import STAGE, STAGES, MissingInputError, Stage, StageConfig, work_seconds
+from flows.stages import STAGE, STAGES, TRAINING
 
-__all__ = ["STAGES", "MissingInputError", "kface_pipeline"]
+__all__ = ["STAGES", "MissingInputError", "kface_pipeline", "kface_recordings"]
 
 
 def _require_inputs(config: PipelineConfig, stage: str) -> None:
@@ -40,7 +48,13 @@ def _require_inputs(config: PipelineConfig, stage: str) -> None:
         raise MissingInputError(problem)
 
 
-def _record(stage: Stage, c: StageConfig, summary: dict) -> dict:
+def _row(name: str, pipeline: str) -> ShardedStage:
+    import flows.recordings  # noqa: F401  (its table: the pipelines are looked up by name)
+
+    return pipeline_named(pipeline).stage[name]
+
+
+def _record(stage: BaseStage, c: StageConfig, summary: dict) -> dict:
     """Write ``stages/<stage>.json`` and the stage's summary table artifact."""
     write_json_atomic(stage.summary_file(c.folder), summary)
     create_table_artifact(
@@ -91,20 +105,23 @@ def shards_task(calls: list[tuple[Callable, tuple]]) -> list[dict]:
 
 
 @flow(name="shards")
-def shards_flow(name: str, config: PipelineConfig) -> dict:
+def shards_flow(name: str, config: PipelineConfig | RecordingsConfig,
+                pipeline: str = TRAINING.name) -> dict:
     """The shards of one stage that need work, one task per batch, in worker processes
     (the run's task runner); the others are only read."""
-    stage = STAGE[name]
+    stage = _row(name, pipeline)
     c = StageConfig(config, stage)
     return _shard_summary(stage, c, stage.plan(c))
 
 
-def run_sharded_stage(name: str, config: PipelineConfig) -> dict:
-    """A sharded stage: read every shard's stored key first; only when some shard needs
-    work are workers started (``shards_flow``), and only for those shards. An unchanged
-    rerun costs what ``kface status`` costs."""
-    stage = STAGE[name]
-    _require_inputs(config, name)
+def run_sharded_stage(name: str, config: PipelineConfig | RecordingsConfig,
+                      pipeline: str = TRAINING.name) -> dict:
+    """A sharded stage (of the pipeline called ``pipeline``): read every shard's stored
+    key first; only when some shard needs work are workers started (``shards_flow``),
+    and only for those shards. An unchanged rerun costs what ``kface status`` costs."""
+    stage = _row(name, pipeline)
+    if stage.reads:
+        _require_inputs(config, name)
     c = StageConfig(config, stage)
     plan = stage.plan(c)
     if not plan.todo:
@@ -112,11 +129,11 @@ def run_sharded_stage(name: str, config: PipelineConfig) -> dict:
     else:
         runner = shard_runner(config.sharding)
         summary = shards_flow.with_options(name=name, flow_run_name=f"{name}-shards",
-                                           task_runner=runner)(name, config)
+                                           task_runner=runner)(name, config, pipeline)
     return _record(stage, c, summary)
 
 
-def _shard_summary(stage: Stage, c: StageConfig, plan: ShardPlan) -> dict:
+def _shard_summary(stage: ShardedStage, c: StageConfig, plan: ShardPlan) -> dict:
     """Compute the plan's todo shards (on the task runner of the flow it runs in), show
     progress (terminal + Prefect artifact), drop shard files no longer planned, and return
     the stage summary."""
@@ -196,6 +213,20 @@ def kface_pipeline(config: PipelineConfig, stages: list[str] | None = None,
         description="Stage summaries of this run",
     )
     return summaries
+
+
+@flow(name="kface-recordings")
+def kface_recordings(config: RecordingsConfig) -> dict:
+    """Count the videos of a recordings folder into the visitors store (the recordings
+    pipeline, ``flows/recordings/``): only new or changed videos are counted."""
+    from prefect.runtime import flow_run
+
+    from flows.recordings import RECORDINGS
+
+    with folder_lock(config.out, f"flow run {flow_run.get_name()}"):
+        write_bytes_atomic(config.folder.config, dump_config(config).encode())
+        return {name: run_sharded_stage(name, config, RECORDINGS.name)
+                for name in RECORDINGS.order}
 
 
 def _run_stages(config: PipelineConfig, stages: list[str]) -> dict[str, dict]:

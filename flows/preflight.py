@@ -5,7 +5,7 @@ setting and the fix: unknown stage names, a missing or empty dataset root, a K-F
 without its ``<Res>_Resolution`` folder, a metadata or labels CSV that is missing or
 malformed (encoding, columns, values, duplicate IDs: the whole file is parsed, 400 rows
 for K-Face), missing detector or backbone weight files (each stage's row names its own
-check: ``flows.stages``), a run folder that cannot be written, and the inputs of
+check: ``flows/stages/``), a run folder that cannot be written, and the inputs of
 requested stages whose producing stage is not requested.
 Everything here is cheap (no scan of the photo tree): a bad K-Face metadata file is
 refused in about a second.

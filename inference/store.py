@@ -27,7 +27,9 @@ import numpy as np
 
 from core.labels import AGE_BANDS, GENDERS
 
-SCHEMA_VERSION = 2  # 2: heartbeats (when each camera's service was last running)
+# 2: heartbeats (when each camera's service was last running); 3: recordings (one row
+# per recorded video counted: when it starts, how that was found, its status)
+SCHEMA_VERSION = 3
 GENDER_COLUMNS = tuple(f"p_{g.lower()}" for g in GENDERS)
 BAND_COLUMNS = tuple(f"p_{b}" for b in AGE_BANDS)
 STORE_ENV = "KFACE_STORE_URL"
@@ -110,6 +112,19 @@ def _tables():
           Column("run_id", String(64), nullable=False),
           Column("started_at", Float, nullable=False),
           Column("seen_at", Float, nullable=False))
+    Table("recordings", metadata,  # one row per recorded video counted (kface recordings)
+          Column("recording_key", String(200), primary_key=True),  # camera/<path's hash>
+          Column("camera", String(100), nullable=False),
+          Column("path", String(1000), nullable=False),  # below the recordings folder
+          Column("content_key", String(64), nullable=False),  # its content + model + settings
+          Column("started_at", Float),  # None for a file that is not a video
+          Column("seconds", Float),
+          Column("time_from", String(20), nullable=False),  # name, container or mtime
+          Column("status", String(20), nullable=False),  # ok or error
+          Column("reason", String(300)),
+          Column("visitors", Integer, nullable=False),
+          Column("model_id", String(80)),
+          Column("written_at", Float, nullable=False))
     return metadata
 
 
@@ -117,9 +132,13 @@ def _add_heartbeats(conn) -> None:
     _tables().tables["heartbeats"].create(conn)
 
 
+def _add_recordings(conn) -> None:
+    _tables().tables["recordings"].create(conn)
+
+
 # version -> the function that upgrades a store of that version to the next (a
 # connection in a transaction)
-UPGRADES: dict[int, object] = {1: _add_heartbeats}
+UPGRADES: dict[int, object] = {1: _add_heartbeats, 2: _add_recordings}
 
 
 class Store:
@@ -152,6 +171,7 @@ class Store:
         self.visitors = self.metadata.tables["visitors"]
         self.downtime = self.metadata.tables["downtime"]
         self.heartbeats = self.metadata.tables["heartbeats"]
+        self.recordings = self.metadata.tables["recordings"]
         try:
             self._open_schema()
         except SQLAlchemyError as exc:
@@ -212,6 +232,32 @@ class Store:
         statement = self._insert_new(self.visitors, "visitor_key")
         with self.engine.begin() as conn:
             return max(0, conn.execute(statement, rows).rowcount or 0)
+
+    def replace_recording(self, recording: dict, visitors: list[dict]) -> None:
+        """A recorded video counted: its row in ``recordings`` and its visitors replace
+        what an earlier count of the same file stored (the visitors whose key starts with
+        its ``recording_key``), in one transaction: a recount after a change of the file
+        or the model never doubles a visitor, and a killed one leaves the earlier count."""
+        key = recording["recording_key"]
+        with self.engine.begin() as conn:
+            conn.execute(self.visitors.delete().where(
+                self.visitors.c.visitor_key.startswith(f"{key}/", autoescape=True)))
+            conn.execute(self.recordings.delete().where(
+                self.recordings.c.recording_key == key))
+            conn.execute(self.recordings.insert().values(**recording))
+            if visitors:
+                conn.execute(self.visitors.insert(), visitors)
+
+    def recordings_rows(self, camera: str | None = None) -> list[dict]:
+        """The recordings counted into this store (of ``camera``), by start time."""
+        from sqlalchemy import select
+
+        r = self.recordings
+        query = select(r).order_by(r.c.started_at, r.c.path)
+        if camera is not None:
+            query = query.where(r.c.camera == camera)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def start_downtime(self, camera: str, key: str, started_at: float, reason: str) -> None:
         """Record that ``camera`` went down at ``started_at`` (``key``: unique per outage)."""

@@ -30,7 +30,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from core.storage import file_sha256
 from models.detectors import KIND, DetectorError
@@ -71,8 +71,9 @@ def gives_landmarks(name: str) -> bool:
     return KIND[name].landmarks
 
 
-class DetectorConfig(BaseModel):
-    """Face detector settings. Changing any of them reruns detection."""
+class DetectorSettings(BaseModel):
+    """The settings every detector kind reads; ``DetectorConfig`` adds each kind's own
+    (``DetectorKind.settings``). Changing any of them reruns detection."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,18 +93,6 @@ class DetectorConfig(BaseModel):
         0.9, gt=0, lt=1, description="Minimum face score. Default: " + ", ".join(
             f"{k.training_confidence} for {k.name}" for k in KIND.values())
         + " (scores run differently per network).")
-    mean: tuple[float, float, float] = Field(
-        (104.0, 177.0, 123.0),
-        description="res10 only: BGR mean subtracted in blobFromImage; [0, 0, 0] is the "
-        "original call.",
-    )
-    edge_rows: Literal["reject_phantoms", "clip", "drop"] = Field(
-        "reject_phantoms", description="res10 only (YuNet makes no phantoms: its boxes are "
-        "clipped): rows running past the image: 'reject_phantoms' "
-        "drops res10's shifted copies of a face and clips the rest (real faces cut by the "
-        "frame); 'clip' keeps and clips all (phantoms become faces); 'drop' is the "
-        "original's rule (any coordinate outside (0, 1) drops the row)."
-    )
     input_size: int = Field(
         300, ge=64, le=1200, description="Network input: the long side in pixels "
         "(the network was trained at 300).")
@@ -138,6 +127,24 @@ class DetectorConfig(BaseModel):
             if kind is not None:  # (an unknown kind: the field's own error follows)
                 data = {**data, "confidence": kind.training_confidence}
         return data
+
+
+def _kinds_settings() -> dict[str, tuple]:
+    """Every kind's own settings, each declared once."""
+    fields: dict[str, tuple] = {}
+    for kind in KIND.values():
+        for name, spec in kind.settings.items():
+            if name in fields or name in DetectorSettings.model_fields:
+                raise DetectorError(f"the detector setting {name!r} of kind {kind.name!r} "
+                                    "is declared twice")
+            fields[name] = spec
+    return fields
+
+
+DetectorConfig = create_model(  # (built from the kinds: a kind's module declares its own)
+    "DetectorConfig", __base__=DetectorSettings, __module__=__name__,
+    __doc__="Face detector settings: the common ones and each kind's own. Changing any "
+    "of them reruns detection.", **_kinds_settings())
 
 
 def result_settings(cfg: DetectorConfig) -> dict:

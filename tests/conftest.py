@@ -60,7 +60,7 @@ def kface_tree(tmp_path_factory, aaf_dir) -> Path:
 def run_kface(*args: str, env: dict | None = None, timeout: int = 600
               ) -> subprocess.CompletedProcess:
     """Run the installed CLI in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -125,14 +125,15 @@ def free_port() -> int:
 
 
 def kill_when_written(args: list[str], env: dict, folder: Path, at_least: int,
-                      timeout: float = 300) -> dict[str, int]:
-    """Run ``kface ARGS`` in its own session, SIGKILL the whole run (CLI, temporary
-    server, workers) once ``folder`` holds ``at_least`` ``shard-*`` files, and return the
-    files that were finished then, with their mtimes."""
+                      timeout: float = 300, kface: tuple[str, ...] = ("-m", "cli")
+                      ) -> dict[str, int]:
+    """Run ``kface ARGS`` (``python KFACE ARGS``) in its own session, SIGKILL the whole
+    run (CLI, temporary server, workers) once ``folder`` holds ``at_least`` ``shard-*``
+    files, and return the files that were finished then, with their mtimes."""
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, *kface, *args], cwd=REPO,
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout

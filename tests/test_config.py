@@ -20,7 +20,7 @@ def test_yaml_and_overrides(tmp_path):
 
 def test_set_null_unsets_a_setting(tmp_path):
     """``--set data.metadata=null`` clears what the config file set (it was ignored)."""
-    from flows.options import overrides
+    from cli.options import overrides
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data:\n  root: /data/kface\n  metadata: /data/meta.csv\n")

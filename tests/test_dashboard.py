@@ -18,7 +18,7 @@ from test_shop_day import DAY, TZ, synthetic_store
 
 
 def _dashboard(*args: str, log) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "dashboard", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "dashboard", "--port", "0",
                              *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             cwd=REPO, start_new_session=True)
     end = time.time() + 60

@@ -51,7 +51,7 @@ def served_run(server, kface_tree, tmp_path_factory):
     out = work / "run"
     config = tiny_config(kface_tree, out, work / "tiny.yaml")
     log = open(work / "serve.log", "w")  # noqa: SIM115
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", str(config),
+    serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "-c", str(config),
                               "--cron", "0 3 * * *"], cwd=work, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -144,7 +144,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(server, kface_tree, tmp_path)
 def test_serve_without_a_server_says_what_to_do(tmp_path, kface_tree):
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path)}
     config = tiny_config(kface_tree, tmp_path / "run", tmp_path / "tiny.yaml")
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "-c", str(config)],
+    res = subprocess.run([sys.executable, "-m", "cli", "serve", "-c", str(config)],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "kface server" in res.stderr and "PREFECT_API_URL" in res.stderr
@@ -158,7 +158,7 @@ def test_kface_server_on_another_port_points_its_ui_there(tmp_path):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "server", "--port", str(port)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -187,7 +187,7 @@ def test_serve_exits_on_sigterm_when_its_server_is_gone(kface_tree, tmp_path):
     (tmp_path / "home-gone").mkdir()
     proc, url, env = start_prefect_server(tmp_path / "home-gone")
     config = tiny_config(kface_tree, tmp_path / "run", tmp_path / "tiny.yaml")
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "-c", str(config)],
+    serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "-c", str(config)],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -13,6 +13,7 @@ from conftest import REPO
 
 TOY_KIND = '''
 import numpy as np
+from pydantic import Field
 from pathlib import Path
 from models.detectors.base import DetectorKind, register
 
@@ -22,7 +23,8 @@ class Toy(DetectorKind):
     description = "a test kind: one face in the middle of every photo"
     landmarks = True
     training_confidence, inference_confidence = 0.6, 0.5
-    own_settings = ("mean",)
+    settings = {"toy_shift": (float, Field(0.0, ge=0, description="toy only: moves the face"))}
+    own_settings = ("mean", "toy_shift")  # (res10's mean read too)
 
     def weights(self, cfg):
         return (Path(__file__),)
@@ -51,6 +53,20 @@ assert cfg.confidence == 0.6, cfg.confidence  # its own training threshold
 assert inference_detector_config(kind="toy").confidence == 0.5
 settings = result_settings(cfg)
 assert settings["kind"] == "toy" and "mean" in settings and "edge_rows" not in settings
+assert settings["toy_shift"] == 0.0 and DetectorConfig(kind="toy", toy_shift=2).toy_shift == 2
+assert "toy_shift" not in result_settings(DetectorConfig(kind="res10"))  # the toy's own
+from models.detector import _kinds_settings
+from models.detectors.base import KIND, DetectorError, register
+class Again(type(KIND["toy"])):
+    name = "again"
+try:
+    register(Again)  # declares toy_shift a second time
+    _kinds_settings()
+    raise SystemExit("a setting declared twice was accepted")
+except DetectorError as exc:
+    assert "'toy_shift' of kind 'again' is declared twice" in str(exc), exc
+finally:
+    KIND.pop("again")
 assert "'toy': a test kind" in DetectorConfig.model_fields["kind"].description
 faces = FaceDetector(cfg).detect(np.zeros((200, 400, 3), np.uint8))
 assert len(faces) == 1 and faces[0].box == (100, 50, 300, 150), faces
@@ -67,7 +83,7 @@ def test_a_kind_is_one_module(tmp_path):
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
     # the CLI's help lists it too (its options are built from the registry)
     help_check = ("import toy_kind, sys; sys.argv = ['kface', 'predict', '--help']; "
-                  "from flows.cli import main; main()")
+                  "from cli.main import main; main()")
     res = subprocess.run([sys.executable, "-c", help_check], cwd=REPO, capture_output=True,
                          text=True, env=env)
     assert "toy" in res.stdout and "0.5 for toy" in res.stdout, res.stdout + res.stderr

@@ -153,12 +153,12 @@ def test_status_reads_the_run_folders_config(demo, tmp_path):
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts" / "demo").symlink_to(out)
     for command in (["status"], ["experiments"]):
-        res = subprocess.run([sys.executable, "-m", "flows.cli", *command], cwd=tmp_path,
+        res = subprocess.run([sys.executable, "-m", "cli", *command], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "run folder artifacts/demo (the most recent" in res.stderr
         assert ("cached" if command == ["status"] else "default") in res.stdout
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "status"], cwd=out,
+    res = subprocess.run([sys.executable, "-m", "cli", "status"], cwd=out,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "no run folder under artifacts/" in res.stderr
 

@@ -249,7 +249,7 @@ def test_sigterm_stops_the_temporary_server(kface_tree, tmp_path, prefect_env):
     import psutil
 
     out = tmp_path / "term"
-    proc = psutil.Popen([sys.executable, "-m", "flows.cli", "run", "--data-root",
+    proc = psutil.Popen([sys.executable, "-m", "cli", "run", "--data-root",
                          str(kface_tree), "--out", str(out), "--stages", "select,detect",
                          "--workers", "1", "--shard-size", "1"], cwd=REPO,
                         env={**os.environ, **prefect_env}, stdout=subprocess.DEVNULL,

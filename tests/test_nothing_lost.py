@@ -121,7 +121,7 @@ def test_user_text_prints_verbatim(capsys, tmp_path, scenes_dir):
     """Square brackets in a path or an install hint are not eaten as terminal markup."""
     import typer
 
-    from flows.terminal import fail
+    from cli.terminal import fail
 
     with pytest.raises(typer.Exit):
         fail("ONNX export needs tf2onnx: pip install 'kface-pipeline[onnx]'")
@@ -175,7 +175,7 @@ def test_help_uses_the_usual_placeholders():
                                                   "--threshold FLOAT"]),
                          (["run", "--help"], ["--set KEY=VALUE", "--workers INTEGER"]),
                          (["stats", "--help"], ["SOURCE", "--allow-other-model"])):
-        res = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+        res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         for word in wanted:

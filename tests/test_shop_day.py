@@ -49,7 +49,7 @@ def _env() -> dict:
 
 
 def _count(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "count", *args],
+    return subprocess.Popen([sys.executable, "-m", "cli", "count", *args],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             env=_env(), cwd=log.parent, start_new_session=True)
 
@@ -93,7 +93,7 @@ def test_a_stream_cut_midway_counts_both_halves_and_records_the_gap(shop_clip, t
     first = _serve(shop_clip, port)
     log = tmp_path / "count.log"
     service = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "count", "-c", "shop.yaml", "--store",
+        [sys.executable, "-m", "cli", "count", "-c", "shop.yaml", "--store",
          str(db)], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
         env={**_env(), "CAM_PW": "s3cret-pw"}, cwd=tmp_path, start_new_session=True)
     try:
@@ -193,16 +193,18 @@ def test_bad_input_is_one_line_and_an_unreachable_camera_is_downtime(tmp_path):
     (tmp_path / "notvideo.mp4").write_text("this is no video")
     from inference.store import Store
 
-    older = tmp_path / "older.db"  # a store of schema version 1 (before heartbeats)
-    Store(older).close()
+    older = tmp_path / "older.db"  # a store of schema version 1 (before heartbeats and
+    Store(older).close()  # recordings)
     with sqlite3.connect(older) as conn:
         conn.execute("drop table heartbeats")
+        conn.execute("drop table recordings")
         conn.execute("update kface_schema set version = 1")
     res = run_kface("counts", "--store", str(older), "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     with sqlite3.connect(older) as conn:  # upgraded in place
-        assert conn.execute("select version from kface_schema").fetchall() == [(2,)]
+        assert conn.execute("select version from kface_schema").fetchall() == [(3,)]
         assert conn.execute("select count(*) from heartbeats").fetchone() == (0,)
+        assert conn.execute("select count(*) from recordings").fetchone() == (0,)
     newer = tmp_path / "newer.db"
     with sqlite3.connect(newer) as conn:
         conn.execute("create table kface_schema (version integer not null)")

@@ -60,7 +60,6 @@ def test_status_reads_the_plans_a_run_recorded_and_sees_every_change(kface_tree,
     is unchanged. Each shortcut must still see every change."""
     import shutil
 
-    from flows.stages import _indexed_plan
     from tasks.select import manifest_is_current
 
     tree = tmp_path / "tree"
@@ -79,7 +78,7 @@ def test_status_reads_the_plans_a_run_recorded_and_sees_every_change(kface_tree,
     listing = json.loads((out / "stages" / "select.json").read_text())["listing_digest"]
     assert manifest_is_current(cfg.data, cfg.selection, cfg.folder.manifest, listing)
     for name in ("detect", "crops"):  # the index holds what a full plan computes
-        indexed = _indexed_plan(StageConfig(cfg, STAGE[name], writing=False))
+        indexed = STAGE[name]._indexed_plan(StageConfig(cfg, STAGE[name], writing=False))
         full = STAGE[name].plan(StageConfig(cfg, STAGE[name]))
         assert indexed is not None and [s.name for s in indexed[0]] == [
             s.name for s in full.shards] and full.todo == []
@@ -90,7 +89,8 @@ def test_status_reads_the_plans_a_run_recorded_and_sees_every_change(kface_tree,
     crop_files[0].unlink()  # a shard file gone: its stage needs work
     assert states()["crops"] == "stale"
     other = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"size": 32})})
-    assert _indexed_plan(StageConfig(other, STAGE["crops"], writing=False)) is None
+    assert STAGE["crops"]._indexed_plan(
+        StageConfig(other, STAGE["crops"], writing=False)) is None
 
     photo = next(p for p in sorted(tree.rglob("*.jpg")) if "S001" in p.parts)
     os.utime(photo, ns=(5, 5))  # another mtime, the same bytes

@@ -62,7 +62,7 @@ def test_experiments_backends_and_a_killed_retraining(kface_tree, tmp_path, pref
     assert rows["default"][1] == "2/2" and rows["jax"][1] == "1/1"
 
     # retrain 'default' with 6 epochs, killed after its second: the old model stays
-    args = [sys.executable, "-m", "flows.cli", "run", *common, "--set", "train.epochs=6"]
+    args = [sys.executable, "-m", "cli", "run", *common, "--set", "train.epochs=6"]
     proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **prefect_env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -98,8 +98,8 @@ def test_experiments_backends_and_a_killed_retraining(kface_tree, tmp_path, pref
 
 
 def _val_age_accuracy(out) -> float:
-    from flows.cache import crop_files
     from flows.config import load_config
+    from flows.stages.crops import crop_files
     from models.classifier import load_classifier
     from tasks.crop_stream import load_index
     from tasks.evaluate import predict_frame

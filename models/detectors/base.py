@@ -1,10 +1,11 @@
 """What a detector kind is: ``DetectorKind``, and the registry of kinds.
 
 A kind declares its weights (where the default files are, their published sha256), its
-thresholds, whether it gives the five landmarks, the ``DetectorConfig`` settings only it
-reads, how its network loads and how it turns a photo into raw rows. Everything that is
-the same for every kind (threshold, clipping, NMS, margin, landmarks in pixels) lives in
-``models.detector``; nothing outside ``models/detectors/`` asks which kind it has.
+thresholds, whether it gives the five landmarks, its roles, the ``DetectorConfig``
+settings it owns (their types and defaults: ``settings``), how its network loads and
+how it turns a photo into raw rows. Everything that is the same for every kind
+(threshold, clipping, NMS, margin, landmarks in pixels) lives in ``models.detector``;
+nothing outside ``models/detectors/`` asks which kind it has.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ class DetectorKind:
     measures_chips: ClassVar[bool] = False
     training_confidence: ClassVar[float]  # threshold for the training data
     inference_confidence: ClassVar[float]  # threshold for predict, video and camera
-    own_settings: ClassVar[tuple[str, ...]] = ()  # settings only this kind reads
+    # the ``DetectorConfig`` settings this kind declares: name -> (type, pydantic Field);
+    # ``models.detector`` builds the config from every kind's (a name declared twice is
+    # an error)
+    settings: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    # the kind-specific settings it reads (its keys read them, no other kind's): its own
+    # ``settings`` unless it names others (one another kind declares, too)
+    own_settings: ClassVar[tuple[str, ...]] = ()
     key_without_kind: ClassVar[bool] = False  # its cache keys predate the 'kind' setting
     known_sha256: ClassVar[dict[str, str]] = {}  # file name -> published sha256
 
@@ -77,6 +84,8 @@ KIND: dict[str, DetectorKind] = {}
 
 def register(cls: type[DetectorKind]) -> type[DetectorKind]:
     """Class decorator: add a kind to the registry under its ``name``."""
+    if not cls.own_settings:
+        cls.own_settings = tuple(cls.settings)
     KIND[cls.name] = cls()
     return cls
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field
 
 from models.detectors.base import (
     DetectorConfig,
@@ -43,7 +44,17 @@ class Res10(DetectorKind):
     original = True
     # clear faces score 0.94-1.0 (docs/detection.md)
     training_confidence, inference_confidence = 0.9, 0.8
-    own_settings = ("mean", "edge_rows")
+    settings = {
+        "mean": (tuple[float, float, float], Field(
+            (104.0, 177.0, 123.0), description="res10 only: BGR mean subtracted in "
+            "blobFromImage; [0, 0, 0] is the original call.")),
+        "edge_rows": (Literal["reject_phantoms", "clip", "drop"], Field(
+            "reject_phantoms", description="res10 only (YuNet makes no phantoms: its boxes "
+            "are clipped): rows running past the image: 'reject_phantoms' drops res10's "
+            "shifted copies of a face and clips the rest (real faces cut by the frame); "
+            "'clip' keeps and clips all (phantoms become faces); 'drop' is the original's "
+            "rule (any coordinate outside (0, 1) drops the row).")),
+    }
     key_without_kind = True  # detection shards from before 'kind' existed stay current
     known_sha256 = {
         CAFFE_MODEL: "2a56a11a57a4a295956b0660b4a3d76bbdca2206c4961cea8efe7d95c7cb2f2d",

@@ -1,8 +1,8 @@
 """``kface`` command line (typer + rich): each command parses its options, calls one
 function and prints. Here the commands of the pipeline that makes a model (run, status,
 server, serve, experiments, sample-data, config); the commands that run one (predict,
-video, webcam, evaluate, stats, export) are in ``flows.cli_product``. The shared options
-and the app live in ``flows.options``, what the commands print in ``flows.terminal``."""
+video, webcam, evaluate, stats, export) are in ``cli.product``. The shared options
+and the app live in ``cli.options``, what the commands print in ``cli.terminal``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from flows import terminal
-from flows.options import (
+from cli import terminal
+from cli.options import (
     PIPELINE,
     ConfigFlags,
     ConfigOpt,
@@ -25,7 +25,7 @@ from flows.options import (
     set_environment,
     usual_metavars,
 )
-from flows.terminal import console, fail, say
+from cli.terminal import console, fail, say
 
 __all__ = ["app", "main"]
 
@@ -141,9 +141,20 @@ def serve(
     full_cron: str | None = typer.Option(None, help="Schedule for kface-pipeline/full."),
     reprocess_stages: str | None = typer.Option(
         None, help="Stages of the reprocess deployment (default: the data stages)."),
+    recordings: Path | None = typer.Option(
+        None, help="A recordings folder: also serve kface-recordings/nightly, which counts "
+        "its new or changed videos into --recordings-store every night."),
+    recordings_store: str | None = typer.Option(
+        None, help="The visitors store of --recordings (SQLite file or postgresql:// URL; "
+        "default: $KFACE_STORE_URL, else visitors.db)."),
+    recordings_cron: str = typer.Option("0 3 * * *", help="Schedule of "
+                                        "kface-recordings/nightly."),
+    recordings_tz: str | None = typer.Option(None, help="Time zone of the recordings' "
+                                             "names (default: this machine's)."),
 ) -> None:
     """Register the deployments kface-pipeline/full, kface-pipeline/reprocess and
-    kface-predict/batch with this config as their default parameters, and serve them:
+    kface-predict/batch (and with --recordings, kface-recordings/nightly) with this config
+    as their default parameters, and serve them:
     runs started from the Prefect UI (or by schedule) execute here. Needs a Prefect server
     (kface server, then export PREFECT_API_URL=...). Stop with Ctrl-C or SIGTERM."""
     from prefect.settings import get_current_settings
@@ -159,7 +170,17 @@ def serve(
     if not get_current_settings().api.url:
         fail("kface serve needs a Prefect server that the UI also talks to: start one with "
              "'kface server' and export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    serve_deployments(build_deployments(cfg, cron, full_cron, reprocess))
+    nightly = None
+    if recordings is not None:
+        from cli.shop import recordings_config
+
+        if not recordings.is_dir():
+            fail(f"--recordings {recordings}: not a folder: give the folder of videos")
+        nightly = recordings_config(recordings, recordings_store, tz=recordings_tz,
+                                    out=Path(cfg.out).parent / "recordings",
+                                    workers=cfg.sharding.workers)
+    serve_deployments(build_deployments(cfg, cron, full_cron, reprocess, nightly,
+                                        recordings_cron))
 
 
 @command("experiments", needs=("pyarrow", "yaml"))
@@ -230,8 +251,8 @@ def show_config(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt
 
 def main() -> None:
     """The ``kface`` command (the typer app, with the usual help placeholders)."""
-    import flows.cli_product  # noqa: F401  (registers the commands that run a model)
-    import flows.cli_shop  # noqa: F401  (count, counts, dashboard)
+    import cli.product  # noqa: F401  (registers the commands that run a model)
+    import cli.shop  # noqa: F401  (count, counts, dashboard)
 
     command = typer.main.get_command(app)
     usual_metavars(command)

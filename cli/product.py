@@ -1,6 +1,6 @@
 """``kface`` commands that run a model: predict (photos, or a batch flow with
 --workers), video and webcam, evaluate on a labelled folder, stats (counts) and export.
-Each parses its options, calls one function and prints (``flows.terminal``)."""
+Each parses its options, calls one function and prints (``cli.terminal``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from flows import terminal
-from flows.options import (
+from cli import terminal
+from cli.options import (
     FULL_INSTALL,
     AllowOtherModelOpt,
     DaskOpt,
@@ -28,7 +28,7 @@ from flows.options import (
     model_dir,
     out_option,
 )
-from flows.terminal import console, fail
+from cli.terminal import console, fail
 
 
 @app.command()

@@ -14,8 +14,8 @@ from typing import Any
 
 import typer
 
+from cli.terminal import fail, say
 from core.sharding import ShardingConfig
-from flows.terminal import fail, say
 from models.detectors import KIND
 
 app = typer.Typer(help="K-Face age-band + gender pipeline (Prefect).", no_args_is_help=True,

@@ -1,5 +1,6 @@
 """``kface`` commands of a shop's day: ``count`` (the counting service over cameras into
-the visitors store), ``counts`` (a day's, week's or weeks' counts per period from the
+the visitors store), ``recordings`` (a folder of recorded videos counted into it, a
+Prefect flow), ``counts`` (a day's, week's or weeks' counts per period from the
 store) and ``dashboard`` (the web page of those counts). They run in the light install."""
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from pathlib import Path
 
 import typer
 
-from flows.options import (
+from cli.options import (
+    PIPELINE,
     DetectorKindOpt,
     MirrorOpt,
     ModelOpt,
     ThresholdOpt,
+    WorkersOpt,
     app,
+    command,
     load_analyzer,
 )
-from flows.terminal import console, fail
+from cli.terminal import console, fail
 
 StoreOpt = typer.Option(None, "--store", help="Visitors store: an SQLite file or a "
                         "postgresql://USER:${PASSWORD_VAR}@HOST/DB URL (parts in ${...} are "
@@ -204,3 +208,90 @@ def dashboard(
     finally:
         server.server_close()
         opened.close()
+
+
+def recordings_config(folder: Path, store: str | None, camera: str | None = None,
+                      name_pattern: str = "%Y%m%d_%H%M%S", tz: str | None = None,
+                      detect_fps: float = 10.0, model: Path | None = None,
+                      out: Path = Path("artifacts/recordings"), workers: int = 1):
+    """``kface recordings``' (and ``kface serve --recordings``') config; a bad value is
+    one line."""
+    from pydantic import ValidationError
+
+    from core.sharding import ShardingConfig
+    from flows.config import RecordingsConfig
+    from inference.recordings import RecordingsSettings
+
+    if store and "://" not in store and "${" not in store:  # (a file: the same for a
+        store = str(Path(store).expanduser().resolve())  # served run in another folder)
+    try:
+        return RecordingsConfig(
+            out=out, sharding=ShardingConfig(workers=workers, shard_size=1),
+            recordings=RecordingsSettings(root=folder.resolve(), store=store, camera=camera,
+                                          name_pattern=name_pattern, timezone=tz,
+                                          detect_fps=detect_fps, model=model))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        fail(f"kface recordings: {error['loc'][-1]}: {error['msg']}")
+
+
+@command("recordings", needs=PIPELINE)
+def recordings(
+    folder: Path = typer.Argument(..., help="Folder of recorded videos (every file below "
+                                  "it but hidden ones)."),
+    store: str | None = StoreOpt,
+    camera: str | None = typer.Option(None, help="The camera they are from (default: the "
+                                      "folder's name)."),
+    name_pattern: str = typer.Option("%Y%m%d_%H%M%S", help="Where a video's start time is "
+                                     "in its path below the folder (strftime codes); else "
+                                     "its container's creation time, else its mtime."),
+    tz: str | None = TzOpt,
+    detect_fps: float = typer.Option(10.0, min=0.1, help="Frames analysed per second of "
+                                     "video."),
+    model: Path | None = ModelOpt,
+    out: Path = typer.Option(Path("artifacts/recordings"), "--out", help="Run folder: what "
+                             "was counted of each video (reruns count only new or changed "
+                             "videos)."),
+    workers: int = WorkersOpt,
+) -> None:
+    """Count a folder of recorded videos into the visitors store (a Prefect flow, one unit
+    per video, over worker processes): a rerun counts only new or changed videos, a
+    killed run resumes, and a recount replaces a video's visitors, never doubles them."""
+    from flows.machinery import StageConfig
+    from flows.recordings import RECORDINGS
+
+    cfg = recordings_config(folder, store, camera, name_pattern, tz, detect_fps, model, out,
+                            workers)
+    errors = RECORDINGS.input_errors()
+    try:
+        for row in RECORDINGS.rows:
+            if row.check:
+                row.check(StageConfig(cfg, row, writing=False))
+    except errors as exc:
+        fail(str(exc))
+
+    import importlib
+
+    from prefect.settings import get_current_settings
+
+    from cli import terminal
+    from flows.server import prefect_api
+
+    temporary = not get_current_settings().api.url
+    terminal.quiet_user_errors((*errors, ValueError, RuntimeError))
+    try:
+        with prefect_api(warm_up=lambda: importlib.import_module("flows.pipeline")) as url:
+            console.print(terminal.api_line(url, temporary))
+            from flows.pipeline import kface_recordings
+
+            summaries = kface_recordings(config=cfg)
+    except (*errors, ValueError, RuntimeError) as exc:
+        if terminal.debug():
+            raise
+        fail(str(exc))
+    for name, s in summaries.items():
+        counts = s["status_counts"]
+        console.print(f"{name}: {s['shards']} file(s), {s['shards_computed']} counted now, "
+                      f"{s['shards_reused']} unchanged; {counts.get('visitors', 0)} visitors; "
+                      f"{counts.get('error', 0)} not a readable video")
+    console.print(f"store: {_open_store(store).shown}")
