@@ -7,6 +7,7 @@ FROM python:3.11-slim
 ARG EXTRAS="[postgres]"
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY cli cli
 COPY flows flows
 COPY core core
 COPY tasks tasks
