@@ -189,7 +189,7 @@ def experiments_cmd(
         None, help="Run folder (out). Default: the most recent run folder under artifacts/."),
 ) -> None:
     """One row per experiment of a run folder: recipe, metrics, training time, state."""
-    from flows.stages import list_experiments
+    from flows.stages.evaluate import list_experiments
 
     flags = ConfigFlags(config=None, out=out, experiment=None)
     flags.find_run_folder()

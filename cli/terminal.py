@@ -96,7 +96,7 @@ def print_status(rows: list, out: Path) -> None:
 
 
 def print_experiments(rows: list[dict], out: Path) -> None:
-    """``kface experiments``' table (``flows.stages.list_experiments`` rows)."""
+    """``kface experiments``' table (``flows.stages.evaluate.list_experiments`` rows)."""
     from rich.table import Table
 
     table = Table(title=f"kface experiments: {out}", caption=(
