@@ -6,7 +6,9 @@ analysed frame rate that gives the same counts as every frame.
     three lanes, their visits known), counted by ``kface recordings`` as a user runs it
     (the shipped model, ``--workers 2``, a fresh store and run folder each time) at each
     analysed frame rate of ``--rates`` (the first: every frame): wall seconds, video
-    seconds per wall second (the goal: >= 4, an hour in 15 minutes), the visitors
+    seconds per wall second, also without the run's fixed cost (a rerun of the same
+    folder, every video cached: the Prefect server, the model, the walk), which an hour of
+    video pays once (the goal: an hour in <= 15 minutes, 4x real time), the visitors
     counted against the known ones and against every frame's count. Beside it, today's
     one-shot path on the same clips: ``kface video`` (every frame, one clip after the
     other), its speed and the ratio.
@@ -71,7 +73,7 @@ def main() -> None:
     video_seconds = args.videos * args.minutes * 60
     results = {"videos": args.videos, "video_seconds": video_seconds, "source_fps": args.fps,
                "known_visitors": known, "recordings": []}
-    every = None
+    every, fixed = None, None
     for rate in [float(r) for r in args.rates.split(",")]:
         db, out = work / f"store-{rate:g}.db", work / f"run-{rate:g}"
         seconds, _ = kface("recordings", str(folder), "--store", str(db), "--out", str(out),
@@ -79,9 +81,15 @@ def main() -> None:
         with sqlite3.connect(db) as conn:
             counted = conn.execute("select count(*) from visitors where counted").fetchone()[0]
         every = counted if every is None else every
+        if fixed is None:  # what a run costs besides the videos: the same run, all cached
+            fixed, _ = kface("recordings", str(folder), "--store", str(db), "--out", str(out),
+                             "--detect-fps", f"{rate:g}", "--workers", "2")
+            results["fixed_s"] = round(fixed, 1)
+        marginal = video_seconds / max(seconds - fixed, 1e-3)
         row = {"detect_fps": rate, "wall_s": round(seconds, 1),
                "x_real_time": round(video_seconds / seconds, 2),
-               "hour_in_minutes": round(60 / (video_seconds / seconds), 1),
+               "x_real_time_marginal": round(marginal, 2),
+               "hour_in_minutes": round(60 / marginal + fixed / 60, 1),
                "visitors": counted, "same_as_every_frame": counted == every}
         results["recordings"].append(row)
         print(json.dumps(row), flush=True)
@@ -95,7 +103,7 @@ def main() -> None:
                key=lambda r: r["x_real_time"])
     results["best_same_counts"] = {**best, "ratio_to_kface_video": round(
         best["x_real_time"] / results["kface_video"]["x_real_time"], 2),
-        "goal_4x_met": best["x_real_time"] >= 4}
+        "goal_hour_in_15_min_met": best["hour_in_minutes"] <= 15}
     print(json.dumps(results, indent=2))
 
 
