@@ -232,7 +232,8 @@ def recordings_config(folder: Path, store: str | None, camera: str | None = None
                                           detect_fps=detect_fps, model=model))
     except ValidationError as exc:
         error = exc.errors()[0]
-        fail(f"kface recordings: {error['loc'][-1]}: {error['msg']}")
+        fail(f"kface recordings: {error['loc'][-1]}: "
+             f"{error['msg'].removeprefix('Value error, ')}")
 
 
 @command("recordings", needs=PIPELINE)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import cv2
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from inference.video import (
     GAP_SECONDS,
@@ -71,6 +71,29 @@ class RecordingsSettings(BaseModel):
     return_seconds: float = Field(RETURN_SECONDS, ge=0)
     model: Path | None = Field(None, description="Model folder (default: the shipped "
                                "model).")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str | None) -> str | None:
+        from zoneinfo import ZoneInfo
+
+        if zone is not None:
+            try:
+                ZoneInfo(zone)
+            except (ValueError, KeyError, OSError) as exc:  # (not found: a KeyError)
+                raise ValueError(f"unknown time zone {zone!r}: give an IANA name such as "
+                                 "Asia/Seoul") from exc
+        return zone
+
+    @field_validator("name_pattern")
+    @classmethod
+    def _dated(cls, pattern: str) -> str:
+        codes = set(re.findall(r"%.", pattern))
+        unknown = codes - set(STRFTIME_FIELDS)
+        if unknown or not codes & {"%Y", "%y"} or not ({"%m", "%d"} <= codes or "%j" in codes):
+            raise ValueError(f"{pattern!r}: use strftime codes among "
+                             f"{' '.join(STRFTIME_FIELDS)}, with a year and a day")
+        return pattern
 
     def camera_name(self) -> str:
         return self.camera or Path(self.root).resolve().name or "recordings"

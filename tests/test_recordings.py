@@ -119,6 +119,9 @@ def test_bad_recordings_input_is_one_line(tmp_path):
     assert res.returncode != 0 and "cannot write in folder /sys" in res.stderr
     assert "Traceback" not in res.stderr
     assert not os.path.exists("/sys/kface.db")
+    res = run_kface("recordings", str(tmp_path / "videos"), "--tz", "Mars/Base")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "timezone: unknown time zone 'Mars/Base'" in res.stderr
 
 
 def test_kface_serve_registers_the_nightly_recordings_count(tmp_path, monkeypatch):
