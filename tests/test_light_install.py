@@ -25,7 +25,8 @@ def light_kface(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     source = venv.parent / "source"  # the package's files only: the build writes no file here
     source.mkdir()
-    for part in ("pyproject.toml", "README.md", "core", "models", "tasks", "inference", "flows"):
+    for part in ("pyproject.toml", "README.md", "cli", "core", "models", "tasks", "inference",
+                 "flows"):
         if (REPO / part).is_dir():
             shutil.copytree(REPO / part, source / part,
                             ignore=shutil.ignore_patterns("__pycache__"))
