@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,24 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-AAF = Path(os.environ.get("KFACE_SHARED_DATA", REPO.parent / "shared" / "data")) / "faces" / "aaf"
-
-
-def clip(path: Path, seconds: float, fps: int, offset: int) -> int:
-    """A 720p clip of people in three lanes, two or three in view; returns how many
-    visits it holds."""
-    from tasks.sample_data import Visit, write_visit_clip
-
-    files = sorted(p.name for p in AAF.glob("*.jpg"))
-    visits, t, i = [], 0.0, offset
-    while t < seconds - 6:
-        for lane in range(3):
-            visits.append(Visit(files[(i * 37) % len(files)], t + lane * 0.7,
-                                t + lane * 0.7 + 4.5, lane))
-            i += 1
-        t += 6
-    write_visit_clip(AAF, visits, path, fps=fps, size=(1280, 720))
-    return len(visits)
 
 
 def kface(*args: str) -> tuple[float, subprocess.CompletedProcess]:
@@ -68,8 +49,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kface-bench-recordings-"))
     folder = work / "export"
     folder.mkdir()
-    known = sum(clip(folder / f"20261207_{10 + n:02d}0000.mp4", args.minutes * 60, args.fps,
-                     n * 100) for n in range(args.videos))
+    from bench_shop import clip_720p, shop_visits
+
+    known = 0
+    for n in range(args.videos):  # (each clip its own people)
+        clip_720p(folder / f"20261207_{10 + n:02d}0000.mp4", args.minutes * 60, args.fps,
+                  n * 100)
+        known += len(shop_visits(args.minutes * 60, n * 100))
     video_seconds = args.videos * args.minutes * 60
     results = {"videos": args.videos, "video_seconds": video_seconds, "source_fps": args.fps,
                "known_visitors": known, "recordings": []}

@@ -122,19 +122,27 @@ def bench_store(args) -> dict:
     return results
 
 
-def clip_720p(path: Path, seconds: float = 60.0) -> Path:
-    """A 1280x720 10 fps clip: real faces walking in three lanes, two or three in view."""
-    from tasks.sample_data import Visit, write_visit_clip
+def shop_visits(seconds: float, offset: int = 0) -> list:
+    """Real faces walking in three lanes, two or three in view, for ``seconds`` (the
+    people from the ``offset``-th on)."""
+    from tasks.sample_data import Visit
 
     files = sorted(p.name for p in AAF.glob("*.jpg"))
-    visits, t, i = [], 0.0, 0
+    visits, t, i = [], 0.0, offset
     while t < seconds - 6:
         for lane in range(3):
             visits.append(Visit(files[(i * 37) % len(files)], t + lane * 0.7,
                                 t + lane * 0.7 + 4.5, lane))
             i += 1
         t += 6
-    write_visit_clip(AAF, visits, path, size=(1280, 720))
+    return visits
+
+
+def clip_720p(path: Path, seconds: float = 60.0, fps: int = 10, offset: int = 0) -> Path:
+    """A 1280x720 clip (10 fps by default) of ``shop_visits``."""
+    from tasks.sample_data import write_visit_clip
+
+    write_visit_clip(AAF, shop_visits(seconds, offset), path, fps=fps, size=(1280, 720))
     return path
 
 

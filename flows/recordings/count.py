@@ -22,12 +22,18 @@ from inference.video import VideoError
 CODE_VERSION = "count-1"
 
 
-def _units(c: StageConfig) -> list[Shard]:
-    """One shard per file below the folder, named by its path (readable, and a hash:
-    two paths never share a name)."""
+def _root(c: StageConfig):
+    """The recordings folder (VideoError, one line, when it is not one)."""
     root = c.recordings.root
     if not root.is_dir():
         raise VideoError(f"recordings folder {root} not found: give the folder of videos")
+    return root
+
+
+def _units(c: StageConfig) -> list[Shard]:
+    """One shard per file below the folder, named by its path (readable, and a hash:
+    two paths never share a name)."""
+    root = _root(c)
     files = recordings.list_recordings(root)
     if not files:
         return []
@@ -76,9 +82,7 @@ def _call(c: StageConfig, plan: ShardPlan, shard: Shard):
 def _check(c: StageConfig) -> None:
     from inference.store import Store
 
-    if not c.recordings.root.is_dir():
-        raise VideoError(f"recordings folder {c.recordings.root} not found: give the "
-                         "folder of videos")
+    _root(c)
     Store(c.recordings.store).close()  # (a store that cannot be opened: one line)
 
 
